@@ -1,0 +1,74 @@
+"""MAL's attention mask decoder: an instance vector K dotted with per-pixel features V gives mask logits."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Routing by the box's original area: COCO's small/medium/large limits. Bins are [0, 32^2), [32^2, 96^2),
+# [96^2, inf): MAL's strict inequalities left areas of exactly 32^2 and 96^2 unrouted.
+DEFAULT_AREA_BINS = (32.0**2, 96.0**2)
+DEFAULT_ROUTE_SCALES = (0.5, 1.0, 2.0)
+
+
+class MaskDecoder(nn.Module):
+    """K = MLP(mean of the feature map); V = 4 x (3x3 conv + ReLU) with a 2x upsample before the last.
+
+    Logits are <K, V> per pixel, resized to `output_stride`x the token grid (4x: 64x64 for a 16x16 grid).
+    The feature map is first rescaled per sample by its route (x0.5 / x1 / x2 for small / medium /
+    large boxes), so large objects get finer masks and small ones do not pay for them.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int = 256,
+        num_convs: int = 4,
+        area_bins: Sequence[float] = DEFAULT_AREA_BINS,
+        route_scales: Sequence[float] = DEFAULT_ROUTE_SCALES,
+        output_stride: int = 4,
+    ):
+        super().__init__()
+        if len(route_scales) != len(area_bins) + 1:
+            raise ValueError("route_scales needs one entry more than area_bins")
+        self.instance_mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.pixel_convs = nn.ModuleList(
+            nn.Conv2d(in_dim if i == 0 else dim, dim, kernel_size=3, padding=1) for i in range(num_convs)
+        )
+        self.area_bins = tuple(float(a) for a in area_bins)
+        self.route_scales = tuple(float(s) for s in route_scales)
+        self.output_stride = output_stride
+
+    def route(self, box_areas: torch.Tensor) -> torch.Tensor:
+        """Route index per sample: the number of bin limits its area reaches (areas == limit go up)."""
+        limits = torch.tensor(self.area_bins, device=box_areas.device, dtype=box_areas.dtype)
+        return torch.bucketize(box_areas, limits, right=True)
+
+    def pixel_features(self, features: torch.Tensor, scale: float) -> torch.Tensor:
+        x = features if scale == 1.0 else F.interpolate(features, scale_factor=scale, mode="bilinear", align_corners=False)
+        for i, conv in enumerate(self.pixel_convs):
+            if i == len(self.pixel_convs) - 1:
+                x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            x = F.relu(conv(x), inplace=True)
+        return x
+
+    def forward(self, features: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
+        """features (B, D, h, w), box_areas (B,) in original image pixels -> logits (B, 1, 4h, 4w)."""
+        b, _, h, w = features.shape
+        out_size = (h * self.output_stride, w * self.output_stride)
+        instance = self.instance_mlp(features.mean(dim=(2, 3)))
+        routes = self.route(box_areas.to(features.device).float())
+        logits = features.new_empty((b, 1, *out_size))
+        for r, scale in enumerate(self.route_scales):
+            idx = torch.nonzero(routes == r).flatten()
+            if idx.numel() == 0:
+                continue
+            pixels = self.pixel_features(features[idx], scale)
+            group = torch.einsum("bc,bchw->bhw", instance[idx], pixels).unsqueeze(1)
+            if group.shape[-2:] != out_size:
+                group = F.interpolate(group, size=out_size, mode="bilinear", align_corners=False)
+            logits[idx] = group.to(logits.dtype)
+        return logits
