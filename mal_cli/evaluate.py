@@ -1,0 +1,409 @@
+"""Score predicted instance masks against ground-truth masks, given the GT boxes as prompts.
+
+Given-box protocol: every prediction answers one GT box. A prediction in a dataset file is paired with
+the GT annotation of the same `id`; a prediction in a COCO results list with the GT annotation of the
+same image and the identical `bbox`. On those pairs:
+
+- mask IoU per instance, averaged over instances and over classes (non-crowd GT), broken down by GT
+  `area` (small < 32², medium < 96², large); crowd GT is reported on its own;
+- GT instances nobody answered are counted, listed, and scored 0 in "mIoU counting missing as 0";
+- COCO segm AP (pycocotools) with the predictions as detections (`score`, else 1.0), or LVIS AP
+  (lvis LVISEval) when the GT is LVIS. Predictions paired with crowd GT are left out of AP: the
+  protocol never asks for a crowd box's instance, so they are neither hits nor false positives.
+
+All figures are fractions in [0, 1]; the CLI prints them as percentages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import pycocotools.mask as mask_utils
+
+from mal_cli.dataset import Dataset
+from mal_cli.errors import InputError
+from mal_cli.masks import to_rle
+
+__all__ = ["EvalReport", "SizeBucket", "evaluate", "pair_predictions", "spearman", "SIZE_BUCKETS"]
+
+# COCO's area ranges, on the GT annotation's `area`.
+SIZE_BUCKETS = (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, float("inf")))
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LVIS_AP_KEYS = AP_KEYS + ("APr", "APc", "APf")
+
+
+@dataclass
+class SizeBucket:
+    """Instance-averaged mIoU of the matched non-crowd GT instances in one area range."""
+
+    miou: Optional[float]
+    count: int
+
+
+@dataclass
+class EvalReport:
+    """Everything `evaluate` measured. IoUs and APs are fractions in [0, 1]; None = nothing to average."""
+
+    num_gt: int  # non-crowd GT instances
+    num_matched: int  # of those, answered by a prediction
+    instance_miou: Optional[float]
+    class_miou: Optional[float]
+    num_classes: int  # classes averaged in class_miou
+    miou_missing_as_zero: Optional[float]  # over all num_gt, unanswered ones scoring 0
+    by_size: dict[str, SizeBucket]
+    num_crowd: int
+    num_crowd_matched: int
+    crowd_miou: Optional[float]
+    missing_ids: list  # GT annotation ids (crowd included) without a prediction
+    num_unmatched_predictions: int  # predictions that answer no GT annotation
+    ap_kind: Optional[str]  # "coco-segm", "lvis-segm", or None when AP was not computed
+    ap: dict[str, float] = field(default_factory=dict)
+    reference_ap: Optional[float] = None
+    retention: Optional[float] = None  # ap["AP"] / reference_ap
+    ious: dict = field(default_factory=dict)  # GT annotation id -> IoU of its prediction (crowd included)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; `ious` becomes a list of [gt annotation id, iou] pairs (ids may not be strings)."""
+        out = asdict(self)
+        out["ious"] = [[ann_id, iou] for ann_id, iou in self.ious.items()]
+        return out
+
+
+Prediction = Union[Dataset, list]
+
+
+def pair_predictions(pred: Prediction, gt: Dataset) -> tuple[list[tuple[dict, dict]], list[dict]]:
+    """Pair predictions with the GT annotations they answer: ([(gt_ann, pred_ann), ...], unmatched preds).
+
+    Dataset predictions pair by annotation `id`; results lists by (image_id, identical bbox), each GT
+    annotation answered at most once, in input order. Raises `InputError` when image ids disagree or
+    when nothing pairs at all.
+    """
+    pairs: list[tuple[dict, dict]] = []
+    unmatched: list[dict] = []
+    gt_by_id = {ann["id"]: ann for ann in gt.annotations}
+    if isinstance(pred, Dataset):
+        for image in pred.images:
+            gt_image = gt.image_by_id.get(image["id"])
+            if gt_image is None:
+                raise InputError(
+                    f"{pred.source}: image id {image['id']} is not in the GT {gt.source}; "
+                    "evaluate against the GT the boxes came from"
+                )
+            for key in ("height", "width"):
+                if key in image and key in gt_image and image[key] != gt_image[key]:
+                    raise InputError(
+                        f"{pred.source}: image id {image['id']} has {key} {image[key]} but {gt_image[key]} in "
+                        f"the GT {gt.source}; the two files describe different images"
+                    )
+        for ann in pred.annotations:
+            gt_ann = gt_by_id.get(ann["id"])
+            if gt_ann is None:
+                unmatched.append(ann)
+                continue
+            if gt_ann["image_id"] != ann["image_id"]:
+                raise InputError(
+                    f"{pred.source}: annotation id {ann['id']} is on image id {ann['image_id']} but on image id "
+                    f"{gt_ann['image_id']} in the GT {gt.source}; annotation ids must match the GT's"
+                )
+            pairs.append((gt_ann, ann))
+        what = "annotation ids"
+    else:
+        # Results lists carry no annotation ids: the box itself identifies the instance.
+        open_gt: dict[tuple, list[dict]] = defaultdict(list)
+        for ann in gt.annotations:
+            open_gt[(ann["image_id"], *ann["bbox"])].append(ann)
+        for det in pred:
+            if det["image_id"] not in gt.image_by_id:
+                raise InputError(
+                    f"results: image id {det['image_id']} is not in the GT {gt.source}; "
+                    "evaluate against the GT the boxes came from"
+                )
+            candidates = open_gt.get((det["image_id"], *det["bbox"]))
+            if candidates:
+                pairs.append((candidates.pop(0), det))
+            else:
+                unmatched.append(det)
+        what = "(image id, bbox) pairs"
+    if not pairs:
+        raise InputError(
+            f"no prediction shares its {what} with a GT annotation of {gt.source}; "
+            "PRED must be labelled from the GT's own boxes"
+        )
+    return pairs, unmatched
+
+
+def _gt_rle(ann: dict, gt: Dataset) -> dict:
+    image = gt.image_by_id[ann["image_id"]]
+    if "segmentation" not in ann:
+        raise InputError(f"{gt.source}: GT annotation id {ann['id']} has no 'segmentation'; the GT needs masks")
+    try:
+        return to_rle(ann["segmentation"], image["height"], image["width"])
+    except KeyError as err:
+        raise InputError(f"{gt.source}: image id {image['id']} has no '{err.args[0]}'") from None
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{gt.source}: GT annotation id {ann['id']}: bad segmentation: {err}") from None
+
+
+def _pred_rle(det: dict, gt: Dataset, source: str) -> dict:
+    image = gt.image_by_id[det["image_id"]]
+    where = f"annotation id {det['id']}" if "id" in det else f"result on image id {det['image_id']} bbox {det['bbox']}"
+    if "segmentation" not in det:
+        raise InputError(f"{source}: {where} has no 'segmentation'; label the boxes first (mal label)")
+    try:
+        return to_rle(det["segmentation"], image["height"], image["width"])
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{source}: {where}: bad segmentation: {err}") from None
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return float(np.mean(values)) if len(values) else None
+
+
+def evaluate(
+    pred: Prediction,
+    gt: Dataset,
+    *,
+    reference_ap: Optional[float] = None,
+    compute_ap: bool = True,
+) -> EvalReport:
+    """Score `pred` (a labelled `Dataset` or a results list) against the masks of `gt`.
+
+    `reference_ap` (a fraction, e.g. 0.386) gives `retention = AP / reference_ap`.
+    """
+    pred_source = pred.source if isinstance(pred, Dataset) else "results"
+    pairs, unmatched = pair_predictions(pred, gt)
+
+    # Per-image IoU: one pycocotools call per image on the paired RLEs, keeping the diagonal; images
+    # hold few instances, so the small n x n matrix costs less than a Python call per pair.
+    by_image: dict[Any, list[int]] = defaultdict(list)
+    for index, (gt_ann, _) in enumerate(pairs):
+        by_image[gt_ann["image_id"]].append(index)
+    gt_rles: list[dict] = [None] * len(pairs)  # type: ignore[list-item]
+    pred_rles: list[dict] = [None] * len(pairs)  # type: ignore[list-item]
+    pair_iou = np.zeros(len(pairs))
+    for indices in by_image.values():
+        g = [_gt_rle(pairs[i][0], gt) for i in indices]
+        d = [_pred_rle(pairs[i][1], gt, pred_source) for i in indices]
+        for i, gr, dr in zip(indices, g, d):
+            gt_rles[i], pred_rles[i] = gr, dr
+        iou = mask_utils.iou(d, g, [0] * len(g))
+        pair_iou[indices] = np.diagonal(np.asarray(iou).reshape(len(d), len(g)))
+
+    ious = {pairs[i][0]["id"]: float(pair_iou[i]) for i in range(len(pairs))}
+    answered = set(ious)
+
+    def is_crowd(ann: dict) -> bool:
+        return bool(ann.get("iscrowd", 0))
+
+    noncrowd_gt = [a for a in gt.annotations if not is_crowd(a)]
+    crowd_gt = [a for a in gt.annotations if is_crowd(a)]
+    matched = [(a, ious[a["id"]]) for a in noncrowd_gt if a["id"] in answered]
+    matched_iou = [v for _, v in matched]
+
+    per_class: dict[Any, list[float]] = defaultdict(list)
+    for ann, value in matched:
+        per_class[ann.get("category_id")].append(value)
+    class_means = [float(np.mean(v)) for v in per_class.values()]
+
+    by_size = {}
+    for name, lo, hi in SIZE_BUCKETS:
+        values = [v for a, v in matched if lo <= _gt_area(a, gt) < hi]
+        by_size[name] = SizeBucket(miou=_mean(values), count=len(values))
+
+    crowd_iou = [ious[a["id"]] for a in crowd_gt if a["id"] in answered]
+    report = EvalReport(
+        num_gt=len(noncrowd_gt),
+        num_matched=len(matched),
+        instance_miou=_mean(matched_iou),
+        class_miou=_mean(class_means),
+        num_classes=len(class_means),
+        miou_missing_as_zero=(float(np.sum(matched_iou)) / len(noncrowd_gt)) if noncrowd_gt else None,
+        by_size=by_size,
+        num_crowd=len(crowd_gt),
+        num_crowd_matched=len(crowd_iou),
+        crowd_miou=_mean(crowd_iou),
+        missing_ids=[a["id"] for a in gt.annotations if a["id"] not in answered],
+        num_unmatched_predictions=len(unmatched),
+        ap_kind=None,
+        ious=ious,
+    )
+
+    if compute_ap:
+        # Detections: every non-crowd pair plus every unmatched prediction (a false positive or a
+        # duplicate), with masks as compressed RLE and no bbox (see _coco_segm_ap).
+        detections = []
+        for i, (gt_ann, det) in enumerate(pairs):
+            if not is_crowd(gt_ann):
+                detections.append(_detection(det, pred_rles[i]))
+        for det in unmatched:
+            detections.append(_detection(det, _pred_rle(det, gt, pred_source)))
+        gt_rle_by_id = {pairs[i][0]["id"]: gt_rles[i] for i in range(len(pairs))}
+        if gt.is_lvis:
+            report.ap_kind, report.ap = "lvis-segm", _lvis_segm_ap(gt, detections, gt_rle_by_id)
+        else:
+            report.ap_kind, report.ap = "coco-segm", _coco_segm_ap(gt, detections, gt_rle_by_id)
+        if reference_ap:
+            report.reference_ap = float(reference_ap)
+            report.retention = report.ap["AP"] / float(reference_ap)
+    return report
+
+
+def _gt_area(ann: dict, gt: Dataset) -> float:
+    # COCO buckets sizes by the GT's own `area` field; compute it only when it is absent.
+    if "area" in ann:
+        return float(ann["area"])
+    return float(mask_utils.area(_gt_rle(ann, gt)))
+
+
+def _detection(det: dict, rle: dict) -> dict:
+    return {
+        "image_id": det["image_id"],
+        "category_id": det["category_id"],
+        "segmentation": rle,
+        "score": float(det.get("score", 1.0)),
+    }
+
+
+def _gt_copies(gt: Dataset, gt_rle_by_id: dict) -> list[dict]:
+    """Shallow copies of the GT annotations for the AP tools, which overwrite `segmentation` in place."""
+    copies = []
+    for ann in gt.annotations:
+        copy = dict(ann)
+        rle = gt_rle_by_id.get(ann["id"])
+        copy["segmentation"] = rle if rle is not None else _gt_rle(ann, gt)
+        copy.setdefault("iscrowd", 0)
+        if "area" not in copy:
+            copy["area"] = float(mask_utils.area(copy["segmentation"]))
+        copies.append(copy)
+    return copies
+
+
+def _require_categories(gt: Dataset) -> None:
+    if not gt.categories:
+        raise InputError(f"{gt.source}: no 'categories'; AP needs the GT's category list")
+
+
+def _coco_segm_ap(gt: Dataset, detections: list[dict], gt_rle_by_id: dict) -> dict[str, float]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    _require_categories(gt)
+    if not detections:
+        return {key: 0.0 for key in AP_KEYS}
+    # pycocotools prints progress to stdout; keep stdout clean (`--json -` writes there).
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {
+            "images": gt.images,
+            "categories": gt.categories,
+            "annotations": _gt_copies(gt, gt_rle_by_id),
+        }
+        coco_gt.createIndex()
+        # No `bbox` key in the detections: with one, loadRes takes each detection's area from its box
+        # instead of its mask, which puts detections in the wrong small/medium/large range.
+        coco_dt = coco_gt.loadRes(detections)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {key: float(value) for key, value in zip(AP_KEYS, evaluator.stats[:6])}
+
+
+def _lvis_segm_ap(gt: Dataset, detections: list[dict], gt_rle_by_id: dict) -> dict[str, float]:
+    from mal_cli import lvis_compat
+
+    lvis_compat.apply()
+    from lvis import LVIS, LVISEval, LVISResults
+
+    _require_categories(gt)
+    missing = [c.get("id") for c in gt.categories if "frequency" not in c]
+    if missing:
+        raise InputError(f"{gt.source}: LVIS category id {missing[0]} has no 'frequency' (r/c/f); LVIS AP needs it")
+    if not detections:
+        return {key: 0.0 for key in LVIS_AP_KEYS}
+    images = []
+    for image in gt.images:
+        # Federated-evaluation fields; a GT without them is treated as exhaustively labelled.
+        copy = dict(image)
+        copy.setdefault("neg_category_ids", [])
+        copy.setdefault("not_exhaustive_category_ids", [])
+        images.append(copy)
+    lvis_gt = LVIS.__new__(LVIS)  # LVIS() only reads a path; fill it from memory instead
+    lvis_gt.logger = logging.getLogger("lvis.lvis")
+    lvis_gt.dataset = {"images": images, "categories": gt.categories, "annotations": _gt_copies(gt, gt_rle_by_id)}
+    lvis_gt._create_index()
+    logger = logging.getLogger("lvis")
+    previous, logger.disabled = logger.disabled, True  # lvis warns on in-memory results
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            lvis_dt = LVISResults(lvis_gt, detections, max_dets=300)
+            evaluator = LVISEval(lvis_gt, lvis_dt, iou_type="segm")
+            evaluator.run()
+    finally:
+        logger.disabled = previous
+    results = evaluator.get_results()
+    return {key: float(results[key]) for key in LVIS_AP_KEYS}
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of two equal-length sequences; ties get average ranks.
+
+    NaN when there are fewer than 2 values or either side is constant.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman needs two 1-D sequences of equal length, got {x.shape} and {y.shape}")
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    denom = np.sqrt(np.dot(rx, rx) * np.dot(ry, ry))
+    return float(np.dot(rx, ry) / denom) if denom > 0 else float("nan")
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    new_group = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
+    starts = np.flatnonzero(new_group)
+    ends = np.r_[starts[1:], len(x)]
+    group_rank = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
+    ranks = np.empty(len(x))
+    ranks[order] = group_rank[np.cumsum(new_group) - 1]
+    return ranks
+
+
+def report_table(report: EvalReport, title: str = "mal eval") -> "Any":
+    """The report as a rich Table (percentages), for printing to a terminal."""
+    from rich.table import Table
+
+    def pct(value: Optional[float]) -> str:
+        return "—" if value is None else f"{100 * value:.1f}"
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("instances", justify="right")
+    table.add_row("mIoU (instance-averaged, non-crowd)", pct(report.instance_miou), str(report.num_matched))
+    table.add_row("mIoU (class-averaged)", pct(report.class_miou), f"{report.num_classes} classes")
+    for name, bucket in report.by_size.items():
+        table.add_row(f"  mIoU {name}", pct(bucket.miou), str(bucket.count))
+    table.add_row("mIoU counting missing as 0", pct(report.miou_missing_as_zero), str(report.num_gt))
+    table.add_row("GT instances without a prediction", "", str(len(report.missing_ids)))
+    table.add_row("predictions answering no GT", "", str(report.num_unmatched_predictions))
+    table.add_row("crowd mIoU (separate)", pct(report.crowd_miou), f"{report.num_crowd_matched}/{report.num_crowd}")
+    if report.ap_kind:
+        label = "LVIS segm" if report.ap_kind == "lvis-segm" else "COCO segm"
+        for key, value in report.ap.items():
+            table.add_row(f"{label} {key}", pct(value), "")
+    if report.retention is not None:
+        table.add_row(f"retention (AP / {pct(report.reference_ap)})", pct(report.retention), "")
+    return table
