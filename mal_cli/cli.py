@@ -51,6 +51,74 @@ def _root(
 # Each command lives in its own section below; keep them thin: parse options, call the library.
 
 
+# --- train ----------------------------------------------------------------------------------------
+
+
+@app.command(
+    "train",
+    epilog=(
+        "Examples:\n\n"
+        "  mal train boxes.json --images imgs/ --out runs/a --backbone-weights models/dinov2_vits14_timm.pth\n\n"
+        "  mal train boxes.json --images imgs/ --out runs/a --resume\n\n"
+        "  torchrun --nproc-per-node 8 -m mal_cli train boxes.json --images imgs/ --out runs/a"
+    ),
+)
+def train_command(
+    boxes: Path = typer.Argument(..., help="COCO or LVIS dataset JSON; only its boxes are used (masks are ignored)."),
+    images: Path = typer.Option(..., "--images", "-i", help="Folder with the dataset's images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoint.pth, labeler.pth, metrics.jsonl."),
+    backbone: str = typer.Option("vit_small_patch14_dinov2", help="timm ViT name, e.g. vit_base_patch16_224.mae."),
+    backbone_weights: Optional[Path] = typer.Option(None, help="ViT weights file in timm layout (else timm pretrained if online, else random)."),
+    init: Optional[Path] = typer.Option(None, help="Start from an existing labeler checkpoint (fine-tune, e.g. the shipped one)."),
+    crop_size: int = typer.Option(224, help="Crop side in pixels (a multiple of the patch size; the paper uses 512)."),
+    epochs: int = typer.Option(10, help="Passes over the boxes."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (overrides --epochs)."),
+    batch_size: int = typer.Option(32, help="Boxes per step and process."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate of the decoder (AdamW, warm-up then cosine)."),
+    backbone_lr_mult: float = typer.Option(0.1, help="Backbone learning rate = lr x this."),
+    weight_decay: float = typer.Option(5e-4, help="AdamW weight decay."),
+    warmup_steps: int = typer.Option(200, help="Linear learning-rate warm-up steps."),
+    min_box_area: float = typer.Option(2048.0, help="Train on boxes with area above this (px^2)."),
+    mil_weight: float = typer.Option(4.0, help="MIL loss weight."),
+    mil_ramp_steps: int = typer.Option(1000, help="Steps over which the MIL weight ramps in."),
+    crf_weight: float = typer.Option(0.5, help="CRF loss weight."),
+    crf_ramp_steps: int = typer.Option(4000, help="Steps over which the CRF weight ramps in."),
+    crf_iterations: int = typer.Option(100, help="Mean-field iterations of the CRF."),
+    crf_zeta: float = typer.Option(0.1, help="Colour bandwidth of the CRF affinity (image in [0, 1])."),
+    ema_momentum: float = typer.Option(0.996, help="EMA teacher momentum."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    workers: int = typer.Option(2, help="Data-loading worker processes."),
+    seed: int = typer.Option(0, help="Seed of every random draw (same seed, same run)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast (CPU and GPU)."),
+    checkpoint_every: int = typer.Option(500, help="Write RUN_DIR/checkpoint.pth every N steps."),
+    val: Optional[Path] = typer.Option(None, help="A dataset JSON with masks: log mIoU of the teacher every --val-every steps."),
+    val_images: Optional[Path] = typer.Option(None, help="Images of --val (default: --images)."),
+    val_every: int = typer.Option(500, help="Validation interval in steps."),
+    val_limit: int = typer.Option(500, help="Validate on at most this many instances."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.pth."),
+) -> None:
+    """Train a MAL labeler from boxes alone (MIL + CRF losses, EMA teacher)."""
+    import logging
+
+    from mal_cli.train import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    config = TrainConfig(
+        annotations=str(boxes), images=str(images), out=str(out), backbone=backbone,
+        backbone_weights=str(backbone_weights) if backbone_weights else None, init=str(init) if init else None,
+        crop_size=crop_size, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        min_box_area=min_box_area, mil_weight=mil_weight, mil_ramp_steps=mil_ramp_steps, crf_weight=crf_weight,
+        crf_ramp_steps=crf_ramp_steps, crf_iterations=crf_iterations, crf_zeta=crf_zeta, ema_momentum=ema_momentum,
+        device=device, workers=workers, seed=seed, amp=amp, checkpoint_every=checkpoint_every,
+        val=str(val) if val else None, val_images=str(val_images) if val_images else None, val_every=val_every,
+        val_limit=val_limit, resume=resume,
+    )
+    result = train(config)
+    if result.get("interrupted"):
+        raise typer.Exit(130)
+
+
 # --- eval -----------------------------------------------------------------------------------------
 
 

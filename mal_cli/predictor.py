@@ -87,7 +87,7 @@ class BoxPredictor:
         """All boxes of one image (H, W, 3) uint8 -> one `BoxPrediction` per box, in order."""
         if len(boxes_xywh) == 0:
             return []
-        image = torch.from_numpy(np.ascontiguousarray(image_hwc)).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(image_hwc, copy=not image_hwc.flags.writeable)).permute(2, 0, 1)
         boxes = [geometry.xywh_to_xyxy(b) for b in boxes_xywh]
         regions = self.regions(boxes)
         crops = geometry.crop_images(image, regions, self.crop_size)

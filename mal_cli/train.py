@@ -1,0 +1,633 @@
+"""Box-only training of a MAL labeler: MIL + CRF losses, an EMA teacher, one CPU or many GPUs (torchrun).
+
+Determinism and resume: the sample order of an epoch and every random draw of a sample (margins,
+flip) derive from (seed, epoch, index), and the batch augmentation from (seed, step). A checkpoint
+stores the step, so `--resume` continues with exactly the batches and draws an uninterrupted run
+would have used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mal_cli import geometry, losses
+from mal_cli.errors import InputError
+from mal_cli.images import ImageLoadError, load_rgb
+from mal_cli.modeling.image_encoder import load_backbone_weights
+from mal_cli.modeling.labeler import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    LabelerConfig,
+    MaskLabeler,
+    atomic_torch_save,
+    export_labeler,
+    read_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """All training options (the CLI's `mal train` flags), stored in every checkpoint."""
+
+    annotations: str = ""
+    images: str = ""
+    out: str = "runs/mal"
+    # model
+    backbone: str = "vit_small_patch14_dinov2"
+    backbone_weights: Optional[str] = None
+    init: Optional[str] = None  # fine-tune an existing labeler checkpoint
+    crop_size: int = 224
+    # data
+    min_box_area: float = 2048.0  # MAL trains on boxes larger than 2048 px^2
+    min_box_side: float = 2.0
+    margin_max: float = geometry.TRAIN_MARGIN_MAX
+    # optimisation (AdamW; MAL: betas 0.9/0.9, weight decay 5e-4)
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    lr: float = 1e-4
+    backbone_lr_mult: float = 0.1  # the pretrained ViT moves slower than the fresh decoder
+    weight_decay: float = 5e-4
+    beta1: float = 0.9
+    beta2: float = 0.9
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    # losses
+    mil_weight: float = 4.0
+    mil_ramp_steps: int = 1000
+    crf_weight: float = 0.5
+    crf_ramp_steps: int = 4000
+    crf_iterations: int = 100
+    crf_zeta: float = 0.1
+    ema_momentum: float = 0.996
+    # student-view augmentation
+    color_jitter: float = 0.4
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.3
+    # running
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    amp: bool = True
+    checkpoint_every: int = 500
+    log_every: int = 10
+    val: Optional[str] = None
+    val_images: Optional[str] = None
+    val_every: int = 500
+    val_limit: int = 500
+    resume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoxRecord:
+    image_path: str
+    image_hw: tuple[int, int]
+    box_xyxy: tuple[float, float, float, float]
+    area: float
+
+
+def collect_training_boxes(dataset, images_dir: str | Path, min_box_area: float, min_box_side: float) -> list[BoxRecord]:
+    """The boxes MAL trains on: non-crowd, w and h > min_box_side, area > min_box_area. Masks are ignored."""
+    records: list[BoxRecord] = []
+    for image in dataset.images:
+        path = str(dataset.image_path(image, images_dir))
+        hw = (int(image["height"]), int(image["width"]))
+        for ann in dataset.annotations_by_image.get(image["id"], []):
+            if ann.get("iscrowd", 0):
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                continue
+            if w <= min_box_side or h <= min_box_side or w * h <= min_box_area:
+                continue
+            records.append(BoxRecord(path, hw, (x, y, x + w, y + h), w * h))
+    return records
+
+
+class BoxCropDataset(Dataset):
+    """One sample per box: a randomly expanded crop (teacher view, un-augmented) and its box mask."""
+
+    def __init__(self, records: list[BoxRecord], crop_size: int, mask_size: int, margin_max: float, seed: int):
+        self.records = records
+        self.crop_size = crop_size
+        self.mask_size = mask_size
+        self.margin_max = margin_max
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @staticmethod
+    @lru_cache(maxsize=512)  # per worker: a small dataset stays decoded, a large one cycles
+    def _image(path: str, hw: tuple[int, int]) -> torch.Tensor:
+        return torch.from_numpy(np.array(load_rgb(path, expected_hw=hw))).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        rec = self.records[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        try:
+            image = self._image(rec.image_path, rec.image_hw)
+            valid = True
+        except ImageLoadError as err:
+            log.warning("skipping a sample: %s", err)
+            image = torch.zeros(3, *rec.image_hw, dtype=torch.uint8)
+            valid = False
+        region = geometry.crop_region(rec.box_xyxy, geometry.random_margins(rng, self.margin_max))
+        crop = geometry.crop_image(image, region, self.crop_size)
+        mask = geometry.box_mask(rec.box_xyxy, region, self.mask_size)
+        if rng.uniform() < 0.5:  # the same flip for both views
+            crop, mask = crop.flip(-1), mask.flip(-1)
+        return {
+            "crop": crop.round().clamp(0, 255).to(torch.uint8),
+            "box_mask": mask,
+            "area": torch.tensor(rec.area, dtype=torch.float32),
+            "valid": torch.tensor(valid),
+        }
+
+
+class StepSampler(Sampler[tuple[int, int]]):
+    """Yields (epoch, box index) for every sample from `start_step` to `total_steps`, split across ranks.
+
+    Each epoch is a permutation drawn from (seed, epoch); starting mid-run (resume) yields exactly the
+    samples an uninterrupted run would have used from there on. One sampler for the whole run lets
+    the DataLoader keep its workers (and their image caches) alive across epochs.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = max(1, (size // world_size) // batch_size)
+        self.start_step, self.total_steps = 0, 0
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch, 7]).permutation(self.size)
+        per_rank = self.batches_per_epoch * self.batch_size
+        return np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size][:per_rank]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        step = self.start_step
+        while step < self.total_steps:
+            epoch, in_epoch = divmod(step, self.batches_per_epoch)
+            indices = self.epoch_indices(epoch)
+            for b in range(in_epoch, self.batches_per_epoch):
+                if step >= self.total_steps:
+                    return
+                for i in indices[b * self.batch_size : (b + 1) * self.batch_size]:
+                    yield (epoch, int(i))
+                step += 1
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.batch_size
+
+
+# --- augmentation (batched, on the training device) ---------------------------------------------------
+
+
+def augment_student(crops: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Colour jitter, random grayscale and blur on the student view; crops (B, 3, S, S) in [0, 255]."""
+    b = crops.shape[0]
+    dev = crops.device
+
+    def uniform(lo: float, hi: float, shape=(b, 1, 1, 1)) -> torch.Tensor:
+        return (torch.rand(shape, generator=generator) * (hi - lo) + lo).to(dev)
+
+    x = crops.float() / 255.0
+    j = config.color_jitter
+    if j > 0:
+        x = x * uniform(1 - j, 1 + j)  # brightness
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * uniform(1 - j, 1 + j) + mean  # contrast
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = (x - gray) * uniform(1 - j, 1 + j) + gray  # saturation
+    if config.grayscale_prob > 0:
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+        pick = (torch.rand(b, generator=generator) < config.grayscale_prob).to(dev).view(b, 1, 1, 1)
+        x = torch.where(pick, gray, x)
+    if config.blur_prob > 0:
+        sigma = 1.0
+        k = torch.arange(-2, 3, dtype=torch.float32, device=dev)
+        k = torch.exp(-k * k / (2 * sigma * sigma))
+        k = k / k.sum()
+        blurred = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="reflect"), k.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
+        blurred = F.conv2d(F.pad(blurred, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)
+        pick = (torch.rand(b, generator=generator) < config.blur_prob).to(dev).view(b, 1, 1, 1)
+        x = torch.where(pick, blurred, x)
+    return x.clamp(0, 1) * 255.0
+
+
+# --- the training step ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """theta_t <- m * theta_t + (1 - m) * theta_s, for every parameter and float buffer."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+
+
+def compute_losses(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    student_crops: torch.Tensor,
+    step: int,
+    config: TrainConfig,
+    amp_dtype: Optional[torch.dtype],
+) -> dict[str, torch.Tensor]:
+    """MIL + CRF losses of one batch, with their ramped weights. Returns a dict with 'loss'."""
+    device = student_crops.device
+    crops = batch["crop"].to(device, non_blocking=True).float()
+    box = batch["box_mask"].to(device, non_blocking=True)
+    areas = batch["area"].to(device)
+    valid = batch["valid"].to(device).float()
+    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        logits = student(student_crops, areas)[:, 0].float()
+        with torch.no_grad():
+            teacher_logits = teacher(crops, areas)[:, 0].float()
+    prob = torch.sigmoid(logits)
+    teacher_prob = torch.sigmoid(teacher_logits)
+    mil = losses.mil_loss(prob, box)
+    size = prob.shape[-1]
+    small_image = F.interpolate(student_crops / 255.0, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    pseudo = losses.crf_pseudo_mask(
+        prob.detach(), teacher_prob, box, small_image,
+        losses.CRFConfig(iterations=config.crf_iterations, zeta=config.crf_zeta),
+    )
+    crf = losses.crf_loss(prob, pseudo)
+    denom = valid.sum().clamp(min=1)
+    mil_w = config.mil_weight * losses.ramp(step, config.mil_ramp_steps)
+    crf_w = config.crf_weight * losses.ramp(step, config.crf_ramp_steps)
+    mil_mean = (mil * valid).sum() / denom
+    crf_mean = (crf * valid).sum() / denom
+    return {"loss": mil_w * mil_mean + crf_w * crf_mean, "mil": mil_mean, "crf": crf_mean}
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 0: a factor on the base learning rates."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: MaskLabeler, config: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay, enc_decay, enc_no_decay = [], [], [], []
+    for name, p in model.named_parameters():
+        is_encoder = name.startswith("encoder.")
+        flat = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token", "mask_token"))
+        if is_encoder:
+            (enc_no_decay if flat else enc_decay).append(p)
+        else:
+            (no_decay if flat else decay).append(p)
+    enc_lr = config.lr * config.backbone_lr_mult
+    groups = [
+        {"params": decay, "lr": config.lr, "weight_decay": config.weight_decay, "base_lr": config.lr},
+        {"params": no_decay, "lr": config.lr, "weight_decay": 0.0, "base_lr": config.lr},
+        {"params": enc_decay, "lr": enc_lr, "weight_decay": config.weight_decay, "base_lr": enc_lr},
+        {"params": enc_no_decay, "lr": enc_lr, "weight_decay": 0.0, "base_lr": enc_lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(config.beta1, config.beta2))
+
+
+# --- distributed --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1); NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoint.pth"
+
+
+class _Interrupt:
+    """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Interrupt":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt received: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick check before asking timm for weights: offline, its retries would take a minute."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def build_labeler(config: TrainConfig) -> MaskLabeler:
+    """The student at step 0: from --init, else a fresh decoder on backbone weights (file, timm, or random)."""
+    if config.init:
+        ckpt = read_checkpoint(config.init)
+        model = MaskLabeler(LabelerConfig.from_dict({**ckpt["config"], "crop_size": config.crop_size}))
+        state = ckpt.get("model") or ckpt["student"]
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        if state["encoder.vit.pos_embed"].shape != model.encoder.vit.pos_embed.shape:
+            from timm.layers import resample_abs_pos_embed
+
+            g = model.encoder.grid_size
+            state["encoder.vit.pos_embed"] = resample_abs_pos_embed(
+                state["encoder.vit.pos_embed"], new_size=(g, g), num_prefix_tokens=model.encoder.vit.num_prefix_tokens
+            )
+        model.load_state_dict(state)
+        log.info("initialised from labeler %s", config.init)
+        return model
+    labeler_config = LabelerConfig(backbone=config.backbone, crop_size=config.crop_size)
+    if config.backbone_weights:
+        model = MaskLabeler(labeler_config)
+        load_backbone_weights(model.encoder, config.backbone_weights)
+        return model
+    try:
+        if not _hub_reachable():
+            raise ConnectionError("the Hugging Face hub is not reachable (offline)")
+        model = MaskLabeler(labeler_config, pretrained=True)
+        log.info("backbone weights: timm pretrained '%s'", config.backbone)
+        return model
+    except Exception as err:  # noqa: BLE001 - offline, no hub: fall back loudly
+        log.warning(
+            "!!! NO PRETRAINED BACKBONE: could not get timm weights for '%s' (%s). Training from RANDOM weights "
+            "gives poor masks; pass --backbone-weights FILE (see models/README.md for the offline DINOv2 ViT-S/14).",
+            config.backbone, str(err).splitlines()[0][:200],
+        )
+        return MaskLabeler(labeler_config)
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train a labeler from the boxes of `config.annotations`; returns the final metrics.
+
+    Writes RUN_DIR/checkpoint.pth (every `checkpoint_every` steps and at the end), RUN_DIR/labeler.pth
+    (inference weights), RUN_DIR/metrics.jsonl and RUN_DIR/config.json. Only rank 0 writes.
+    """
+    from mal_cli.dataset import load_dataset
+    from mal_cli.predictor import resolve_device
+
+    device = resolve_device(config.device)
+    dist_info = init_distributed(device)
+    if device.type == "cuda" and dist_info.world_size > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    out_dir = Path(config.out)
+    ckpt_file = checkpoint_path(out_dir)
+    resume_state = None
+    if config.resume and ckpt_file.is_file():
+        resume_state = read_checkpoint(ckpt_file)
+        log.info("resuming from %s at step %d", ckpt_file, resume_state["step"])
+    elif config.resume:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out_dir)
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise InputError(f"cannot write to the run folder {out_dir}: {err.strerror}") from None
+
+    torch.manual_seed(config.seed)
+    dataset_doc = load_dataset(config.annotations)
+    records = collect_training_boxes(dataset_doc, config.images, config.min_box_area, config.min_box_side)
+    if not records:
+        raise InputError(
+            f"no trainable boxes in {config.annotations} (non-crowd, w/h > {config.min_box_side}, "
+            f"area > {config.min_box_area}): lower --min-box-area?"
+        )
+
+    student = build_labeler(config) if resume_state is None else MaskLabeler(LabelerConfig.from_dict(resume_state["config"]["labeler"]))
+    if resume_state is not None:
+        student.load_state_dict(resume_state["student"])
+    student.to(device)
+    teacher = MaskLabeler(student.config).to(device)
+    teacher.load_state_dict(resume_state["teacher"] if resume_state is not None else student.state_dict())
+    teacher.requires_grad_(False).eval()
+
+    data = BoxCropDataset(records, config.crop_size, student.mask_size, config.margin_max, config.seed)
+    sampler = StepSampler(len(data), config.batch_size, config.seed, dist_info.rank, dist_info.world_size)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+
+    optimizer = build_optimizer(student, config)
+    step = 0
+    counters = {"skipped_nonfinite": 0}
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step = int(resume_state["step"])
+        counters.update(resume_state.get("counters", {}))
+
+    model = student
+    if dist_info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    amp_dtype = torch.bfloat16 if config.amp else None
+
+    metrics_file = out_dir / "metrics.jsonl"
+    if dist_info.is_main:
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        log.info(
+            "training on %d boxes, %d steps (%d per epoch), batch %d x %d process(es), device %s",
+            len(records), total_steps, steps_per_epoch, config.batch_size, dist_info.world_size, device,
+        )
+
+    def save(step_now: int, last_metrics: dict) -> None:
+        if not dist_info.is_main:
+            return
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "config": {"labeler": student.config.to_dict(), "train": config.to_dict()},
+                "student": student.state_dict(),
+                "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step_now,
+                "counters": dict(counters),
+                "metrics": last_metrics,
+            },
+            ckpt_file,
+        )
+
+    bar = None
+    if dist_info.is_main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    t_start = time.time()
+    samples_seen = 0
+    with _Interrupt() as interrupt:
+        sampler.start_step, sampler.total_steps = step, total_steps
+        loader = DataLoader(
+            data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
+            pin_memory=device.type == "cuda", drop_last=True, prefetch_factor=4 if config.workers else None,
+        )
+        for batch in loader:
+            if step >= total_steps or interrupt.requested:
+                break
+            epoch = step // steps_per_epoch
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            crops = batch["crop"].to(device, non_blocking=True)
+            student_crops = augment_student(crops, config, generator)
+            out = compute_losses(model, teacher, batch, student_crops, step, config, amp_dtype)
+            loss = out["loss"]
+            factor = lr_at(step, total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                    ema_update(teacher, student, config.ema_momentum)
+                else:
+                    counters["skipped_nonfinite"] += 1
+            else:
+                counters["skipped_nonfinite"] += 1
+                grad_norm = torch.tensor(float("nan"))
+            step += 1
+            samples_seen += crops.shape[0] * dist_info.world_size
+            if dist_info.is_main and (step % config.log_every == 0 or step == total_steps):
+                elapsed = time.time() - t_start
+                last = {
+                    "step": step, "epoch": epoch, "loss": float(loss.detach()), "mil": float(out["mil"]),
+                    "crf": float(out["crf"]), "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": samples_seen / max(elapsed, 1e-9), "skipped_nonfinite": counters["skipped_nonfinite"],
+                    "time": elapsed,
+                }
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mil=f"{float(out['mil']):.3f}", crf=f"{float(out['crf']):.3f}",
+                                sps=f"{samples_seen / max(time.time() - t_start, 1e-9):.1f}")
+            if config.val and dist_info.is_main and (step % config.val_every == 0 or step == total_steps):
+                val = validate(teacher, config, device)
+                last = {**last, **{f"val_{k}": v for k, v in val.items()}, "step": step}
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in val.items()}}) + "\n")
+                log.info("step %d: val mIoU %.1f (teacher) over %d instances", step, val["miou"], val["count"])
+            if step % config.checkpoint_every == 0 or step == total_steps:
+                save(step, last)
+        if interrupt.requested:
+            save(step, last)
+    if bar is not None:
+        bar.close()
+    if dist_info.is_main:
+        if interrupt.requested:
+            log.warning("stopped at step %d; checkpoint written to %s; continue with --resume", step, ckpt_file)
+        else:
+            export_labeler(teacher, out_dir / "labeler.pth", meta={"step": step, "train": config.to_dict()})
+            log.info("done: %d steps; labeler written to %s", step, out_dir / "labeler.pth")
+    if dist_info.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+    return {**last, "step": step, "interrupted": interrupt.requested, **counters}
+
+
+def validate(model: MaskLabeler, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """mIoU of `model` on the first `val_limit` non-crowd instances of --val, through the labelling path."""
+    from mal_cli.predictor import BoxPredictor, window_to_full
+    from mal_cli.dataset import load_dataset
+    from mal_cli import masks
+
+    val = _val_cache(config.val)
+    images_dir = config.val_images or config.images
+    was_training = model.training
+    predictor = BoxPredictor(model, device=device, amp=config.amp)
+    ious: list[float] = []
+    for image in val.images:
+        anns = [a for a in val.annotations_by_image.get(image["id"], []) if not a.get("iscrowd", 0)]
+        if not anns:
+            continue
+        hw = (int(image["height"]), int(image["width"]))
+        try:
+            rgb = load_rgb(val.image_path(image, images_dir), expected_hw=hw)
+        except ImageLoadError:
+            continue
+        preds = predictor.predict_image(rgb, [a["bbox"] for a in anns])
+        for ann, pred in zip(anns, preds):
+            gt = masks.decode(ann["segmentation"], hw[0], hw[1]).astype(bool)
+            pm = window_to_full(pred, hw).astype(bool)
+            union = np.logical_or(gt, pm).sum()
+            ious.append(float(np.logical_and(gt, pm).sum() / union) if union else 1.0)
+        if len(ious) >= config.val_limit:
+            break
+    model.train(was_training)
+    return {"miou": 100.0 * float(np.mean(ious)) if ious else 0.0, "count": len(ious)}
+
+
+@lru_cache(maxsize=2)
+def _val_cache(path: str):
+    from mal_cli.dataset import load_dataset
+
+    return load_dataset(path)
