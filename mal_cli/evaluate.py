@@ -397,7 +397,7 @@ def report_table(report: EvalReport, title: str = "mal eval") -> "Any":
     for name, bucket in report.by_size.items():
         table.add_row(f"  mIoU {name}", pct(bucket.miou), str(bucket.count))
     table.add_row("mIoU counting missing as 0", pct(report.miou_missing_as_zero), str(report.num_gt))
-    table.add_row("GT instances without a prediction", "", str(len(report.missing_ids)))
+    table.add_row("non-crowd GT without a prediction", "", str(report.num_gt - report.num_matched))
     table.add_row("predictions answering no GT", "", str(report.num_unmatched_predictions))
     table.add_row("crowd mIoU (separate)", pct(report.crowd_miou), f"{report.num_crowd_matched}/{report.num_crowd}")
     if report.ap_kind:
