@@ -335,19 +335,29 @@ def _lvis_segm_ap(gt: Dataset, detections: list[dict], gt_rle_by_id: dict) -> di
         copy.setdefault("neg_category_ids", [])
         copy.setdefault("not_exhaustive_category_ids", [])
         images.append(copy)
-    lvis_gt = LVIS.__new__(LVIS)  # LVIS() only reads a path; fill it from memory instead
-    lvis_gt.logger = logging.getLogger("lvis.lvis")
-    lvis_gt.dataset = {"images": images, "categories": gt.categories, "annotations": _gt_copies(gt, gt_rle_by_id)}
-    lvis_gt._create_index()
-    logger = logging.getLogger("lvis")
-    previous, logger.disabled = logger.disabled, True  # lvis warns on in-memory results
+    def in_memory_lvis(annotations: list[dict]) -> LVIS:
+        lvis = LVIS.__new__(LVIS)  # LVIS() only reads a path; fill it from memory instead
+        lvis.logger = logging.getLogger("lvis.lvis")
+        lvis.dataset = {"images": images, "categories": gt.categories, "annotations": annotations}
+        lvis._create_index()
+        return lvis
+
+    lvis_gt = in_memory_lvis(_gt_copies(gt, gt_rle_by_id))
+    # lvis logs progress, and warns on in-memory results, through its module loggers; mute them.
+    loggers = [logging.getLogger(name) for name in ("lvis.lvis", "lvis.results", "lvis.eval")]
+    previous = [logger.disabled for logger in loggers]
     try:
+        for logger in loggers:
+            logger.disabled = True
         with contextlib.redirect_stdout(io.StringIO()):
-            lvis_dt = LVISResults(lvis_gt, detections, max_dets=300)
+            # LVISResults deep-copies the GT it is given only to swap in the detections: give it one
+            # without annotations, which would cost a copy of every GT mask.
+            lvis_dt = LVISResults(in_memory_lvis([]), detections, max_dets=300)
             evaluator = LVISEval(lvis_gt, lvis_dt, iou_type="segm")
             evaluator.run()
     finally:
-        logger.disabled = previous
+        for logger, was_disabled in zip(loggers, previous):
+            logger.disabled = was_disabled
     results = evaluator.get_results()
     return {key: float(results[key]) for key in LVIS_AP_KEYS}
 
