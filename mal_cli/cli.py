@@ -161,6 +161,97 @@ def eval_command(
         write_json_atomic(json_out, report.to_dict())
 
 
+# --- label ----------------------------------------------------------------------------------------
+
+
+@app.command(
+    "label",
+    epilog=(
+        "Output: the input with `segmentation`, `area` (mask pixels) and `mal_score` (0..1, low = check first) "
+        "on every annotation; ids, order and other fields kept. Boxes that cannot be labelled get the filled box "
+        "and `mal_fallback`: degenerate_box | image_error.\n\n"
+        "Progress is appended to OUT.progress.jsonl as it goes; after a crash rerun with --resume "
+        "(same output bytes as an uninterrupted run).\n\n"
+        "Examples:\n\n"
+        "  mal label instances_val2017.json --images val2017/ --out labels.json\n\n"
+        "  mal label detections.json --image-info instances_val2017.json --images val2017/ --out labels.json\n\n"
+        "  mal label boxes.json --images imgs/ --out labels.json --resume\n\n"
+        "  mal label boxes.json --images imgs/ --out part0.json --shard 0/2   (then: mal merge part*.json --out labels.json)\n\n"
+        "  torchrun --nproc-per-node 8 -m mal_cli label boxes.json --images imgs/ --out labels.json\n\n"
+        "  mal label boxes.json --images imgs/ --method box --out - | mal eval - --gt gt.json"
+    ),
+)
+def label_command(
+    boxes: str = typer.Argument(..., help="COCO/LVIS dataset JSON, or a detector results list [{image_id, bbox, category_id, score}]; - = stdin."),
+    images: Path = typer.Option(..., "--images", "-i", help="Folder with the images."),
+    out: str = typer.Option(..., "--out", "-o", help="Labelled JSON to write (atomically); - = stdout (logs go to stderr)."),
+    image_info: Optional[str] = typer.Option(None, "--image-info", help="Dataset JSON with the images' file names and sizes (needed for a results list)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Labeler checkpoint (default: $MAL_CHECKPOINT or the shipped models/mal_vits14_coco343.pth)."),
+    method: str = typer.Option("mal", help="mal: the labeler; box: the filled box (baseline, needs no model)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(64, help="Boxes per model batch (across images). Part of the result: keep it when resuming."),
+    workers: int = typer.Option(2, help="Image decoding + cropping worker processes (0 = in the main process)."),
+    threshold: Optional[float] = typer.Option(None, help="Mask probability threshold (default: the checkpoint's, 0.5)."),
+    flip: bool = typer.Option(False, "--flip", help="Average with the horizontally flipped crop (2x compute)."),
+    teacher: bool = typer.Option(False, "--teacher", help="Use the EMA teacher weights of a training checkpoint."),
+    fmt: str = typer.Option("rle", "--format", help="rle (compressed, counts as str) or polygon (holes are filled)."),
+    only_missing: bool = typer.Option(False, "--only-missing", help="Keep existing segmentations; label only annotations without one."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: label the K-th of N disjoint parts (whole images); join with `mal merge`."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.progress.jsonl (starts fresh if there is none)."),
+    keep_progress: bool = typer.Option(False, "--keep-progress", help="Keep OUT.progress.jsonl after OUT is written."),
+    summary_json: Optional[str] = typer.Option(None, "--summary-json", help="Write the run summary (images, boxes, fallbacks, boxes/s) as JSON here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+) -> None:
+    """Turn every box into an instance mask (batched, streaming, resumable, shardable)."""
+    import logging
+
+    from mal_cli.dataset import write_json_atomic
+    from mal_cli.label import LabelOptions, label, parse_shard
+
+    logging.basicConfig(level=logging.INFO, format="mal: %(levelname)s %(message)s", stream=sys.stderr)
+    options = LabelOptions(
+        method=method, checkpoint=str(checkpoint) if checkpoint else None, teacher=teacher, threshold=threshold,
+        flip=flip, format=fmt, only_missing=only_missing, batch_size=batch_size, device=device, workers=workers,
+    )
+    summary = label(
+        boxes, str(images), out, options, image_info=image_info, shard=parse_shard(shard) if shard else None,
+        resume=resume, keep_progress=keep_progress, progress_bar=progress,
+    )
+    if summary.out == out:  # torchrun ranks other than 0 return their shard's summary: print only the merged one
+        typer.echo(summary.line(), err=True)
+        if summary_json:
+            write_json_atomic(summary_json, summary.to_dict())
+
+
+# --- merge ----------------------------------------------------------------------------------------
+
+
+@app.command(
+    "merge",
+    epilog=(
+        "Parts: `mal label --shard K/N` outputs (all N, put back in input order: the same bytes as one run), "
+        "labelled datasets (union, de-duplicated by annotation id) or OUT.progress.jsonl files (need --into, the "
+        "labelled input).\n\n"
+        "Examples:\n\n"
+        "  mal merge labels.shard0.json labels.shard1.json --out labels.json\n\n"
+        "  mal merge part_a.json part_b.json --out labels.json --prefer last\n\n"
+        "  mal merge new_labels.json --into dataset_with_some_masks.json --out complete.json\n\n"
+        "  mal merge labels.json.progress.jsonl --into boxes.json --out partial_labels.json"
+    ),
+)
+def merge_command(
+    parts: List[str] = typer.Argument(..., help="Shard outputs, labelled datasets or progress files."),
+    out: str = typer.Option(..., "--out", "-o", help="Merged JSON to write (atomically); - = stdout."),
+    into: Optional[str] = typer.Option(None, "--into", help="Dataset to fill: its existing masks are kept, the parts label the rest."),
+    prefer: Optional[str] = typer.Option(None, "--prefer", help="first or last: which copy wins when one annotation id differs between parts (default: error)."),
+) -> None:
+    """Merge `mal label` shards or label files into one dataset (same images and categories required)."""
+    from mal_cli.merge import merge_files
+
+    stats = merge_files(parts, out, into=into, prefer=prefer)
+    typer.echo(f"mal merge: {stats['parts']} parts -> {stats['annotations']} annotations -> {out}", err=True)
+
+
 def main() -> None:
     """Entry point of the `mal` console script."""
     debug = "--debug" in sys.argv[1:]

@@ -1,0 +1,804 @@
+"""`mal label`: turn every box of a dataset (or detector results) into a mask. Streaming, batched, resumable, sharded.
+
+Pipeline: images are decoded once each (`images.load_rgb`) and their boxes cropped in DataLoader workers,
+in parallel with the model; crops of several images are batched together; each box's probability map
+is pasted back on its box window only and RLE-encoded from that window (`masks.encode_window`).
+
+Determinism: boxes are batched in a fixed order that depends only on the input and `--batch-size`:
+images (in input order, those with boxes to label) are packed into *groups* of at most `batch_size`
+boxes (an image with more boxes is a group of its own, run in chunks of `batch_size`). A group is the
+unit of work, of resuming and of sharding, so a box always meets the same batch-mates: a resumed, a
+sharded or a torchrun run gives the same bytes as one uninterrupted run.
+
+Crash safety: each finished image's results are appended as one JSON line to `OUT.progress.jsonl`
+(first line: a header with a fingerprint of the input and options). `--resume` reads it back, drops a
+torn last line, and labels only the groups with unfinished images. OUT is written at the end, atomically,
+streaming the annotations (input order) with their results read back from the progress file, so the run
+never holds all masks in memory. The progress file is removed after a successful write unless
+`--keep-progress` (`mal merge` accepts progress files too).
+
+Sharding: `--shard K/N` labels groups g with g % N == K (whole images, about 1/N of the boxes). A shard's
+output keeps every image, category and other key of the input (so shards are self-describing and
+`mal merge` can check they belong together) but only its own images' annotations, plus a top-level
+`mal_shard` entry with their positions in the input; `mal merge` uses it to restore the input order
+exactly. Under torchrun (WORLD_SIZE > 1) each rank labels shard RANK/WORLD_SIZE and rank 0 merges.
+
+Fallbacks (flagged `mal_fallback` on the annotation, `mal_score` = 0): a box with a non-finite, zero or
+negative size, or covering no pixel centre of the image, is "degenerate_box"; a box of an image that
+cannot be decoded (missing, corrupt, or its size differs from the recorded one) is "image_error".
+Both get the filled box clipped to the image (pycocotools pixel rule, `geometry.box_pixel_bounds`),
+possibly empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import orjson
+import torch
+
+from mal_cli import geometry, masks
+from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset
+from mal_cli.errors import InputError, OutputError
+from mal_cli.score import BOX_METHOD_SCORE, FALLBACK_SCORE, mask_quality
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT_NAME = "mal_vits14_coco343.pth"
+PROGRESS_SUFFIX = ".progress.jsonl"
+PROGRESS_VERSION = 1
+FSYNC_INTERVAL_S = 5.0
+
+
+# --- options and inputs -----------------------------------------------------------------------------
+
+
+@dataclass
+class LabelOptions:
+    """What changes the labels (all of it goes into the resume fingerprint) plus how fast they are made."""
+
+    method: str = "mal"  # "mal" (the labeler) or "box" (filled box, the floor baseline)
+    checkpoint: Optional[str] = None  # None: `default_checkpoint()`
+    teacher: bool = False
+    threshold: Optional[float] = None  # None: the checkpoint's
+    flip: bool = False
+    format: str = "rle"  # "rle" or "polygon"
+    only_missing: bool = False
+    batch_size: int = 64
+    # Not in the fingerprint: they change speed, not results.
+    device: str = "auto"
+    workers: int = 2
+
+    def validate(self) -> None:
+        if self.method not in ("mal", "box"):
+            raise InputError(f"--method must be 'mal' or 'box', got '{self.method}'")
+        if self.format not in ("rle", "polygon"):
+            raise InputError(f"--format must be 'rle' or 'polygon', got '{self.format}'")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise InputError(f"--workers must be 0 or more, got {self.workers}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise InputError(f"--threshold must be between 0 and 1, got {self.threshold}")
+
+
+def default_checkpoint() -> Path:
+    """The shipped labeler: $MAL_CHECKPOINT, else `mal_vits14_coco343.pth` in <repo>/models or <prefix>/share/mal/models."""
+    candidates = []
+    env = os.environ.get("MAL_CHECKPOINT")
+    if env:
+        candidates.append(Path(env))
+    candidates.append(Path(__file__).resolve().parent.parent / "models" / DEFAULT_CHECKPOINT_NAME)
+    candidates.append(Path(sys.prefix) / "share" / "mal" / "models" / DEFAULT_CHECKPOINT_NAME)
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    raise InputError(
+        f"no labeler checkpoint given and the default one was not found (looked in: {looked}); "
+        f"pass --checkpoint PATH, set MAL_CHECKPOINT, or use --method box"
+    )
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 0 <= K < N."""
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise InputError(f"--shard must look like K/N (e.g. 0/4), got '{text}'") from None
+    if n < 1 or not 0 <= k < n:
+        raise InputError(f"--shard {text}: need 0 <= K < N")
+    return k, n
+
+
+@dataclass
+class LabelInput:
+    """The document to label: a dataset (annotations) or a results list, and the images they refer to."""
+
+    doc: Any  # the dict or list that is written back, with `records` labelled
+    records: list[dict]  # annotations or detections, in input order
+    images: list[dict]  # image records, in input order
+    is_results: bool
+    source: str
+
+
+def load_label_input(boxes: str, image_info: Optional[str] = None) -> LabelInput:
+    """Read BOXES (dataset or results list, '-' = stdin); a results list needs `image_info` (a dataset)."""
+    loaded = load_any(boxes)
+    source = "<stdin>" if boxes == "-" else str(boxes)
+    if isinstance(loaded, Dataset):
+        return LabelInput(loaded.raw, loaded.annotations, loaded.images, False, source)
+    if image_info is None:
+        raise InputError(
+            f"{source} is a detector results list: pass --image-info DATASET.json for the images' file names and sizes"
+        )
+    info = load_dataset(image_info)
+    known = info.image_by_id
+    for index, det in enumerate(loaded):
+        if det["image_id"] not in known:
+            raise InputError(f"{source}: result [{index}] refers to image id {det['image_id']}, not in {image_info}")
+    return LabelInput(loaded, loaded, info.images, True, source)
+
+
+def _has_segmentation(record: dict) -> bool:
+    seg = record.get("segmentation")
+    return bool(seg) if isinstance(seg, (list, dict)) else False
+
+
+# --- the plan: images, groups, shards ---------------------------------------------------------------
+
+
+@dataclass
+class ImageJob:
+    """One image and the boxes of it to label."""
+
+    position: int  # the image's position in the input's image list
+    path: str
+    recorded_hw: Optional[tuple[int, int]]
+    record_positions: list[int]  # positions of its annotations in the input, in input order
+    boxes_xywh: list[list]
+
+
+def plan_jobs(inp: LabelInput, images_dir: str | Path, only_missing: bool) -> list[ImageJob]:
+    """Every image with at least one box to label, in input image order."""
+    position_of = {image["id"]: i for i, image in enumerate(inp.images)}
+    per_image: dict[int, list[int]] = {}
+    for rec_pos, record in enumerate(inp.records):
+        if only_missing and _has_segmentation(record):
+            continue
+        per_image.setdefault(position_of[record["image_id"]], []).append(rec_pos)
+    jobs = []
+    for img_pos in sorted(per_image):
+        image = inp.images[img_pos]
+        h, w = image.get("height"), image.get("width")
+        hw = (int(h), int(w)) if isinstance(h, (int, float)) and isinstance(w, (int, float)) else None
+        positions = per_image[img_pos]
+        jobs.append(
+            ImageJob(
+                img_pos,
+                str(Path(images_dir) / image_file_name(image, inp.source)),
+                hw,
+                positions,
+                [inp.records[p]["bbox"] for p in positions],
+            )
+        )
+    return jobs
+
+
+def group_jobs(jobs: Sequence[ImageJob], batch_size: int) -> list[list[ImageJob]]:
+    """Pack consecutive images into groups of at most `batch_size` boxes (a bigger image is a group alone)."""
+    groups: list[list[ImageJob]] = []
+    current: list[ImageJob] = []
+    count = 0
+    for job in jobs:
+        n = len(job.boxes_xywh)
+        if current and count + n > batch_size:
+            groups.append(current)
+            current, count = [], 0
+        current.append(job)
+        count += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+# --- image loading and cropping (DataLoader workers) ------------------------------------------------
+
+
+def _box_xyxy(bbox: Sequence) -> Optional[tuple[float, float, float, float]]:
+    """A COCO box as xyxy, or None when it is not a real box (non-numeric, non-finite, w or h <= 0)."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        return None
+    return (x, y, x + w, y + h)
+
+
+@dataclass
+class LoadedImage:
+    job_index: int
+    hw: Optional[tuple[int, int]]
+    error: Optional[str]
+    model_boxes: list[int]  # indices into the job's boxes that go to the model
+    regions: list[tuple[float, float, float, float]]
+    crops: Optional[torch.Tensor]  # (len(model_boxes), 3, S, S) float32
+
+
+class _ImageCropDataset(torch.utils.data.Dataset):
+    """Decodes one image and crops its labellable boxes; errors become a value, never an exception."""
+
+    def __init__(self, jobs: Sequence[ImageJob], need_pixels: bool, crop_size: int, margins: geometry.Margins):
+        self.jobs = jobs
+        self.need_pixels = need_pixels
+        self.crop_size = crop_size
+        self.margins = margins
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> LoadedImage:
+        from mal_cli.images import load_rgb  # PIL import stays out of `mal --help`
+
+        job = self.jobs[index]
+        hw, error, image = job.recorded_hw, None, None
+        if self.need_pixels or hw is None:
+            try:
+                image = load_rgb(job.path, expected_hw=job.recorded_hw)
+                decoded_hw = (int(image.shape[0]), int(image.shape[1]))
+                if hw is not None and decoded_hw != hw:
+                    error = f"{job.path}: decoded size {decoded_hw[0]}x{decoded_hw[1]} differs from the recorded {hw[0]}x{hw[1]}"
+                    image = None
+                hw = hw or decoded_hw
+            except Exception as err:  # noqa: BLE001 - any unreadable image is a fallback, not a crash
+                error = str(err)
+        model_boxes, regions = [], []
+        if image is not None and self.need_pixels:
+            for i, bbox in enumerate(job.boxes_xywh):
+                xyxy = _box_xyxy(bbox)
+                if xyxy is None:
+                    continue
+                row0, row1, col0, col1 = geometry.box_pixel_bounds(xyxy, hw)
+                if row1 <= row0 or col1 <= col0:
+                    continue
+                model_boxes.append(i)
+                regions.append(geometry.crop_region(xyxy, self.margins))
+        crops = None
+        if model_boxes:
+            chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
+            crops = geometry.crop_images(chw, regions, self.crop_size)
+        return LoadedImage(index, hw, error, model_boxes, regions, crops)
+
+
+def _identity(item):  # DataLoader collate for batch_size=None (a module-level function pickles)
+    return item
+
+
+# --- one box's result ---------------------------------------------------------------------------------
+
+
+def box_result(
+    window_mask: np.ndarray,
+    window: tuple[int, int, int, int],
+    hw: tuple[int, int],
+    score: float,
+    fmt: str,
+    fallback: Optional[str] = None,
+) -> dict:
+    """The fields `mal label` sets on an annotation: segmentation, area, mal_score (+ mal_fallback)."""
+    height, width = hw
+    row0, _, col0, _ = window
+    if fmt == "polygon":
+        polygons = [
+            [v + (col0 if i % 2 == 0 else row0) for i, v in enumerate(poly)] for poly in masks.to_polygons(window_mask)
+        ]
+        # Polygons cannot hold holes: the area is the area of what they cover.
+        segmentation: Any = polygons
+        area = masks.area(polygons, height, width) if polygons else 0
+    else:
+        segmentation = masks.encode_window(window_mask, row0, col0, height, width)
+        area = int(np.count_nonzero(window_mask))
+    result = {"segmentation": segmentation, "area": area, "mal_score": score}
+    if fallback:
+        result["mal_fallback"] = fallback
+    return result
+
+
+def filled_box_result(bbox: Sequence, hw: Optional[tuple[int, int]], fmt: str, fallback: Optional[str], score: float) -> dict:
+    """The filled box clipped to the image (pycocotools pixel rule); empty for a degenerate box."""
+    xyxy = _box_xyxy(bbox)
+    if hw is None:
+        # No size known at all (unreadable image without width/height): the box polygon is all we have.
+        polygon = masks.box_polygon(bbox) if xyxy is not None else []
+        area = float(bbox[2]) * float(bbox[3]) if xyxy is not None else 0
+        result = {"segmentation": polygon, "area": area, "mal_score": score}
+        if fallback:
+            result["mal_fallback"] = fallback
+        return result
+    if xyxy is None:
+        window = (0, 0, 0, 0)
+    else:
+        window = geometry.box_pixel_bounds(xyxy, hw)
+    row0, row1, col0, col1 = window
+    return box_result(np.ones((row1 - row0, col1 - col0), dtype=np.uint8), window, hw, score, fmt, fallback)
+
+
+# --- the progress file ----------------------------------------------------------------------------
+
+
+def progress_path_for(out: str | Path) -> Path:
+    return Path(str(out) + PROGRESS_SUFFIX)
+
+
+def read_progress(path: Path, fingerprint: str, truncate_torn: bool = True) -> tuple[dict, dict[int, int]]:
+    """Header and {image position: byte offset of its line}. A torn last line is dropped (and cut off)."""
+    offsets: dict[int, int] = {}
+    header: dict = {}
+    good_end = 0
+    with open(path, "rb") as handle:
+        offset = 0
+        for line_number, line in enumerate(handle):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("torn")
+                entry = orjson.loads(line)
+            except (ValueError, orjson.JSONDecodeError):
+                # Only the last line can be torn (the file is append-only); anything else is damage.
+                rest = handle.read()
+                if rest:
+                    raise InputError(f"{path}: line {line_number + 1} is not valid JSON; delete the file to start over") from None
+                break
+            if line_number == 0:
+                header = entry
+                if header.get("mal_progress") != PROGRESS_VERSION:
+                    raise InputError(f"{path} is not a mal label progress file")
+                if header.get("fingerprint") != fingerprint:
+                    raise InputError(
+                        f"{path} was made from other input or options than this run; delete it to start over, "
+                        f"or rerun with the same input and options"
+                    )
+            else:
+                offsets[int(entry["image"])] = offset
+            offset += len(line)
+            good_end = offset
+    if truncate_torn and good_end != path.stat().st_size:
+        log.warning("%s: dropped a torn last line (the run was killed mid-write)", path)
+        with open(path, "r+b") as handle:
+            handle.truncate(good_end)
+    return header, offsets
+
+
+class ProgressWriter:
+    """Appends one line per finished image; flushed per group, fsync'd every few seconds and at close."""
+
+    def __init__(self, path: Path, header: Optional[dict]):
+        self.path = path
+        self.handle = open(path, "ab" if header is None else "wb")
+        if header is not None:
+            self.handle.write(orjson.dumps(header) + b"\n")
+        self.last_sync = time.monotonic()
+
+    def write(self, image_position: int, results: list[tuple[int, dict]]) -> None:
+        self.handle.write(orjson.dumps({"image": image_position, "results": results}) + b"\n")
+
+    def flush(self) -> None:
+        self.handle.flush()
+        if time.monotonic() - self.last_sync > FSYNC_INTERVAL_S:
+            os.fsync(self.handle.fileno())
+            self.last_sync = time.monotonic()
+
+    def close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+
+
+class ProgressIndex:
+    """Random access to the results in a progress file, with a small cache of parsed lines."""
+
+    def __init__(self, path: Path, offsets: dict[int, int], cache_lines: int = 256):
+        self.handle = open(path, "rb")
+        self.offsets = offsets
+        self.cache: OrderedDict[int, dict[int, dict]] = OrderedDict()
+        self.cache_lines = cache_lines
+
+    def results_of(self, image_position: int) -> dict[int, dict]:
+        cached = self.cache.get(image_position)
+        if cached is not None:
+            self.cache.move_to_end(image_position)
+            return cached
+        self.handle.seek(self.offsets[image_position])
+        entry = orjson.loads(self.handle.readline())
+        results = {int(pos): result for pos, result in entry["results"]}
+        self.cache[image_position] = results
+        if len(self.cache) > self.cache_lines:
+            self.cache.popitem(last=False)
+        return results
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+
+def _labelled_records(inp: LabelInput, positions: Sequence[int], index: ProgressIndex, image_of_record: dict[int, int]) -> Iterator[bytes]:
+    for pos in positions:
+        record = inp.records[pos]
+        img_pos = image_of_record.get(pos)
+        result = index.results_of(img_pos).get(pos) if img_pos is not None else None
+        if result is not None:
+            record = {k: v for k, v in record.items() if k != "mal_fallback"}
+            record.update(result)
+        yield orjson.dumps(record)
+
+
+def _write_json_array(handle, items: Iterator[bytes]) -> None:
+    handle.write(b"[")
+    for i, item in enumerate(items):
+        if i:
+            handle.write(b",")
+        handle.write(item)
+    handle.write(b"]")
+
+
+def write_output(out: str, inp: LabelInput, records_bytes: Iterator[bytes], shard_info: Optional[dict]) -> None:
+    """Stream the labelled document to OUT (temp file + rename; '-' = stdout), keys in input order.
+
+    The bytes equal what `write_json_atomic(out, document)` writes: only the annotation list is streamed.
+    """
+
+    def emit(handle) -> None:
+        if inp.is_results:
+            if shard_info is None:
+                _write_json_array(handle, records_bytes)
+            else:
+                handle.write(b'{"mal_shard":' + orjson.dumps(shard_info) + b',"results":')
+                _write_json_array(handle, records_bytes)
+                handle.write(b"}")
+        else:
+            handle.write(b"{")
+            for i, (key, value) in enumerate(inp.doc.items()):
+                if i:
+                    handle.write(b",")
+                handle.write(orjson.dumps(key) + b":")
+                if key == "annotations":
+                    _write_json_array(handle, records_bytes)
+                else:
+                    handle.write(orjson.dumps(value))
+            if shard_info is not None:
+                handle.write(b',"mal_shard":' + orjson.dumps(shard_info))
+            handle.write(b"}")
+
+    if out == "-":
+        emit(sys.stdout.buffer)
+        sys.stdout.buffer.write(b"\n")  # as `write_json_atomic` does: files without, stdout with a newline
+        sys.stdout.buffer.flush()
+        return
+    target = Path(out)
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "wb", buffering=1 << 20) as handle:
+            emit(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
+        os.replace(tmp_name, target)
+    except OSError as err:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise OutputError(f"{target}: cannot write: {err.strerror or err}") from None
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def _fingerprint(inp: LabelInput, options: LabelOptions, shard: tuple[int, int], checkpoint: Optional[Path]) -> str:
+    digest = hashlib.sha256()
+    digest.update(orjson.dumps([[r.get("id"), r["image_id"], r["bbox"], _has_segmentation(r)] for r in inp.records]))
+    digest.update(orjson.dumps([[im.get("id"), im.get("height"), im.get("width")] for im in inp.images]))
+    labels = {k: v for k, v in asdict(options).items() if k not in ("device", "workers", "checkpoint")}
+    if checkpoint is not None:
+        stat = checkpoint.stat()
+        labels["checkpoint"] = [checkpoint.name, stat.st_size]
+    digest.update(orjson.dumps([labels, list(shard)], option=orjson.OPT_SORT_KEYS))
+    return digest.hexdigest()
+
+
+@dataclass
+class LabelSummary:
+    images: int = 0
+    boxes: int = 0
+    resumed_images: int = 0
+    fallbacks: dict = field(default_factory=dict)
+    image_errors: list = field(default_factory=list)  # first few messages
+    seconds: float = 0.0
+    boxes_per_s: float = 0.0
+    method: str = "mal"
+    device: str = "cpu"
+    shard: str = "0/1"
+    out: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        fallbacks = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallbacks.items())) or "none"
+        return (
+            f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed), "
+            f"fallbacks: {fallbacks}; {self.seconds:.1f} s, {self.boxes_per_s:.0f} boxes/s "
+            f"[{self.method} on {self.device}, shard {self.shard}] -> {self.out}"
+        )
+
+
+def label(
+    boxes: str,
+    images_dir: str,
+    out: str,
+    options: LabelOptions,
+    image_info: Optional[str] = None,
+    shard: Optional[tuple[int, int]] = None,
+    resume: bool = False,
+    keep_progress: bool = False,
+    progress_bar: bool = True,
+) -> LabelSummary:
+    """Label BOXES and write OUT (see the module docstring). Under torchrun, shards over the ranks and merges on rank 0."""
+    options.validate()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard is None and world > 1:
+        return _label_distributed(boxes, images_dir, out, options, image_info, resume, keep_progress, progress_bar)
+    return label_shard(boxes, images_dir, out, options, image_info, shard or (0, 1), resume, keep_progress, progress_bar)
+
+
+def _load_predictor(options: LabelOptions, checkpoint: Path):
+    from mal_cli.modeling.labeler import load_labeler
+    from mal_cli.predictor import BoxPredictor
+
+    model = load_labeler(checkpoint, use_teacher=options.teacher)
+    return BoxPredictor(model, device=options.device, threshold=options.threshold, flip=options.flip)
+
+
+def label_shard(
+    boxes: str,
+    images_dir: str,
+    out: str,
+    options: LabelOptions,
+    image_info: Optional[str] = None,
+    shard: tuple[int, int] = (0, 1),
+    resume: bool = False,
+    keep_progress: bool = False,
+    progress_bar: bool = True,
+) -> LabelSummary:
+    """One process's run: label shard K/N (0/1 = everything) of BOXES into OUT."""
+    start = time.perf_counter()
+    options.validate()
+    if out != "-" and not Path(out).parent.is_dir():
+        raise OutputError(f"{out}: the folder {Path(out).parent} does not exist")
+    if boxes == "-" and image_info == "-":
+        raise InputError("BOXES and --image-info cannot both be read from stdin")
+    if resume and out == "-":
+        raise InputError("--resume needs --out FILE (a run writing to stdout keeps no progress file to resume)")
+    if not Path(images_dir).is_dir():
+        raise InputError(f"--images {images_dir}: no such folder")
+    checkpoint = None
+    predictor = None
+    if options.method == "mal":
+        checkpoint = Path(options.checkpoint) if options.checkpoint else default_checkpoint()
+        predictor = _load_predictor(options, checkpoint)
+
+    inp = load_label_input(boxes, image_info)
+    jobs = plan_jobs(inp, images_dir, options.only_missing)
+    groups = group_jobs(jobs, options.batch_size)
+    k, n = shard
+    my_groups = [g for gi, g in enumerate(groups) if gi % n == k]
+    fingerprint = _fingerprint(inp, options, shard, checkpoint)
+
+    # Progress file: beside OUT, or a temp file when writing to stdout.
+    if out == "-":
+        fd, tmp = tempfile.mkstemp(prefix="mal-label-", suffix=PROGRESS_SUFFIX)
+        os.close(fd)
+        progress_path = Path(tmp)
+    else:
+        progress_path = progress_path_for(out)
+    done: dict[int, int] = {}
+    if progress_path.exists() and out != "-":
+        if not resume:
+            raise InputError(
+                f"{progress_path} exists from an earlier, unfinished run: rerun with --resume to continue it, "
+                f"or delete it to start over"
+            )
+        _, done = read_progress(progress_path, fingerprint)
+    header = {"mal_progress": PROGRESS_VERSION, "fingerprint": fingerprint, "records": len(inp.records), "shard": [k, n],
+              "source": inp.source}
+    writer = ProgressWriter(progress_path, None if done else header)
+
+    summary = LabelSummary(method=options.method, shard=f"{k}/{n}", out=out,
+                           device=str(predictor.device) if predictor else "cpu")
+    todo_jobs = [job for g in my_groups if not all(j.position in done for j in g) for job in g]
+    todo_groups = [g for g in my_groups if not all(j.position in done for j in g)]
+    summary.resumed_images = sum(len(g) for g in my_groups) - len(todo_jobs)
+    fallbacks: Counter = Counter()
+    try:
+        _run_groups(todo_groups, todo_jobs, done, predictor, options, writer, summary, fallbacks, progress_bar)
+    finally:
+        writer.close()
+
+    # Write OUT from the progress file: this shard's images' records, in input order.
+    _, offsets = read_progress(progress_path, fingerprint)
+    my_positions_set = {j.position for g in my_groups for j in g}
+    image_of_record = {p: j.position for g in my_groups for j in g for p in j.record_positions}
+    position_of_image = {image["id"]: i for i, image in enumerate(inp.images)}
+    if n == 1:
+        positions = range(len(inp.records))
+        shard_info = None
+    else:
+        # Shards keep only their images' records; records of images with nothing to label go to shard 0.
+        image_shard = {}
+        for gi, g in enumerate(groups):
+            for j in g:
+                image_shard[j.position] = gi % n
+        positions = [
+            p for p, r in enumerate(inp.records)
+            if image_shard.get(position_of_image[r["image_id"]], 0) == k
+        ]
+        shard_info = {"index": k, "count": n, "fingerprint": _fingerprint(inp, options, (0, 1), checkpoint),
+                      "records": len(inp.records), "positions": positions}
+    assert my_positions_set <= set(offsets), "every image of the shard has a progress line"
+    index = ProgressIndex(progress_path, offsets)
+    try:
+        write_output(out, inp, _labelled_records(inp, positions, index, image_of_record), shard_info)
+    finally:
+        index.close()
+    if out == "-" or not keep_progress:
+        progress_path.unlink(missing_ok=True)
+
+    summary.images = len(my_positions_set)
+    summary.fallbacks = dict(fallbacks)
+    summary.seconds = round(time.perf_counter() - start, 3)
+    labelled = summary.boxes
+    summary.boxes_per_s = round(labelled / summary.seconds, 1) if summary.seconds > 0 else 0.0
+    return summary
+
+
+def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbacks, progress_bar) -> None:
+    """Label `groups` (their images in order `jobs`), writing one progress line per unfinished image."""
+    from tqdm import tqdm
+
+    need_pixels = predictor is not None
+    crop_size = predictor.crop_size if predictor else 1
+    margins = predictor.margins if predictor else geometry.Margins.uniform()
+    dataset = _ImageCropDataset(jobs, need_pixels, crop_size, margins)
+    # Box method with recorded sizes decodes nothing: no worker processes worth starting.
+    workers = options.workers if (need_pixels or any(j.recorded_hw is None for j in jobs)) else 0
+    workers = min(workers, len(jobs))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    total_boxes = sum(len(j.boxes_xywh) for j in jobs)
+    bar = tqdm(total=total_boxes, unit="box", file=sys.stderr, disable=not progress_bar or None, dynamic_ncols=True,
+               desc="mal label")
+    threshold = predictor.threshold if predictor else 0.5
+    items = iter(loader)
+    images_done = 0
+    for group in groups:
+        loaded = [next(items) for _ in group]
+        # Fixed-order batching: the group's model boxes, image by image, in chunks of batch_size.
+        probs_by_image: dict[int, list[torch.Tensor]] = {}
+        if predictor is not None:
+            crops = [item.crops for item in loaded if item.crops is not None]
+            if crops:
+                all_crops = torch.cat(crops)
+                areas = torch.tensor(
+                    [max(float(job.boxes_xywh[i][2]) * float(job.boxes_xywh[i][3]), 0.0)
+                     for job, item in zip(group, loaded) for i in item.model_boxes]
+                )
+                probs = torch.cat([
+                    predictor.predict_probs(all_crops[s : s + options.batch_size], areas[s : s + options.batch_size])
+                    for s in range(0, len(all_crops), options.batch_size)
+                ])
+                start = 0
+                for item in loaded:
+                    probs_by_image[item.job_index] = list(probs[start : start + len(item.model_boxes)])
+                    start += len(item.model_boxes)
+        for job, item in zip(group, loaded):
+            n_boxes = len(job.boxes_xywh)
+            if job.position in done:  # finished before a crash; its batch-mates needed it recomputed
+                bar.update(n_boxes)
+                continue
+            if item.error:
+                if len(summary.image_errors) < 10:
+                    summary.image_errors.append(item.error)
+                log.warning("image error, boxes get the filled-box fallback: %s", item.error)
+            model_of_box = dict(zip(item.model_boxes, range(len(item.model_boxes))))
+            results = []
+            for i, (rec_pos, bbox) in enumerate(zip(job.record_positions, job.boxes_xywh)):
+                if item.error:
+                    result = filled_box_result(bbox, item.hw, options.format, "image_error", FALLBACK_SCORE)
+                elif _box_xyxy(bbox) is None or (predictor is not None and i not in model_of_box):
+                    result = filled_box_result(bbox, item.hw, options.format, "degenerate_box", FALLBACK_SCORE)
+                elif predictor is None:
+                    xyxy = _box_xyxy(bbox)
+                    window = geometry.box_pixel_bounds(xyxy, item.hw)
+                    if window[1] <= window[0] or window[3] <= window[2]:
+                        result = filled_box_result(bbox, item.hw, options.format, "degenerate_box", FALLBACK_SCORE)
+                    else:
+                        result = filled_box_result(bbox, item.hw, options.format, None, BOX_METHOD_SCORE)
+                else:
+                    k = model_of_box[i]
+                    pred = predictor.paste(probs_by_image[item.job_index][k], _box_xyxy(bbox), item.regions[k], item.hw)
+                    score = mask_quality(pred.window_prob, threshold)
+                    result = box_result(pred.window_mask, pred.window, item.hw, score, options.format)
+                if "mal_fallback" in result:
+                    fallbacks[result["mal_fallback"]] += 1
+                results.append((rec_pos, result))
+            writer.write(job.position, results)
+            summary.boxes += n_boxes
+            images_done += 1
+            bar.update(n_boxes)
+        writer.flush()
+        bar.set_postfix(images=images_done, refresh=False)
+    bar.close()
+
+
+def _label_distributed(boxes, images_dir, out, options, image_info, resume, keep_progress, progress_bar) -> LabelSummary:
+    """torchrun: rank R labels shard R/W into OUT.shard-R-of-W.json; rank 0 merges them into OUT."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from mal_cli.merge import merge_files
+
+    if out == "-":
+        raise InputError("under torchrun --out must be a file (the ranks write shard files beside it)")
+    if boxes == "-":
+        raise InputError("under torchrun BOXES must be a file (every rank reads it)")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if options.device in ("auto", "cuda") and torch.cuda.is_available():
+        options.device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        # Only barriers and small objects travel: gloo everywhere, with a timeout long enough for a big shard.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    part = f"{out}.shard-{rank}-of-{world}.json"
+    summary = label_shard(boxes, images_dir, part, options, image_info, (rank, world), resume, keep_progress,
+                          progress_bar and rank == 0)
+    summaries: list = [None] * world
+    dist.all_gather_object(summaries, summary.to_dict())
+    if rank == 0:
+        parts = [f"{out}.shard-{r}-of-{world}.json" for r in range(world)]
+        merge_files(parts, out)
+        for p in parts:
+            Path(p).unlink(missing_ok=True)
+        total = LabelSummary(**summaries[0])
+        for other in summaries[1:]:
+            total.images += other["images"]
+            total.boxes += other["boxes"]
+            total.resumed_images += other["resumed_images"]
+            for key, v in other["fallbacks"].items():
+                total.fallbacks[key] = total.fallbacks.get(key, 0) + v
+            total.image_errors += other["image_errors"]
+            total.seconds = max(total.seconds, other["seconds"])
+        total.boxes_per_s = round(total.boxes / total.seconds, 1) if total.seconds > 0 else 0.0
+        total.shard = f"torchrun x{world}"
+        total.out = out
+        summary = total
+    dist.barrier()
+    dist.destroy_process_group()
+    return summary

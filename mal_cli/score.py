@@ -1,0 +1,34 @@
+"""`mal_score`: a per-mask quality estimate in [0, 1], computed from the labeler's own probabilities.
+
+Low scores should come first when a person reviews labels. Two signals, both from the probability map
+inside the box window (the only place a mask can be):
+
+- confidence: mean of |2p - 1|, how far the probabilities are from the undecided 0.5;
+- stability: IoU of the mask at threshold + delta and at threshold - delta. The higher-threshold mask is
+  inside the lower one, so the IoU is the ratio of their areas; a mask whose outline moves a lot when
+  the threshold moves is a guess. An empty mask has stability 0: a box always holds an object.
+
+mal_score = confidence x stability, rounded to 4 decimals (so the JSON bytes are stable).
+Fixed values: `BOX_METHOD_SCORE` for `--method box` (no prediction, no information), `FALLBACK_SCORE` for a
+box that could not be labelled (degenerate box, unreadable image), so fallbacks rank first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STABILITY_DELTA = 0.1
+BOX_METHOD_SCORE = 0.5
+FALLBACK_SCORE = 0.0
+
+
+def mask_quality(window_prob: np.ndarray, threshold: float = 0.5, delta: float = STABILITY_DELTA) -> float:
+    """mal_score of one probability window (see module docstring)."""
+    prob = np.asarray(window_prob, dtype=np.float32)
+    if prob.size == 0:
+        return FALLBACK_SCORE
+    confidence = float(np.abs(2.0 * prob - 1.0).mean(dtype=np.float64))
+    low = int(np.count_nonzero(prob >= max(threshold - delta, 0.0)))
+    high = int(np.count_nonzero(prob >= min(threshold + delta, 1.0)))
+    stability = high / low if low else 0.0
+    return round(min(max(confidence * stability, 0.0), 1.0), 4)

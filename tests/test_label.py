@@ -1,0 +1,288 @@
+"""`mal label`: valid COCO output, fallbacks, determinism, kill -9 + --resume, shards, torchrun, mal_score."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from mal_cli import masks
+from mal_cli.errors import InputError
+from mal_cli.label import LabelOptions, default_checkpoint, label, progress_path_for
+from mal_cli.score import mask_quality
+
+DATA_DIR = Path(__file__).parent / "data"
+MINI16_JSON = DATA_DIR / "annotations_mini16.json"
+MINI16_IMAGES = DATA_DIR / "images"
+
+# The random tiny labeler's probabilities sit around 0.5: this threshold gives non-trivial masks.
+TINY_THRESHOLD = 0.499
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random ViT-Tiny labeler at 64 px crops: exercises the model path without the shipped weights."""
+    from mal_cli.modeling.labeler import LabelerConfig, MaskLabeler, export_labeler
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    export_labeler(MaskLabeler(LabelerConfig(backbone="vit_tiny_patch16_224", crop_size=64)), path)
+    return path
+
+
+def tiny_options(checkpoint: Path, **kw) -> LabelOptions:
+    base = dict(method="mal", checkpoint=str(checkpoint), threshold=TINY_THRESHOLD, batch_size=16, workers=0, device="cpu")
+    base.update(kw)
+    return LabelOptions(**base)
+
+
+def run_label(boxes, out, options, **kw):
+    return label(str(boxes), str(MINI16_IMAGES), str(out), options, progress_bar=False, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_single_run(tiny_checkpoint, tmp_path_factory) -> bytes:
+    out = tmp_path_factory.mktemp("single") / "labels.json"
+    run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint))
+    return out.read_bytes()
+
+
+def check_labelled(path: Path, input_doc: dict, expect_nonempty: bool) -> dict:
+    """The acceptance checks: pycocotools loads it, ids once each, masks inside boxes, area = mask area."""
+    doc = orjson.loads(path.read_bytes())
+    coco = COCO()
+    coco.dataset = doc
+    coco.createIndex()
+    coco.loadRes([dict(a, score=1.0) for a in doc["annotations"]])
+    assert [a["id"] for a in doc["annotations"]] == [a["id"] for a in input_doc["annotations"]]
+    images = {im["id"]: im for im in doc["images"]}
+    total = 0
+    for ann, original in zip(doc["annotations"], input_doc["annotations"]):
+        assert {k: v for k, v in ann.items() if k not in ("segmentation", "area", "mal_score", "mal_fallback")} == {
+            k: v for k, v in original.items() if k not in ("segmentation", "area")
+        }
+        h, w = images[ann["image_id"]]["height"], images[ann["image_id"]]["width"]
+        mask = masks.decode(ann["segmentation"], h, w)
+        assert ann["area"] == int(mask.sum())
+        row0, row1, col0, col1 = masks.box_to_pixel_bounds(ann["bbox"], h, w)
+        inside = np.zeros_like(mask)
+        inside[row0:row1, col0:col1] = 1
+        assert not (mask & (1 - inside)).any(), f"annotation {ann['id']} leaves its box"
+        assert 0.0 <= ann["mal_score"] <= 1.0
+        total += int(mask.sum())
+    if expect_nonempty:
+        assert total > 0
+    return doc
+
+
+def test_box_method_output_is_valid_coco(tmp_path, mini16_raw):
+    out = tmp_path / "box.json"
+    summary = run_label(MINI16_JSON, out, LabelOptions(method="box", workers=0))
+    doc = check_labelled(out, mini16_raw, expect_nonempty=True)
+    assert summary.boxes == len(mini16_raw["annotations"]) and summary.images == 16
+    for ann in doc["annotations"]:
+        h, w = next((im["height"], im["width"]) for im in doc["images"] if im["id"] == ann["image_id"])
+        row0, row1, col0, col1 = masks.box_to_pixel_bounds(ann["bbox"], h, w)
+        assert ann["area"] == (row1 - row0) * (col1 - col0)  # the filled box, pycocotools pixel rule
+        assert ann["mal_score"] == 0.5
+    assert not progress_path_for(out).exists()
+    # Every key besides the annotations passes through.
+    assert {k: v for k, v in doc.items() if k != "annotations"} == {k: v for k, v in mini16_raw.items() if k != "annotations"}
+
+
+def test_model_output_is_valid_and_deterministic(tmp_path, tiny_checkpoint, mini16_raw, tiny_single_run):
+    out = tmp_path / "labels.json"
+    run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint))
+    check_labelled(out, mini16_raw, expect_nonempty=True)
+    assert out.read_bytes() == tiny_single_run
+
+
+def test_polygon_format(tmp_path, mini16_raw):
+    out = tmp_path / "poly.json"
+    run_label(MINI16_JSON, out, LabelOptions(method="box", workers=0, format="polygon"))
+    doc = orjson.loads(out.read_bytes())
+    images = {im["id"]: im for im in doc["images"]}
+    for ann in doc["annotations"]:
+        im = images[ann["image_id"]]
+        assert isinstance(ann["segmentation"], list)
+        assert ann["area"] == masks.area(ann["segmentation"], im["height"], im["width"])
+
+
+def test_fallbacks_keep_every_annotation(tmp_path, mini16_raw, tiny_checkpoint):
+    doc = mini16_raw
+    anns = doc["annotations"]
+    anns[0]["bbox"] = [10.0, 10.0, 0.0, 5.0]  # zero width
+    anns[1]["bbox"] = [-50.0, -50.0, 10.0, 10.0]  # outside the image
+    anns[2]["bbox"] = [10.0, 10.0, -4.0, 5.0]  # negative
+    missing_image = anns[-1]["image_id"]
+    assert missing_image not in {a["image_id"] for a in anns[:3]}
+    next(im for im in doc["images"] if im["id"] == missing_image)["file_name"] = "does_not_exist.jpg"
+    boxes = tmp_path / "boxes.json"
+    boxes.write_bytes(orjson.dumps(doc))
+    for options in (LabelOptions(method="box", workers=0), LabelOptions(method="box", workers=0, format="polygon")):
+        out = tmp_path / "out.json"
+        run_label(boxes, out, options)
+        result = orjson.loads(out.read_bytes())["annotations"]
+        assert [a["id"] for a in result] == [a["id"] for a in anns]
+        for i in range(3):
+            assert result[i]["mal_fallback"] == "degenerate_box" and result[i]["area"] == 0 and result[i]["mal_score"] == 0.0
+    # With a model, the image is decoded: its boxes fall back to the filled box, flagged.
+    out = tmp_path / "model.json"
+    summary = run_label(boxes, out, tiny_options(tiny_checkpoint))
+    result = orjson.loads(out.read_bytes())["annotations"]
+    flagged = [a for a in result if a["image_id"] == missing_image]
+    assert flagged and all(a["mal_fallback"] == "image_error" and a["area"] > 0 for a in flagged)
+    assert summary.fallbacks["image_error"] == len(flagged) and summary.image_errors
+    assert [a["id"] for a in result] == [a["id"] for a in anns]
+
+
+def test_results_list_input(tmp_path, mini16_raw):
+    detections = [
+        {"image_id": a["image_id"], "bbox": a["bbox"], "category_id": a["category_id"], "score": 0.9}
+        for a in mini16_raw["annotations"]
+    ]
+    boxes = tmp_path / "dets.json"
+    boxes.write_bytes(orjson.dumps(detections))
+    out = tmp_path / "out.json"
+    with pytest.raises(InputError, match="--image-info"):
+        run_label(boxes, out, LabelOptions(method="box", workers=0))
+    run_label(boxes, out, LabelOptions(method="box", workers=0), image_info=str(MINI16_JSON))
+    result = orjson.loads(out.read_bytes())
+    assert isinstance(result, list) and len(result) == len(detections)
+    coco = COCO()
+    coco.dataset = mini16_raw
+    coco.createIndex()
+    coco.loadRes(result)
+
+
+def test_only_missing_keeps_existing_masks(tmp_path, mini16_raw):
+    doc = mini16_raw
+    for ann in doc["annotations"][::2]:
+        ann.pop("segmentation")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_bytes(orjson.dumps(doc))
+    out = tmp_path / "out.json"
+    summary = run_label(boxes, out, LabelOptions(method="box", workers=0, only_missing=True))
+    result = orjson.loads(out.read_bytes())["annotations"]
+    assert summary.boxes == len(doc["annotations"][::2])
+    for i, (ann, original) in enumerate(zip(result, doc["annotations"])):
+        if i % 2:
+            assert ann == original
+        else:
+            assert ann["mal_score"] == 0.5
+
+
+def _label_cmd(boxes, out, checkpoint, *extra):
+    return [sys.executable, "-m", "mal_cli", "label", str(boxes), "--images", str(MINI16_IMAGES), "--out", str(out),
+            "--checkpoint", str(checkpoint), "--threshold", str(TINY_THRESHOLD), "--batch-size", "16",
+            "--device", "cpu", "--no-progress", *extra]
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path, tiny_checkpoint, tiny_single_run):
+    out = tmp_path / "labels.json"
+    progress = progress_path_for(out)
+    proc = subprocess.Popen(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--workers", "1", "--batch-size", "16"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    # Kill once the header and at least one image line are on disk (but not all 16).
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.exists() and progress.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    lines = progress.read_bytes().count(b"\n")
+    assert 3 <= lines < 17
+    with open(progress, "ab") as handle:  # a torn last line, as a kill mid-write leaves
+        handle.write(b'{"image": 99, "resu')
+    # Without --resume: refused, nothing lost.
+    refused = subprocess.run(_label_cmd(MINI16_JSON, out, tiny_checkpoint), capture_output=True)
+    assert refused.returncode == 2 and b"--resume" in refused.stderr
+    done = subprocess.run(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--resume", "--workers", "0"), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"images resumed" in done.stderr
+    assert out.read_bytes() == tiny_single_run
+    assert not progress.exists()
+
+
+def test_shards_merge_to_the_single_run(tmp_path, tiny_checkpoint, tiny_single_run):
+    from mal_cli.merge import merge_files
+
+    parts = []
+    for k in range(3):
+        part = tmp_path / f"part{k}.json"
+        run_label(MINI16_JSON, part, tiny_options(tiny_checkpoint, batch_size=16), shard=(k, 3))
+        parts.append(str(part))
+        shard_doc = orjson.loads(part.read_bytes())
+        assert len(shard_doc["images"]) == 16 and shard_doc["mal_shard"]["index"] == k
+    out = tmp_path / "merged.json"
+    merge_files(parts[::-1], str(out))
+    assert out.read_bytes() == tiny_single_run
+
+
+def test_torchrun_two_processes_match_single(tmp_path, tiny_checkpoint, tiny_single_run):
+    out = tmp_path / "labels.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mal_cli", "label", str(MINI16_JSON), "--images", str(MINI16_IMAGES), "--out", str(out),
+           "--checkpoint", str(tiny_checkpoint), "--threshold", str(TINY_THRESHOLD), "--batch-size", "16",
+           "--device", "cpu", "--workers", "0", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert out.read_bytes() == tiny_single_run
+    assert not list(tmp_path.glob("*.shard-*"))
+
+
+def test_stdout_output_and_summary_json(tmp_path):
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "mal_cli", "label", str(MINI16_JSON), "--images", str(MINI16_IMAGES), "--method", "box",
+         "--out", "-", "--summary-json", str(summary_path)],
+        capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    doc = orjson.loads(done.stdout)
+    assert len(doc["annotations"]) == 141
+    assert b"boxes/s" in done.stderr
+    summary = orjson.loads(summary_path.read_bytes())
+    assert summary["boxes"] == 141 and summary["images"] == 16 and summary["boxes_per_s"] > 0
+
+
+def test_default_checkpoint_lookup(tmp_path, monkeypatch, tiny_checkpoint):
+    monkeypatch.setenv("MAL_CHECKPOINT", str(tiny_checkpoint))
+    assert default_checkpoint() == tiny_checkpoint
+    monkeypatch.setenv("MAL_CHECKPOINT", str(tmp_path / "nope.pth"))
+    if not (REPO / "models" / "mal_vits14_coco343.pth").exists():
+        with pytest.raises(InputError, match="looked in") as err:
+            default_checkpoint()
+        assert "nope.pth" in str(err.value) and "models" in str(err.value)
+
+
+def test_mal_score_ranks_uncertain_masks_low():
+    confident = np.where(np.arange(100).reshape(10, 10) < 50, 0.99, 0.01).astype(np.float32)
+    assert mask_quality(confident) == pytest.approx(0.98)
+    undecided = np.full((10, 10), 0.5, dtype=np.float32)
+    assert mask_quality(undecided) < 0.05
+    blurry = np.linspace(0.0, 1.0, 100, dtype=np.float32).reshape(10, 10)
+    assert mask_quality(blurry) < mask_quality(confident)
+    assert mask_quality(np.zeros((5, 5), np.float32)) == 0.0  # empty mask
+    assert mask_quality(np.zeros((0, 3), np.float32)) == 0.0
+
+
+def test_help_has_examples():
+    for command in ("label", "merge"):
+        done = subprocess.run([sys.executable, "-m", "mal_cli", command, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0
+        assert "Examples" in done.stdout and "--out" in done.stdout
