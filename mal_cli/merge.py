@@ -4,8 +4,8 @@ Parts can be:
 - shard outputs of `mal label --shard K/N` (they carry a `mal_shard` entry with their records' input
   positions): all N shards of one run are put back in input order, byte-identical to a single run;
 - labelled datasets without shard info: annotations are unioned in order of first appearance;
-- progress files (`OUT.progress.jsonl`): their results are applied by input position to `--into`, which
-  must then be the very input that was labelled.
+- progress files (`OUT.progress.jsonl`, also of a killed run): their results replace the annotations at
+  their input positions in `--into`, which must then be the very input that was labelled.
 
 Every dataset part must describe the same images (same ids, same order) and the same categories.
 Annotations are de-duplicated by id: identical copies collapse; differing ones are an error unless
@@ -159,13 +159,30 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
     for name, doc in documents:
         records = doc if isinstance(doc, list) else doc[_records_key(doc)]
         parts_records.extend((r.get("id"), r) for r in records)
-    for name, (header, results) in progress:
-        if header.get("records") != len(base_doc["annotations"]):
-            raise InputError(f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(base_doc['annotations'])}")
-        for pos in sorted(results):
-            record = {k: v for k, v in base_doc["annotations"][pos].items() if k != "mal_fallback"}
-            record.update(results[pos])
-            parts_records.append((record.get("id"), record))
+    if progress:
+        # Progress files hold results by input position: they replace what --into has there (the run chose
+        # what to label, e.g. with --only-missing), before any dataset part fills the rest.
+        base_records = list(base_doc["annotations"])
+        applied: dict[int, dict] = {}
+        for name, (header, results) in progress:
+            if header.get("records") != len(base_records):
+                raise InputError(
+                    f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(base_records)}"
+                )
+            for pos, result in results.items():
+                record = {k: v for k, v in base_records[pos].items() if k != "mal_fallback"}
+                record.update(result)
+                if pos in applied and applied[pos] != record and prefer != "last":
+                    if prefer is None:
+                        raise InputError(f"{name}: annotation at position {pos} is labelled differently by two progress files; pass --prefer")
+                    continue
+                applied[pos] = record
+        for pos, record in applied.items():
+            base_records[pos] = record
+        base_doc = dict(base_doc)
+        base_doc["annotations"] = base_records
+        if not documents:
+            return base_doc
     labelled = _dedupe(parts_records, prefer, "parts")
     if base_doc is None:
         if isinstance(reference, list):
