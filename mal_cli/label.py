@@ -596,13 +596,13 @@ def label_shard(
         raise InputError("--resume needs --out FILE (a run writing to stdout keeps no progress file to resume)")
     if not Path(images_dir).is_dir():
         raise InputError(f"--images {images_dir}: no such folder")
+    inp = load_label_input(boxes, image_info)  # before the model: input errors come fast
     checkpoint = None
     predictor = None
     if options.method == "mal":
         checkpoint = Path(options.checkpoint) if options.checkpoint else default_checkpoint()
         predictor = _load_predictor(options, checkpoint)
 
-    inp = load_label_input(boxes, image_info)
     jobs = plan_jobs(inp, images_dir, options.only_missing)
     groups = group_jobs(jobs, options.batch_size)
     k, n = shard
@@ -659,7 +659,8 @@ def label_shard(
         ]
         shard_info = {"index": k, "count": n, "fingerprint": _fingerprint(inp, options, (0, 1), checkpoint),
                       "records": len(inp.records), "positions": positions}
-    assert my_positions_set <= set(offsets), "every image of the shard has a progress line"
+    if not my_positions_set <= set(offsets):  # cannot happen unless the progress file was edited meanwhile
+        raise OutputError(f"{progress_path}: images missing after the run; rerun with --resume")
     index = ProgressIndex(progress_path, offsets)
     try:
         write_output(out, inp, _labelled_records(inp, positions, index, image_of_record), shard_info)

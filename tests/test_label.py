@@ -272,13 +272,25 @@ def test_default_checkpoint_lookup(tmp_path, monkeypatch, tiny_checkpoint):
 
 def test_mal_score_ranks_uncertain_masks_low():
     confident = np.where(np.arange(100).reshape(10, 10) < 50, 0.99, 0.01).astype(np.float32)
-    assert mask_quality(confident) == pytest.approx(0.98)
+    assert mask_quality(confident) == pytest.approx(0.99)
     undecided = np.full((10, 10), 0.5, dtype=np.float32)
     assert mask_quality(undecided) < 0.05
     blurry = np.linspace(0.0, 1.0, 100, dtype=np.float32).reshape(10, 10)
     assert mask_quality(blurry) < mask_quality(confident)
     assert mask_quality(np.zeros((5, 5), np.float32)) == 0.0  # empty mask
     assert mask_quality(np.zeros((0, 3), np.float32)) == 0.0
+    # Under-confident but decided: still ranked by confidence (stability is 0 for all of them).
+    assert mask_quality(np.full((4, 4), 0.56, np.float32)) > mask_quality(np.full((4, 4), 0.52, np.float32)) > 0
+
+
+def test_spearman_with_iou_is_computable(tmp_path, tiny_checkpoint, mini16_raw):
+    from mal_cli.dataset import Dataset, load_dataset
+    from mal_cli.score import spearman_with_iou
+
+    out = tmp_path / "labels.json"
+    run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint))
+    rho, n = spearman_with_iou(load_dataset(out), Dataset.from_dict(mini16_raw))
+    assert n == len(mini16_raw["annotations"]) and (np.isnan(rho) or -1.0 <= rho <= 1.0)
 
 
 def test_help_has_examples():
