@@ -153,9 +153,9 @@ def box_pixel_bounds(box_xyxy: Sequence[float], image_hw: tuple[int, int]) -> tu
     """
     height, width = image_hw
     x0, y0, x1, y1 = (float(v) for v in box_xyxy)
-    col0 = max(math.floor(x0 - 0.5) + 1, 0)
+    col0 = min(max(math.floor(x0 - 0.5) + 1, 0), width)  # a box past the image gives an empty window at its edge
     col1 = min(math.floor(x1 - 0.5) + 1, width)
-    row0 = max(math.floor(y0 - 0.5) + 1, 0)
+    row0 = min(max(math.floor(y0 - 0.5) + 1, 0), height)
     row1 = min(math.floor(y1 - 0.5) + 1, height)
     return row0, max(row1, row0), col0, max(col1, col0)
 
