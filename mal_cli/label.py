@@ -101,6 +101,9 @@ def default_checkpoint() -> Path:
         candidates.append(Path(env))
     candidates.append(Path(__file__).resolve().parent.parent / "models" / DEFAULT_CHECKPOINT_NAME)
     candidates.append(Path(sys.prefix) / "share" / "mal" / "models" / DEFAULT_CHECKPOINT_NAME)
+    import site  # `pip install --user .` puts data files under the user base
+
+    candidates.append(Path(site.getuserbase()) / "share" / "mal" / "models" / DEFAULT_CHECKPOINT_NAME)
     for path in candidates:
         if path.is_file():
             return path

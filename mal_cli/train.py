@@ -523,6 +523,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     last: dict[str, Any] = {}
+    if config.val and dist_info.is_main and step == 0:
+        # The untrained network's score: the baseline the curve should rise from.
+        val = validate(teacher, config, device)
+        with metrics_file.open("a") as f:
+            f.write(json.dumps({"step": 0, **{f"val_{k}": v for k, v in val.items()}}) + "\n")
+        log.info("step 0: val mIoU %.1f (untrained) over %d instances", val["miou"], val["count"])
     t_start = time.time()
     samples_seen = 0
     with _Interrupt() as interrupt:
