@@ -157,6 +157,10 @@ def eval_command(
         raise InputError("PRED and --gt cannot both be read from stdin; give at least one a file path")
     if reference_ap is not None and not reference_ap > 0:
         raise InputError(f"--reference-ap must be a positive percentage such as 38.6, got {reference_ap}")
+    if json_out:
+        from mal_cli.check import ensure_writable
+
+        ensure_writable(json_out, "--json")  # before the (long) evaluation
     ground_truth = load_dataset(gt)
     report = evaluate(
         load_any(pred), ground_truth, reference_ap=reference_ap / 100 if reference_ap else None, compute_ap=ap
@@ -207,17 +211,22 @@ def label_command(
     keep_progress: bool = typer.Option(False, "--keep-progress", help="Keep OUT.progress.jsonl after OUT is written."),
     summary_json: Optional[str] = typer.Option(None, "--summary-json", help="Write the run summary (images, boxes, fallbacks, boxes/s) as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first missing/corrupt image instead of labelling its boxes with a flagged fallback."),
 ) -> None:
     """Turn every box into an instance mask (batched, streaming, resumable, shardable)."""
     import logging
 
+    from mal_cli.check import ensure_writable
     from mal_cli.dataset import write_json_atomic
     from mal_cli.label import LabelOptions, label, parse_shard
 
+    if summary_json:
+        ensure_writable(summary_json, "--summary-json")
     logging.basicConfig(level=logging.INFO, format="mal: %(levelname)s %(message)s", stream=sys.stderr)
     options = LabelOptions(
         method=method, checkpoint=str(checkpoint) if checkpoint else None, teacher=teacher, threshold=threshold,
         flip=flip, format=fmt, only_missing=only_missing, batch_size=batch_size, device=device, workers=workers,
+        strict=strict,
     )
     summary = label(
         boxes, str(images), out, options, image_info=image_info, shard=parse_shard(shard) if shard else None,
@@ -252,17 +261,148 @@ def merge_command(
     prefer: Optional[str] = typer.Option(None, "--prefer", help="first or last: which copy wins when one annotation id differs between parts (default: error)."),
 ) -> None:
     """Merge `mal label` shards or label files into one dataset (same images and categories required)."""
+    from mal_cli.check import ensure_writable
     from mal_cli.merge import merge_files
 
+    ensure_writable(out)
     stats = merge_files(parts, out, into=into, prefer=prefer)
     typer.echo(f"mal merge: {stats['parts']} parts -> {stats['annotations']} annotations -> {out}", err=True)
+
+
+# --- check ----------------------------------------------------------------------------------------
+
+
+@app.command(
+    "check",
+    epilog=(
+        "Errors: the input cannot be used as it is (mal label / mal train refuse it). Warnings: the run goes on "
+        "and the affected boxes get a flagged fallback (mal_fallback). Exit code: 0 no problems, 1 problems found, "
+        "2 unusable arguments.\n\n"
+        "Examples:\n\n"
+        "  mal check instances_val2017.json --images val2017/\n\n"
+        "  mal check boxes.json --images imgs/ --decode --json report.json\n\n"
+        "  mal check detections.json --image-info instances_val2017.json"
+    ),
+)
+def check_command(
+    dataset: str = typer.Argument(..., help="COCO/LVIS dataset JSON or a results list (with --image-info); - = stdin."),
+    images: Optional[str] = typer.Option(None, "--images", "-i", help="Also check that every image file exists here (stat only)."),
+    image_info: Optional[str] = typer.Option(None, "--image-info", help="Dataset JSON with the images of a results list."),
+    decode: bool = typer.Option(False, "--decode", help="With --images: decode every image too (slow; finds corrupt/truncated files)."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON to this file (- = stdout)."),
+) -> None:
+    """Validate a dataset and its images up front; report every problem at once (grouped, counted, with examples)."""
+    import orjson
+
+    from mal_cli.check import check_paths, ensure_writable
+    from mal_cli.dataset import write_json_atomic
+
+    if decode and images is None:
+        from mal_cli.errors import InputError
+
+        raise InputError("--decode needs --images DIR (the folder with the image files)")
+    if json_out:
+        ensure_writable(json_out, "--json")
+    report = check_paths(dataset, images, image_info, decode)
+    if json_out:
+        write_json_atomic(json_out, report.to_dict())
+    typer.echo(report.text(), err=json_out == "-")
+    if not report.clean:
+        raise typer.Exit(1)
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's usage-error and abort classes: Typer >= 0.20 raises those of its vendored copy (typer._click)."""
+    import click
+
+    errors: list[type] = [click.exceptions.ClickException]
+    aborts: list[type] = [click.exceptions.Abort, typer.Abort]
+    try:
+        from typer._click import exceptions as vendored
+
+        errors.append(vendored.ClickException)
+    except ImportError:
+        pass
+    return tuple(errors), tuple(aborts)
+
+
+# --- viz ------------------------------------------------------------------------------------------
+
+
+@app.command(
+    "viz",
+    epilog=(
+        "Writes OUT/index.html (contact sheet, thumbnails embedded: open it anywhere), OUT/crops/*.png (one overlay "
+        "per instance, numbered by review rank), OUT/review.json, and with --full OUT/full/*.png.\n\n"
+        "Examples:\n\n"
+        "  mal viz labels.json --images imgs/ --out review/ --worst 100\n\n"
+        "  mal viz labels.json --images imgs/ --out review/ --gt gt_with_masks.json --full"
+    ),
+)
+def viz_command(
+    labels: str = typer.Argument(..., help="Labelled JSON (what `mal label` writes) or a results list; - = stdin."),
+    images: Path = typer.Option(..., "--images", "-i", help="Folder with the images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the review into (created)."),
+    worst: Optional[int] = typer.Option(None, "--worst", "-n", help="Only the N worst instances (default: all)."),
+    gt: Optional[str] = typer.Option(None, "--gt", help="Ground truth with masks: sort by IoU, show it and the GT outline."),
+    image_info: Optional[str] = typer.Option(None, "--image-info", help="Dataset JSON with the images (for a results list)."),
+    full: bool = typer.Option(False, "--full", help="Also write whole-image overlays to OUT/full/."),
+    context: float = typer.Option(0.25, help="Context around the box in a crop, as a fraction of the box size."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+) -> None:
+    """Review labels worst-first: overlay PNGs and a self-contained HTML contact sheet."""
+    from mal_cli.viz import write_review
+
+    summary = write_review(labels, images, out, worst=worst, gt=gt, image_info=image_info, full=full,
+                           context=context, progress_bar=progress)
+    for path in summary["missing_images"][:5]:
+        typer.echo(f"mal viz: warning: cannot read {path}; drawn on grey", err=True)
+    typer.echo(f"mal viz: {summary['instances']} of {summary['total']} instances, worst first by "
+               f"{summary['sorted_by']} -> {Path(summary['out']) / 'index.html'}", err=True)
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+export_app = typer.Typer(help="Convert labels to other formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command(
+    "yolo",
+    epilog=(
+        "Writes OUT/labels/<image>.txt (one per image; lines: class_id x1 y1 x2 y2 ... normalised to 0..1), "
+        "OUT/classes.txt and OUT/data.yaml (class k = k-th category by COCO id). Crowd and empty masks are "
+        "skipped.\n\n"
+        "Multi-part masks (--parts): merge = one polygon joined by zero-width bridges (default, as Ultralytics' "
+        "converter), largest = the largest part only, lines = one line per part.\n\n"
+        "Examples:\n\n"
+        "  mal export yolo labels.json --out yolo/ --link-images imgs/\n\n"
+        "  mal label boxes.json --images imgs/ --out - | mal export yolo - --out yolo/"
+    ),
+)
+def export_yolo_command(
+    labels: str = typer.Argument(..., help="Labelled JSON (what `mal label` writes); - = stdin."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write labels/, classes.txt and data.yaml into."),
+    parts: str = typer.Option("merge", "--parts", help="merge, largest or lines: how a mask in several parts is written."),
+    image_info: Optional[str] = typer.Option(None, "--image-info", help="Dataset JSON with images and categories (for a results list)."),
+    link_images: Optional[Path] = typer.Option(None, "--link-images", help="Symlink the images of this folder into OUT/images/."),
+) -> None:
+    """Export labels as YOLO segmentation text files (Ultralytics layout)."""
+    from mal_cli.export import export_yolo
+
+    stats = export_yolo(labels, out, parts=parts, image_info=image_info, link_images=link_images)
+    typer.echo(f"mal export yolo: {stats['images']} images, {stats['lines']} lines ({stats['instances']} instances, "
+               f"{stats['skipped_crowd']} crowd and {stats['skipped_empty']} empty skipped), "
+               f"{stats['classes']} classes -> {out}", err=True)
 
 
 def main() -> None:
     """Entry point of the `mal` console script."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer.Exit(n) inside a command comes back as a return value here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MalError as err:
         if debug:
             raise
@@ -276,12 +416,11 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+        click_errors, aborts = _click_exception_types()
+        if isinstance(err, click_errors):  # usage errors: Click's own message and usage line, exit 2
             err.show()
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if isinstance(err, aborts):
             typer.echo("mal: aborted", err=True)
             sys.exit(130)
         if debug:

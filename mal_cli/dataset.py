@@ -169,6 +169,14 @@ def read_json(path: Union[str, Path]) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as err:
+        if b"NaN" in data or b"Infinity" in data:
+            # Python's json.dump writes NaN/Infinity (not JSON, but common): read it; such boxes become fallbacks.
+            import json
+
+            try:
+                return json.loads(data)
+            except ValueError:
+                pass
         what = "truncated" if err.pos >= len(data.rstrip()) else "invalid"
         raise InputError(
             f"{source}: {what} JSON at byte {err.pos} of {len(data)} ({err.msg}); regenerate or fix the file"

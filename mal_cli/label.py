@@ -49,7 +49,7 @@ import orjson
 import torch
 
 from mal_cli import geometry, masks
-from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset
+from mal_cli.dataset import Dataset, _validate_results, image_file_name, load_any, load_dataset, read_json
 from mal_cli.errors import InputError, OutputError
 from mal_cli.score import BOX_METHOD_SCORE, FALLBACK_SCORE, mask_quality
 
@@ -79,6 +79,7 @@ class LabelOptions:
     # Not in the fingerprint: they change speed, not results.
     device: str = "auto"
     workers: int = 2
+    strict: bool = False  # an unreadable image stops the run instead of becoming a flagged fallback
 
     def validate(self) -> None:
         if self.method not in ("mal", "box"):
@@ -139,15 +140,25 @@ class LabelInput:
 
 def load_label_input(boxes: str, image_info: Optional[str] = None) -> LabelInput:
     """Read BOXES (dataset or results list, '-' = stdin); a results list needs `image_info` (a dataset)."""
-    loaded = load_any(boxes)
+    from mal_cli.check import check_document
+
     source = "<stdin>" if boxes == "-" else str(boxes)
-    if isinstance(loaded, Dataset):
-        return LabelInput(loaded.raw, loaded.annotations, loaded.images, False, source)
-    if image_info is None:
+    obj = read_json(boxes)
+    if isinstance(obj, list) and image_info is None:
         raise InputError(
             f"{source} is a detector results list: pass --image-info DATASET.json for the images' file names and sizes"
         )
-    info = load_dataset(image_info)
+    info_obj = read_json(image_info) if image_info is not None else None
+    # The cheap checks, before any work: all errors at once; per-box problems become flagged fallbacks.
+    report = check_document(obj, source, info_obj, str(image_info))
+    report.raise_errors()
+    if report.warnings:
+        log.warning("%s: %d box/image problem(s), labelled with flagged fallbacks: %s", source, report.warnings,
+                    report.summary("warning"))
+    loaded = _validate_results(obj, source) if isinstance(obj, list) else Dataset.from_dict(obj, source)
+    if isinstance(loaded, Dataset):
+        return LabelInput(loaded.raw, loaded.annotations, loaded.images, False, source)
+    info = Dataset.from_dict(info_obj, str(image_info))
     known = info.image_by_id
     for index, det in enumerate(loaded):
         if det["image_id"] not in known:
@@ -516,7 +527,7 @@ def _fingerprint(inp: LabelInput, options: LabelOptions, shard: tuple[int, int],
     digest = hashlib.sha256()
     digest.update(orjson.dumps([[r.get("id"), r["image_id"], r["bbox"], _has_segmentation(r)] for r in inp.records]))
     digest.update(orjson.dumps([[im.get("id"), im.get("height"), im.get("width")] for im in inp.images]))
-    labels = {k: v for k, v in asdict(options).items() if k not in ("device", "workers", "checkpoint")}
+    labels = {k: v for k, v in asdict(options).items() if k not in ("device", "workers", "checkpoint", "strict")}
     if checkpoint is not None:
         stat = checkpoint.stat()
         labels["checkpoint"] = [checkpoint.name, stat.st_size]
@@ -529,6 +540,7 @@ class LabelSummary:
     images: int = 0
     boxes: int = 0
     resumed_images: int = 0
+    failed_images: int = 0  # unreadable images whose boxes got the image_error fallback
     fallbacks: dict = field(default_factory=dict)
     image_errors: list = field(default_factory=list)  # first few messages
     seconds: float = 0.0
@@ -543,8 +555,9 @@ class LabelSummary:
 
     def line(self) -> str:
         fallbacks = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallbacks.items())) or "none"
+        failed = f", {self.failed_images} unreadable images skipped" if self.failed_images else ""
         return (
-            f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed), "
+            f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed{failed}), "
             f"fallbacks: {fallbacks}; {self.seconds:.1f} s, {self.boxes_per_s:.0f} boxes/s "
             f"[{self.method} on {self.device}, shard {self.shard}] -> {self.out}"
         )
@@ -591,8 +604,9 @@ def label_shard(
     """One process's run: label shard K/N (0/1 = everything) of BOXES into OUT."""
     start = time.perf_counter()
     options.validate()
-    if out != "-" and not Path(out).parent.is_dir():
-        raise OutputError(f"{out}: the folder {Path(out).parent} does not exist")
+    from mal_cli.check import ensure_writable
+
+    ensure_writable(out)  # a missing or read-only output folder fails now, before the model loads
     if boxes == "-" and image_info == "-":
         raise InputError("BOXES and --image-info cannot both be read from stdin")
     if resume and out == "-":
@@ -638,9 +652,14 @@ def label_shard(
     summary.resumed_images = sum(len(g) for g in my_groups) - len(todo_jobs)
     fallbacks: Counter = Counter()
     try:
-        _run_groups(todo_groups, todo_jobs, done, predictor, options, writer, summary, fallbacks, progress_bar)
-    finally:
-        writer.close()
+        try:
+            _run_groups(todo_groups, todo_jobs, done, predictor, options, writer, summary, fallbacks, progress_bar)
+        finally:
+            writer.close()
+    except OSError as err:  # disk full, quota, file too large: keep what is on disk, say how to go on
+        raise OutputError(
+            f"{progress_path}: cannot write progress ({err.strerror or err}); free space and rerun with --resume"
+        ) from None
 
     # Write OUT from the progress file: this shard's images' records, in input order.
     _, offsets = read_progress(progress_path, fingerprint)
@@ -727,6 +746,12 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
                 bar.update(n_boxes)
                 continue
             if item.error:
+                if options.strict:
+                    raise InputError(
+                        f"{item.error} (--strict: stopped; the images before it are kept in {writer.path}: fix the "
+                        f"image and rerun with --resume, or drop --strict to label its boxes with flagged fallbacks)"
+                    )
+                summary.failed_images += 1
                 if len(summary.image_errors) < 10:
                     summary.image_errors.append(item.error)
                 log.warning("image error, boxes get the filled-box fallback: %s", item.error)
@@ -795,6 +820,7 @@ def _label_distributed(boxes, images_dir, out, options, image_info, resume, keep
             total.images += other["images"]
             total.boxes += other["boxes"]
             total.resumed_images += other["resumed_images"]
+            total.failed_images += other.get("failed_images", 0)
             for key, v in other["fallbacks"].items():
                 total.fallbacks[key] = total.fallbacks.get(key, 0) + v
             total.image_errors += other["image_errors"]
