@@ -1,0 +1,395 @@
+"""`mal viz`: review labels worst-first — overlay PNGs and one self-contained HTML contact sheet.
+
+For every labelled instance (or the `worst` N): a crop of its box with some context, the mask filled and
+outlined in its category's colour, the box, and a caption strip (rank, category, annotation id,
+`mal_score`, IoU with the ground truth when `gt` is given; the GT outline is drawn dashed white).
+Order: lowest IoU first with `gt`, else lowest `mal_score` first (fallbacks score 0, so they lead);
+instances without a score or an IoU come last.
+
+Written under OUT:
+- `crops/0001_ann<id>.png`, ... one overlay per instance, numbered by review rank;
+- `full/<image stem>.png` (with `full=True`): every reviewed instance drawn on the whole image;
+- `index.html`: the contact sheet, thumbnails embedded as base64 JPEG (the page works on its own, and
+  when the folder is moved its links to crops/ and full/ still resolve: they are relative);
+- `review.json`: the same list, machine-readable.
+
+Pillow (ImageDraw) and numpy only.
+"""
+
+from __future__ import annotations
+
+import base64
+import colorsys
+import html
+import io
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from mal_cli import masks
+from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset, write_json_atomic
+from mal_cli.errors import InputError, OutputError
+
+__all__ = ["ReviewItem", "collect_items", "render_crop", "render_full", "write_review"]
+
+CONTEXT = 0.25  # crop = box grown by this fraction of its size on every side
+CROP_MIN_SIDE = 192  # crops are scaled so their long side is in [CROP_MIN_SIDE, CROP_MAX_SIDE]
+CROP_MAX_SIDE = 384
+CROP_MIN_SHORT = 96  # thin boxes: grow the short side up to this while the long side stays <= CROP_MAX_LONG
+CROP_MAX_LONG = 576
+CAPTION_MIN_WIDTH = 250
+MAX_UPSCALE = 8.0
+THUMB_SIDE = 224
+FULL_MAX_SIDE = 1024
+FILL_ALPHA = 0.45
+
+
+@dataclass
+class ReviewItem:
+    rank: int
+    ann_id: Any
+    image_id: Any
+    file_name: str
+    category_id: Any
+    category: str
+    mal_score: Optional[float]
+    iou: Optional[float]
+    fallback: Optional[str]
+    bbox: list
+    crop: str = ""
+    full: str = ""
+
+
+def category_color(category_id: Any) -> tuple[int, int, int]:
+    """A saturated colour per category, stable across runs (golden-ratio hue steps)."""
+    try:
+        key = int(category_id)
+    except (TypeError, ValueError):
+        key = sum(str(category_id).encode())
+    hue = (key * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Mask pixels with a 4-neighbour outside the mask (the outline, 1 px)."""
+    m = mask.astype(bool)
+    padded = np.pad(m, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & m
+    return m & ~interior
+
+
+def _thicken(edge: np.ndarray) -> np.ndarray:
+    padded = np.pad(edge, 1)
+    return edge | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+
+
+def _paint(rgb: np.ndarray, mask: np.ndarray, color, gt_mask: Optional[np.ndarray] = None) -> np.ndarray:
+    """Fill + outline `mask` (and a dashed white outline of `gt_mask`) on an (H, W, 3) uint8 image."""
+    out = rgb.astype(np.float32)
+    m = mask.astype(bool)
+    col = np.asarray(color, dtype=np.float32)
+    out[m] = out[m] * (1 - FILL_ALPHA) + col * FILL_ALPHA
+    out[_thicken(_boundary(m))] = col
+    if gt_mask is not None:
+        edge = _boundary(gt_mask.astype(bool))
+        rows, cols = np.nonzero(edge)
+        dash = ((rows + cols) // 3) % 2 == 0
+        out[rows[dash], cols[dash]] = (255, 255, 255)
+        out[rows[~dash], cols[~dash]] = (0, 0, 0)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _caption_strip(width: int, lines: list[str], color) -> "Any":
+    from PIL import Image, ImageDraw
+
+    font = _font(13)
+    line_h = 16
+    strip = Image.new("RGB", (width, 6 + line_h * len(lines)), (24, 24, 24))
+    draw = ImageDraw.Draw(strip)
+    draw.rectangle([0, 0, 5, strip.height], fill=tuple(color))
+    for k, text in enumerate(lines):
+        draw.text((10, 3 + k * line_h), text, fill=(240, 240, 240), font=font)
+    return strip
+
+
+def render_crop(image: np.ndarray, mask: np.ndarray, bbox, color, caption: list[str],
+                gt_mask: Optional[np.ndarray] = None, context: float = CONTEXT) -> "Any":
+    """One instance's review picture: its box with `context`, mask fill/outline, box, caption below."""
+    from PIL import Image, ImageDraw
+
+    height, width = mask.shape
+    x, y, w, h = (float(v) for v in bbox)
+    w, h = max(w, 1.0), max(h, 1.0)
+    pad_x, pad_y = context * w + 4, context * h + 4
+    left, top = max(int(math.floor(x - pad_x)), 0), max(int(math.floor(y - pad_y)), 0)
+    right, bottom = min(int(math.ceil(x + w + pad_x)), width), min(int(math.ceil(y + h + pad_y)), height)
+    if right <= left or bottom <= top:  # a box outside the image: show the nearest corner region
+        left, top = min(max(int(x), 0), max(width - 1, 0)), min(max(int(y), 0), max(height - 1, 0))
+        right, bottom = min(left + 32, width), min(top + 32, height)
+    long_side, short_side = max(right - left, bottom - top), min(right - left, bottom - top)
+    scale = CROP_MIN_SIDE / long_side if long_side < CROP_MIN_SIDE else min(CROP_MAX_SIDE / long_side, 1.0)
+    scale = min(max(scale, min(CROP_MIN_SHORT / short_side, CROP_MAX_LONG / long_side)), MAX_UPSCALE)
+    size = (max(int(round((right - left) * scale)), 1), max(int(round((bottom - top) * scale)), 1))
+    crop = Image.fromarray(image[top:bottom, left:right]).resize(size, Image.BICUBIC)
+
+    def scaled(m: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(m[top:bottom, left:right].astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+
+    painted = _paint(np.asarray(crop), scaled(mask), color, scaled(gt_mask) if gt_mask is not None else None)
+    picture = Image.fromarray(painted)
+    draw = ImageDraw.Draw(picture)
+    box = [(x - left) * scale, (y - top) * scale, (x + w - left) * scale, (y + h - top) * scale]
+    draw.rectangle(box, outline=tuple(color), width=2)
+    sheet_width = max(picture.width, CAPTION_MIN_WIDTH)
+    strip = _caption_strip(sheet_width, caption, color)
+    sheet = Image.new("RGB", (sheet_width, picture.height + strip.height), (24, 24, 24))
+    sheet.paste(picture, ((sheet_width - picture.width) // 2, 0))
+    sheet.paste(strip, (0, picture.height))
+    return sheet
+
+
+def render_full(image: np.ndarray, instances: list[tuple[np.ndarray, list, tuple, str]]) -> "Any":
+    """Every (mask, bbox, colour, label) drawn on the whole image, scaled to at most FULL_MAX_SIDE."""
+    from PIL import Image, ImageDraw
+
+    height, width = image.shape[:2]
+    scale = min(FULL_MAX_SIDE / max(height, width), 1.0)
+    size = (max(int(round(width * scale)), 1), max(int(round(height * scale)), 1))
+    canvas = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+    for mask, _, color, _ in instances:
+        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+        canvas = _paint(canvas, small, color)
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    font = _font(12)
+    for _, bbox, color, label in instances:
+        x, y, w, h = (float(v) * scale for v in bbox)
+        draw.rectangle([x, y, x + w, y + h], outline=tuple(color), width=2)
+        tx, ty = x + 2, max(y - 15, 0)
+        text_box = draw.textbbox((tx, ty), label, font=font)
+        draw.rectangle([text_box[0] - 2, text_box[1] - 1, text_box[2] + 2, text_box[3] + 1], fill=tuple(color))
+        luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+        draw.text((tx, ty), label, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
+    return picture
+
+
+# --- what to review, in which order -----------------------------------------------------------------
+
+
+def collect_items(labels: Union[Dataset, list], gt: Optional[Dataset] = None,
+                  image_info: Optional[Dataset] = None) -> tuple[list[ReviewItem], dict, dict, dict]:
+    """Review items sorted worst-first, plus {ann key: record}, {image id: image} and {key: GT ann}.
+
+    A results list (no annotation ids) is keyed by its position; its images come from `image_info` or `gt`.
+    """
+    from mal_cli.evaluate import pair_predictions
+
+    if isinstance(labels, Dataset):
+        records = labels.annotations
+        meta = labels
+    else:
+        records = labels
+        meta = image_info or gt
+        if meta is None:
+            raise InputError("LABELS is a results list: pass --image-info DATASET.json (or --gt) for the images")
+    images = {im["id"]: im for im in meta.images}
+    names = {c["id"]: str(c.get("name", c["id"])) for c in meta.categories}
+    if gt is not None:
+        names.update({c["id"]: str(c.get("name", c["id"])) for c in gt.categories if c["id"] not in names})
+    keyed = {(r["id"] if isinstance(labels, Dataset) else k): r for k, r in enumerate(records)}
+    key_of = {id(r): k for k, r in keyed.items()}
+
+    ious: dict = {}
+    gt_of: dict = {}
+    if gt is not None:
+        import pycocotools.mask as mask_utils
+
+        pairs, _ = pair_predictions(labels, gt)
+        for gt_ann, pred in pairs:
+            if not pred.get("segmentation") or "segmentation" not in gt_ann:
+                continue
+            image = gt.image_by_id[gt_ann["image_id"]]
+            h, w = image["height"], image["width"]
+            try:
+                a, b = masks.to_rle(pred["segmentation"], h, w), masks.to_rle(gt_ann["segmentation"], h, w)
+            except ValueError as err:
+                raise InputError(f"annotation {gt_ann['id']}: bad segmentation: {err}") from None
+            key = key_of[id(pred)]
+            ious[key] = float(mask_utils.iou([a], [b], [0])[0][0])
+            gt_of[key] = gt_ann
+
+    items = []
+    for key, rec in keyed.items():
+        if not rec.get("segmentation"):
+            continue
+        image = images.get(rec["image_id"])
+        if image is None:
+            raise InputError(f"annotation {key} refers to image id {rec['image_id']}, which has no image record")
+        score = rec.get("mal_score")
+        items.append(ReviewItem(
+            rank=0, ann_id=key, image_id=rec["image_id"], file_name=image_file_name(image),
+            category_id=rec.get("category_id"), category=names.get(rec.get("category_id"), str(rec.get("category_id"))),
+            mal_score=float(score) if isinstance(score, (int, float)) else None, iou=ious.get(key),
+            fallback=rec.get("mal_fallback"), bbox=list(rec["bbox"]),
+        ))
+    position = {item.ann_id: k for k, item in enumerate(items)}
+
+    def order(item: ReviewItem):
+        value = item.iou if gt is not None else item.mal_score
+        return (value is None, value if value is not None else 0.0, position[item.ann_id])
+
+    items.sort(key=order)
+    for rank, item in enumerate(items, 1):
+        item.rank = rank
+    return items, keyed, images, gt_of
+
+
+# --- the review folder --------------------------------------------------------------------------------
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _thumbnail_b64(picture) -> str:
+    thumb = picture.copy()
+    thumb.thumbnail((THUMB_SIDE, THUMB_SIDE + 60))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=82)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _html(items: list[ReviewItem], thumbs: dict, title: str, sort_key: str, total: int) -> str:
+    cards = []
+    for item in items:
+        bits = [f"<b>#{item.rank}</b> {html.escape(item.category)}",
+                f"mal_score {_fmt(item.mal_score)}" + (f" · IoU {_fmt(item.iou)}" if sort_key == "IoU" else ""),
+                f"ann {html.escape(str(item.ann_id))} · {html.escape(item.file_name)}"]
+        if item.fallback:
+            bits.append(f"<span class=fb>fallback: {html.escape(item.fallback)}</span>")
+        links = f'<a href="{html.escape(item.crop)}">crop</a>'
+        if item.full:
+            links += f' · <a href="{html.escape(item.full)}">image</a>'
+        cards.append(
+            f'<figure><a href="{html.escape(item.crop)}"><img loading=lazy alt="#{item.rank}" '
+            f'src="data:image/jpeg;base64,{thumbs[item.ann_id]}"></a>'
+            f"<figcaption>{'<br>'.join(bits)}<br>{links}</figcaption></figure>"
+        )
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>
+<style>
+body{{font:14px system-ui,sans-serif;margin:16px;background:#111;color:#ddd}}
+h1{{font-size:18px;margin:0 0 4px}} p{{margin:0 0 12px;color:#aaa}} a{{color:#8cf}}
+main{{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:10px}}
+figure{{margin:0;background:#1c1c1c;padding:6px;border-radius:4px}}
+img{{max-width:100%;display:block;margin:auto}} figcaption{{font-size:12px;margin-top:4px;line-height:1.4}}
+.fb{{color:#f88}}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{len(items)} of {total} labelled instances, worst first by {sort_key}. Mask: filled and outlined in the
+category colour; box: rectangle; ground-truth outline (with --gt): dashed white. Click a picture for the full-size crop.</p>
+<main>
+{chr(10).join(cards)}
+</main></body></html>
+"""
+
+
+def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, Path], worst: Optional[int] = None,
+                 gt: Optional[str] = None, image_info: Optional[str] = None, full: bool = False,
+                 context: float = CONTEXT, progress_bar: bool = False) -> dict:
+    """Write OUT/crops, OUT/full (optional), OUT/index.html and OUT/review.json. Returns a summary dict."""
+    from mal_cli.images import ImageLoadError, load_rgb
+
+    if worst is not None and worst < 1:
+        raise InputError(f"--worst must be at least 1, got {worst}")
+    if context < 0:
+        raise InputError(f"--context must be 0 or more, got {context}")
+    loaded = load_any(labels)
+    gt_ds = load_dataset(gt) if gt else None
+    info_ds = load_dataset(image_info) if image_info else None
+    items, records, images, gt_of = collect_items(loaded, gt_ds, info_ds)
+    total = len(items)
+    if worst is not None:
+        items = items[:worst]
+    out = Path(out_dir)
+    try:
+        (out / "crops").mkdir(parents=True, exist_ok=True)
+        if full:
+            (out / "full").mkdir(exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{out}: cannot create the output folder: {err.strerror or err}") from None
+
+    by_image: dict = defaultdict(list)
+    for item in items:
+        by_image[item.image_id].append(item)
+    thumbs: dict = {}
+    missing_images: list[str] = []
+    iterator = by_image.items()
+    if progress_bar:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(by_image), desc="mal viz", unit="img", file=__import__("sys").stderr)
+    for image_id, group in iterator:
+        image = images[image_id]
+        path = Path(images_dir) / image_file_name(image)
+        hw = (image["height"], image["width"]) if "height" in image and "width" in image else None
+        try:
+            rgb = load_rgb(path, expected_hw=hw)
+        except ImageLoadError:
+            missing_images.append(str(path))
+            rgb = None
+        if rgb is None or (hw is not None and rgb.shape[:2] != tuple(hw)):
+            # No usable pixels: draw on grey so the mask is still reviewable.
+            h, w = hw if hw is not None else (int(max(b[1] + b[3] for b in (i.bbox for i in group))) + 1,
+                                              int(max(b[0] + b[2] for b in (i.bbox for i in group))) + 1)
+            rgb = np.full((h, w, 3), 96, dtype=np.uint8)
+        height, width = rgb.shape[:2]
+        instances = []
+        for item in group:
+            rec = records[item.ann_id]
+            try:
+                mask = masks.decode(rec["segmentation"], height, width)
+            except ValueError as err:
+                raise InputError(f"annotation {item.ann_id}: bad segmentation: {err}") from None
+            gt_ann = gt_of.get(item.ann_id)
+            gt_mask = masks.decode(gt_ann["segmentation"], height, width) if gt_ann is not None else None
+            color = category_color(item.category_id)
+            caption = [f"#{item.rank}  {item.category}  (ann {item.ann_id})",
+                       f"mal_score {_fmt(item.mal_score)}" + (f"   IoU {_fmt(item.iou)}" if gt_ds is not None else "")
+                       + (f"   {item.fallback}" if item.fallback else "")]
+            picture = render_crop(rgb, mask, item.bbox, color, caption, gt_mask, context)
+            item.crop = f"crops/{item.rank:04d}_ann{_safe(item.ann_id)}.png"
+            picture.save(out / item.crop, optimize=True)
+            thumbs[item.ann_id] = _thumbnail_b64(picture)
+            instances.append((mask, item.bbox, color, f"#{item.rank} {item.category} {_fmt(item.mal_score)}"))
+        if full:
+            name = f"full/{_safe(Path(image_file_name(image)).stem)}.png"
+            render_full(rgb, instances).save(out / name, optimize=True)
+            for item in group:
+                item.full = name
+
+    sort_key = "IoU" if gt_ds is not None else "mal_score"
+    title = f"mal viz: {Path(labels).name if labels != '-' else '<stdin>'}" + (f" vs {Path(gt).name}" if gt else "")
+    (out / "index.html").write_text(_html(items, thumbs, title, sort_key, total), encoding="utf-8")
+    write_json_atomic(out / "review.json", {"sorted_by": sort_key, "total": total,
+                                            "items": [asdict(item) for item in items]})
+    return {"instances": len(items), "total": total, "images": len(by_image), "sorted_by": sort_key,
+            "missing_images": missing_images, "out": str(out)}
+
+
+def _safe(value: Any) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(value))
