@@ -205,7 +205,7 @@ def _check_box(report: CheckReport, bbox: Any, where: str, image: Optional[dict]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
         report.add("bbox_not_number", f"{where}: bbox {bbox}")
         return
-    if not all(math.isfinite(v) for v in bbox):
+    if not all(math.isfinite(v) for v in (*bbox, bbox[0] + bbox[2], bbox[1] + bbox[3])):
         report.add("bbox_not_finite", f"{where}: bbox {bbox}")
         return
     x, y, w, h = bbox

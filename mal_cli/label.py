@@ -39,7 +39,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -237,7 +237,7 @@ def _box_xyxy(bbox: Sequence) -> Optional[tuple[float, float, float, float]]:
         x, y, w, h = (float(v) for v in bbox)
     except (TypeError, ValueError):
         return None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+    if not all(math.isfinite(v) for v in (x, y, w, h, x + w, y + h)) or w <= 0 or h <= 0:  # x + w can overflow
         return None
     return (x, y, x + w, y + h)
 
@@ -293,7 +293,8 @@ class _ImageCropDataset(torch.utils.data.Dataset):
         crops = None
         if model_boxes:
             chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
-            crops = geometry.crop_images(chw, regions, self.crop_size)
+            # Rounded to uint8: a quarter of the bytes between processes and to the device (an image's own precision).
+            crops = geometry.crop_images(chw, regions, self.crop_size).round_().clamp_(0, 255).to(torch.uint8)
         return LoadedImage(index, hw, error, model_boxes, regions, crops)
 
 
@@ -406,7 +407,11 @@ class ProgressWriter:
         self.last_sync = time.monotonic()
 
     def write(self, image_position: int, results: list[tuple[int, dict]]) -> None:
-        self.handle.write(orjson.dumps({"image": image_position, "results": results}) + b"\n")
+        self.write_line(orjson.dumps({"image": image_position, "results": results}))
+
+    def write_line(self, line: bytes) -> None:
+        """An already serialised `{"image": ..., "results": ...}` entry."""
+        self.handle.write(line + b"\n")
 
     def flush(self) -> None:
         self.handle.flush()
@@ -718,12 +723,21 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
     bar = tqdm(total=total_boxes, unit="box", file=sys.stderr, disable=not progress_bar or None, dynamic_ncols=True,
                desc="mal label")
     threshold = predictor.threshold if predictor else 0.5
+    # Post-processing pool (paste, threshold, score, RLE, JSON): only with the model; forked before the loader.
+    pool = None
+    if predictor is not None and options.workers > 0 and len(jobs) > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(min(options.workers, len(jobs)))
+    pending: deque = deque()
+    pending_boxes = 0
+    max_pending_boxes = 4 * options.batch_size
     items = iter(loader)
     images_done = 0
     for group in groups:
         loaded = [next(items) for _ in group]
         # Fixed-order batching: the group's model boxes, image by image, in chunks of batch_size.
-        probs_by_image: dict[int, list[torch.Tensor]] = {}
+        probs_by_image: dict[int, np.ndarray] = {}
         if predictor is not None:
             crops = [item.crops for item in loaded if item.crops is not None]
             if crops:
@@ -736,9 +750,10 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
                     predictor.predict_probs(all_crops[s : s + options.batch_size], areas[s : s + options.batch_size])
                     for s in range(0, len(all_crops), options.batch_size)
                 ])
+                probs_np = probs.numpy()
                 start = 0
                 for item in loaded:
-                    probs_by_image[item.job_index] = list(probs[start : start + len(item.model_boxes)])
+                    probs_by_image[item.job_index] = probs_np[start : start + len(item.model_boxes)]
                     start += len(item.model_boxes)
         for job, item in zip(group, loaded):
             n_boxes = len(job.boxes_xywh)
@@ -755,35 +770,78 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
                 if len(summary.image_errors) < 10:
                     summary.image_errors.append(item.error)
                 log.warning("image error, boxes get the filled-box fallback: %s", item.error)
-            model_of_box = dict(zip(item.model_boxes, range(len(item.model_boxes))))
-            results = []
-            for i, (rec_pos, bbox) in enumerate(zip(job.record_positions, job.boxes_xywh)):
-                if item.error:
-                    result = filled_box_result(bbox, item.hw, options.format, "image_error", FALLBACK_SCORE)
-                elif _box_xyxy(bbox) is None or (predictor is not None and i not in model_of_box):
-                    result = filled_box_result(bbox, item.hw, options.format, "degenerate_box", FALLBACK_SCORE)
-                elif predictor is None:
-                    xyxy = _box_xyxy(bbox)
-                    window = geometry.box_pixel_bounds(xyxy, item.hw)
-                    if window[1] <= window[0] or window[3] <= window[2]:
-                        result = filled_box_result(bbox, item.hw, options.format, "degenerate_box", FALLBACK_SCORE)
-                    else:
-                        result = filled_box_result(bbox, item.hw, options.format, None, BOX_METHOD_SCORE)
-                else:
-                    k = model_of_box[i]
-                    pred = predictor.paste(probs_by_image[item.job_index][k], _box_xyxy(bbox), item.regions[k], item.hw)
-                    score = mask_quality(pred.window_prob, threshold)
-                    result = box_result(pred.window_mask, pred.window, item.hw, score, options.format)
-                if "mal_fallback" in result:
-                    fallbacks[result["mal_fallback"]] += 1
-                results.append((rec_pos, result))
-            writer.write(job.position, results)
-            summary.boxes += n_boxes
-            images_done += 1
-            bar.update(n_boxes)
+            task = (job.position, job.record_positions, job.boxes_xywh, item.hw, item.error, item.model_boxes, item.regions,
+                    probs_by_image.get(item.job_index), predictor is not None, threshold, options.format)
+            # Paste + RLE of an image run in the post-processing pool (if any), in parallel with the model;
+            # results are written strictly in order, so the progress file is the same either way.
+            pending.append((job.position, n_boxes, pool.apply_async(_image_results, task) if pool else _Done(_image_results(*task))))
+            pending_boxes += n_boxes
+            while pending and (pending_boxes > max_pending_boxes or pending[0][2].ready()):
+                pending_boxes -= _write_pending(pending.popleft(), writer, summary, fallbacks, bar)
+                images_done += 1
         writer.flush()
         bar.set_postfix(images=images_done, refresh=False)
+    while pending:
+        _write_pending(pending.popleft(), writer, summary, fallbacks, bar)
+    writer.flush()
+    if pool is not None:
+        pool.close()
+        pool.join()
     bar.close()
+
+
+class _Done:
+    """A finished result with the `AsyncResult` interface (post-processing inline, no pool)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self):
+        return self.value
+
+
+def _write_pending(entry, writer, summary, fallbacks, bar) -> int:
+    position, n_boxes, result = entry
+    line, image_fallbacks = result.get()
+    writer.write_line(line)
+    fallbacks.update(image_fallbacks)
+    summary.boxes += n_boxes
+    bar.update(n_boxes)
+    return n_boxes
+
+
+def _image_results(position, record_positions, boxes_xywh, hw, error, model_boxes, regions, probs, use_model, threshold,
+                   fmt) -> tuple[bytes, dict]:
+    """One image's progress line (every box's result: model mask, filled box, or a flagged fallback) and its fallbacks."""
+    from mal_cli.predictor import paste_prob
+
+    model_of_box = dict(zip(model_boxes, range(len(model_boxes))))
+    results = []
+    fallbacks: dict[str, int] = {}
+    for i, (rec_pos, bbox) in enumerate(zip(record_positions, boxes_xywh)):
+        if error:
+            result = filled_box_result(bbox, hw, fmt, "image_error", FALLBACK_SCORE)
+        elif _box_xyxy(bbox) is None or (use_model and i not in model_of_box):
+            result = filled_box_result(bbox, hw, fmt, "degenerate_box", FALLBACK_SCORE)
+        elif not use_model:
+            xyxy = _box_xyxy(bbox)
+            window = geometry.box_pixel_bounds(xyxy, hw)
+            if window[1] <= window[0] or window[3] <= window[2]:
+                result = filled_box_result(bbox, hw, fmt, "degenerate_box", FALLBACK_SCORE)
+            else:
+                result = filled_box_result(bbox, hw, fmt, None, BOX_METHOD_SCORE)
+        else:
+            k = model_of_box[i]
+            pred = paste_prob(probs[k], _box_xyxy(bbox), regions[k], hw, threshold)
+            score = mask_quality(pred.window_prob, threshold)
+            result = box_result(pred.window_mask, pred.window, hw, score, fmt)
+        if "mal_fallback" in result:
+            fallbacks[result["mal_fallback"]] = fallbacks.get(result["mal_fallback"], 0) + 1
+        results.append((rec_pos, result))
+    return orjson.dumps({"image": position, "results": results}), fallbacks
 
 
 def _label_distributed(boxes, images_dir, out, options, image_info, resume, keep_progress, progress_bar) -> LabelSummary:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mal_cli import geometry, losses
-from mal_cli.errors import InputError
+from mal_cli.errors import InputError, OutputError
 from mal_cli.images import ImageLoadError, load_rgb
 from mal_cli.modeling.image_encoder import load_backbone_weights
 from mal_cli.modeling.labeler import (
@@ -120,7 +120,7 @@ def collect_training_boxes(dataset, images_dir: str | Path, min_box_area: float,
             if ann.get("iscrowd", 0):
                 continue
             x, y, w, h = (float(v) for v in ann["bbox"])
-            if not all(math.isfinite(v) for v in (x, y, w, h)):
+            if not all(math.isfinite(v) for v in (x, y, w, h, x + w, y + h, w * h)):
                 continue
             if w <= min_box_side or h <= min_box_side or w * h <= min_box_area:
                 continue
@@ -373,6 +373,48 @@ class _Interrupt:
             signal.signal(sig, old)
 
 
+def _all_finite(loss: torch.Tensor, dist_info: DistInfo) -> bool:
+    """Whether the loss is finite on every process: under DDP all ranks skip a step together (or none does),
+    since a rank that skips backward() while the others run it would hang them in the gradient all-reduce."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist_info.world_size > 1 and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item() > 0)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume: drop the metrics lines logged after the checkpoint's step (a crash may have left some)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _load_training_dataset(path: str):
+    """The dataset, checked up front: every error at once; training needs every image's height/width."""
+    from mal_cli.check import check_document
+    from mal_cli.dataset import Dataset, read_json
+
+    obj = read_json(path)
+    report = check_document(obj, str(path))
+    report.raise_errors()
+    if "image_bad_size" in report.groups:
+        group = report.groups["image_bad_size"]
+        raise InputError(
+            f"{path}: {group.count} image(s) without a positive integer height/width ({'; '.join(group.examples[:3])}); "
+            f"mal train needs the size of every image: add them"
+        )
+    return Dataset.from_dict(obj, str(path))
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick check before asking timm for weights: offline, its retries would take a minute."""
     import socket
@@ -445,17 +487,24 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         log.info("resuming from %s at step %d", ckpt_file, resume_state["step"])
     elif config.resume:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out_dir)
+    # The input first (every problem at once), then the run folder: both before any work.
+    if not Path(config.images).is_dir():
+        raise InputError(f"--images {config.images}: no such folder")
+    dataset_doc = _load_training_dataset(config.annotations)
     if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
         try:
+            out_dir.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as err:
-            raise InputError(f"cannot write to the run folder {out_dir}: {err.strerror}") from None
+            raise OutputError(
+                f"--out {out_dir}: cannot write to the run folder ({err.strerror or err}); choose a writable location"
+            ) from None
+        if resume_state is not None:
+            _truncate_metrics(out_dir / "metrics.jsonl", int(resume_state["step"]))
 
     torch.manual_seed(config.seed)
-    dataset_doc = load_dataset(config.annotations)
     records = collect_training_boxes(dataset_doc, config.images, config.min_box_area, config.min_box_side)
     if not records:
         raise InputError(
@@ -550,7 +599,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
+            if _all_finite(loss, dist_info):
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
                 if torch.isfinite(grad_norm):
