@@ -396,6 +396,48 @@ def export_yolo_command(
                f"{stats['classes']} classes -> {out}", err=True)
 
 
+# --- bench ----------------------------------------------------------------------------------------
+
+
+@app.command(
+    "bench",
+    epilog=(
+        "Examples:\n\n"
+        "  mal bench coco/annotations.json --images coco/images --limit 500 --json bench.json\n\n"
+        "  mal bench boxes.json --images imgs/ --device cuda --batch-size 256 --workers 14"
+    ),
+)
+def bench_command(
+    dataset: str = typer.Argument(..., help="COCO/LVIS dataset JSON whose boxes are labelled."),
+    images: Path = typer.Option(..., "--images", "-i", help="Folder with the images."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Labeler checkpoint (default: the shipped one)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(64, help="Boxes per model batch."),
+    workers: int = typer.Option(2, help="Worker processes of `mal label`."),
+    limit: Optional[int] = typer.Option(None, help="Use the first whole images holding at least N boxes."),
+    method: str = typer.Option("both", help="both, mal or box (box: the pipeline alone, no model)."),
+    stages: bool = typer.Option(True, "--stages/--no-stages", help="Time the pipeline's stages apart (serial pass)."),
+    model: bool = typer.Option(True, "--model/--no-model", help="Time the model alone and count its FLOPs."),
+    peak: bool = typer.Option(True, "--peak/--no-peak", help="Measure a bf16 matmul peak to compare the model with."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write all figures as JSON here."),
+) -> None:
+    """Benchmark `mal label`: boxes/s end to end, time per stage, peak memory, model FLOP/s vs the device peak."""
+    from rich.console import Console
+
+    from mal_cli.bench import bench_table, run_bench
+
+    if method not in ("both", "mal", "box"):
+        raise typer.BadParameter("--method must be both, mal or box")
+    methods = ("mal", "box") if method == "both" else (method,)
+    result = run_bench(dataset, str(images), str(checkpoint) if checkpoint else None, device, batch_size, workers,
+                       limit, methods, stages=stages, model=model, peak=peak)
+    Console(stderr=True).print(bench_table(result))
+    if json_out:
+        import orjson
+
+        Path(json_out).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+
+
 def main() -> None:
     """Entry point of the `mal` console script."""
     debug = "--debug" in sys.argv[1:]

@@ -184,6 +184,38 @@ def paste_window(
     return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
 
 
+def _paste_axis(start: int, end: int, region_start: float, region_end: float, size: int):
+    """Source indices and weights of `paste_window`'s bilinear sampling along one axis (border padding)."""
+    coord = (np.arange(start, end, dtype=np.float64) + 0.5 - region_start) / (region_end - region_start) * size - 0.5
+    coord = np.clip(coord, 0.0, size - 1).astype(np.float32)
+    floor = np.floor(coord)
+    low = floor.astype(np.intp)
+    high = np.minimum(low + 1, size - 1)
+    return low, high, coord - floor
+
+
+def paste_window_np(
+    crop_map: np.ndarray,
+    region_xyxy: Sequence[float],
+    window: tuple[int, int, int, int],
+) -> np.ndarray:
+    """`paste_window` in numpy, as two separable 1-D interpolations (rows, then columns).
+
+    Samples the same bilinear points (align_corners=False, border padding) without building a grid:
+    O(h*M + h*w) instead of a grid_sample per pixel; equal to `paste_window` up to float32 rounding.
+    """
+    row0, row1, col0, col1 = window
+    if row1 <= row0 or col1 <= col0:
+        return np.zeros((max(row1 - row0, 0), max(col1 - col0, 0)), dtype=np.float32)
+    crop = np.asarray(crop_map, dtype=np.float32)
+    size_y, size_x = crop.shape[-2:]
+    rx0, ry0, rx1, ry1 = region_xyxy
+    y_lo, y_hi, wy = _paste_axis(row0, row1, ry0, ry1, size_y)
+    x_lo, x_hi, wx = _paste_axis(col0, col1, rx0, rx1, size_x)
+    rows = crop[y_lo] * (1 - wy)[:, None] + crop[y_hi] * wy[:, None]  # (h, size_x)
+    return rows[:, x_lo] * (1 - wx) + rows[:, x_hi] * wx
+
+
 def paste_box_mask(
     crop_prob: torch.Tensor,
     box_xyxy: Sequence[float],

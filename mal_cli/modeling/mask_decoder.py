@@ -49,6 +49,8 @@ class MaskDecoder(nn.Module):
 
     def pixel_features(self, features: torch.Tensor, scale: float) -> torch.Tensor:
         x = features if scale == 1.0 else F.interpolate(features, scale_factor=scale, mode="bilinear", align_corners=False)
+        if self.pixel_convs[0].weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # match NHWC weights (see BoxPredictor)
         for i, conv in enumerate(self.pixel_convs):
             if i == len(self.pixel_convs) - 1:
                 x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)

@@ -1,0 +1,489 @@
+"""`mal bench`: how fast `mal label` is, where its time goes, and how far the model is from the hardware.
+
+Four measurements, all on the same code paths `mal label` uses:
+
+1. end to end: `mal label` runs in a fresh subprocess per method (`mal` = the labeler, `box` = filled boxes,
+   the pipeline alone) on DATASET, or on its first whole images holding `--limit` boxes. Reported: boxes/s
+   in-run (the run's own clock, as `mal label` prints it) and with process start-up (the wall clock of the
+   command), and the peak resident memory of the labelling process (its DataLoader workers are separate
+   processes, each far smaller).
+2. stages: one serial pass in this process (no workers) over the same boxes, timing each stage of the
+   pipeline apart: decode -> crop -> model -> paste (+ threshold + score) -> RLE -> write (JSON line).
+   With workers, decode and crop overlap the model (and paste/RLE run in a pool), so the stage sum is an
+   upper bound of the end-to-end time.
+3. model: encoder + decoder alone at the checkpoint's crop size, one batch of `--batch-size` random crops
+   routed like the dataset's boxes (bf16 autocast, as `BoxPredictor`), boxes/s and achieved FLOP/s, FLOPs
+   counted with `torch.utils.flop_counter.FlopCounterMode` (per box and route: encoder / decoder).
+4. peak: a bf16 matmul on the device, the ceiling the model's FLOP/s is compared with.
+
+`--json FILE` writes everything as JSON; the table goes to stderr. No figure here is asserted anywhere:
+timings on a shared machine are noisy, repeat them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import orjson
+
+__all__ = ["run_bench", "measure_peak_flops", "model_benchmark", "stage_benchmark", "end_to_end"]
+
+
+def _subset(dataset: str, limit: Optional[int], folder: Path) -> tuple[str, int, int]:
+    """DATASET, or a copy holding its first whole images with at least `limit` boxes in total."""
+    raw = orjson.loads(Path(dataset).read_bytes())
+    anns = raw["annotations"]
+    if limit is None or limit >= len(anns):
+        return dataset, len(raw["images"]), len(anns)
+    by_image: dict[Any, list] = {}
+    for ann in anns:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    images, kept = [], []
+    for image in raw["images"]:
+        if len(kept) >= limit:
+            break
+        boxes = by_image.get(image["id"], [])
+        if boxes:
+            images.append(image)
+            kept.extend(boxes)
+    sub = dict(raw)
+    sub["images"], sub["annotations"] = images, kept
+    path = folder / "bench_subset.json"
+    path.write_bytes(orjson.dumps(sub))
+    return str(path), len(images), len(kept)
+
+
+def end_to_end(
+    dataset: str,
+    images: str,
+    method: str,
+    checkpoint: Optional[str],
+    device: str,
+    batch_size: int,
+    workers: int,
+    folder: Path,
+    extra: Sequence[str] = (),
+) -> dict:
+    """One `mal label` run in a subprocess: in-run and wall boxes/s, peak RSS of the process (MiB)."""
+    out = folder / f"bench_{method}.json"
+    summary_path = folder / f"bench_{method}_summary.json"
+    cmd = [sys.executable, "-m", "mal_cli", "label", dataset, "--images", images, "--out", str(out), "--method", method,
+           "--device", device, "--batch-size", str(batch_size), "--workers", str(workers), "--no-progress",
+           "--summary-json", str(summary_path), *extra]
+    if checkpoint and method == "mal":
+        cmd += ["--checkpoint", checkpoint]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file)
+        # wait4: this child's own rusage (peak RSS of the labelling process; its reaped workers are included
+        # as a maximum, never a sum), not the running maximum over all children RUSAGE_CHILDREN gives.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        err_file.seek(0)
+        err = err_file.read()
+    peak_kib = usage.ru_maxrss
+    if proc.returncode != 0:
+        raise RuntimeError(f"mal label ({method}) failed: {err.decode(errors='replace').strip()[-2000:]}")
+    summary = orjson.loads(summary_path.read_bytes())
+    out.unlink(missing_ok=True)
+    boxes = int(summary["boxes"])
+    return {
+        "method": method,
+        "boxes": boxes,
+        "images": int(summary["images"]),
+        "seconds_in_run": float(summary["seconds"]),
+        "boxes_per_s": round(boxes / summary["seconds"], 1) if summary["seconds"] else None,
+        "seconds_wall": round(wall, 3),
+        "boxes_per_s_wall": round(boxes / wall, 1) if wall else None,
+        "peak_rss_mib": round(peak_kib / 1024, 1) if peak_kib else None,
+        # CPU seconds of the run and its reaped workers: on a shared machine, boxes per CPU-second is steadier than boxes/s.
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+        "boxes_per_cpu_s": round(boxes / (usage.ru_utime + usage.ru_stime), 2) if usage.ru_utime + usage.ru_stime else None,
+        "device": summary.get("device"),
+        "batch_size": batch_size,
+        "workers": workers,
+    }
+
+
+def _timer():
+    import torch
+
+    def sync(device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return sync
+
+
+def stage_benchmark(
+    dataset: str,
+    images: str,
+    checkpoint: Optional[str],
+    device: str,
+    batch_size: int,
+    method: str = "mal",
+    max_boxes: Optional[int] = None,
+) -> dict:
+    """Serial pass timing decode / crop / model / paste / RLE / write apart (seconds and ms per box)."""
+    import torch
+
+    from mal_cli import geometry
+    from mal_cli.dataset import image_file_name
+    from mal_cli.images import load_rgb
+    from mal_cli.label import _box_xyxy, box_result, default_checkpoint, filled_box_result
+    from mal_cli.score import BOX_METHOD_SCORE, mask_quality
+
+    raw = orjson.loads(Path(dataset).read_bytes())
+    by_image: dict[Any, list] = {}
+    for ann in raw["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    predictor = None
+    if method == "mal":
+        from mal_cli.modeling.labeler import load_labeler
+        from mal_cli.predictor import BoxPredictor, paste_prob
+
+        predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device)
+    sync = _timer()
+    dev = predictor.device if predictor else torch.device("cpu")
+    t = dict.fromkeys(("decode", "crop", "model", "paste", "rle", "write"), 0.0)
+    boxes_done = 0
+    batch: list = []  # (image record, anns, hw, regions, crops)
+
+    def flush(batch) -> None:
+        nonlocal boxes_done
+        if not batch:
+            return
+        if predictor is not None:
+            crops = torch.cat([b[4] for b in batch])
+            areas = torch.tensor([max(float(a["bbox"][2]) * float(a["bbox"][3]), 0.0) for b in batch for a in b[1]])
+            s = time.perf_counter()
+            probs = torch.cat([predictor.predict_probs(crops[i : i + batch_size], areas[i : i + batch_size])
+                               for i in range(0, len(crops), batch_size)]).numpy()
+            sync(dev)
+            t["model"] += time.perf_counter() - s
+        k = 0
+        for image, anns, hw, regions, _ in batch:
+            results = []
+            for j, ann in enumerate(anns):
+                xyxy = _box_xyxy(ann["bbox"])
+                if predictor is None:
+                    s = time.perf_counter()
+                    result = filled_box_result(ann["bbox"], hw, "rle", None, BOX_METHOD_SCORE)
+                    t["rle"] += time.perf_counter() - s
+                else:
+                    s = time.perf_counter()
+                    pred = paste_prob(probs[k + j], xyxy, regions[j], hw, predictor.threshold)
+                    score = mask_quality(pred.window_prob, predictor.threshold)
+                    s2 = time.perf_counter()
+                    t["paste"] += s2 - s
+                    result = box_result(pred.window_mask, pred.window, hw, score, "rle")
+                    t["rle"] += time.perf_counter() - s2
+                results.append((ann.get("id"), result))
+            k += len(anns)
+            s = time.perf_counter()
+            orjson.dumps({"image": image["id"], "results": results})
+            t["write"] += time.perf_counter() - s
+            boxes_done += len(anns)
+
+    pending = 0
+    for image in raw["images"]:
+        anns = [a for a in by_image.get(image["id"], []) if _box_xyxy(a["bbox"]) is not None]
+        if not anns:
+            continue
+        if max_boxes is not None and boxes_done + pending >= max_boxes:
+            break
+        hw = (int(image["height"]), int(image["width"]))
+        regions, crops = [], None
+        if predictor is not None:
+            s = time.perf_counter()
+            pixels = load_rgb(Path(images) / image_file_name(image, dataset), expected_hw=hw)
+            t["decode"] += time.perf_counter() - s
+            s = time.perf_counter()
+            regions = [geometry.crop_region(_box_xyxy(a["bbox"]), predictor.margins) for a in anns]
+            chw = torch.from_numpy(np.array(pixels, copy=not pixels.flags.writeable)).permute(2, 0, 1)
+            crops = geometry.crop_images(chw, regions, predictor.crop_size).round_().clamp_(0, 255).to(torch.uint8)
+            t["crop"] += time.perf_counter() - s
+        batch.append((image, anns, hw, regions, crops))
+        pending += len(anns)
+        if pending >= batch_size:
+            flush(batch)
+            batch, pending = [], 0
+    flush(batch)
+    total = sum(t.values())
+    return {
+        "method": method,
+        "boxes": boxes_done,
+        "seconds": {k: round(v, 4) for k, v in t.items()},
+        "ms_per_box": {k: round(1000 * v / max(boxes_done, 1), 4) for k, v in t.items()},
+        "share": {k: round(v / total, 4) if total else None for k, v in t.items()},
+        "serial_boxes_per_s": round(boxes_done / total, 1) if total else None,
+    }
+
+
+def _route_areas(dataset: str, n: int) -> np.ndarray:
+    """`n` box areas cycling through the dataset's own boxes (so the batch routes like the data)."""
+    raw = orjson.loads(Path(dataset).read_bytes())
+    areas = np.array([max(float(a["bbox"][2]) * float(a["bbox"][3]), 0.0) for a in raw["annotations"]] or [1.0])
+    return np.resize(areas, n)
+
+
+def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, areas: np.ndarray, iterations: int = 3) -> dict:
+    """Encoder + decoder alone on one batch of random uint8 crops: boxes/s and FLOP/s (FlopCounterMode)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mal_cli.label import default_checkpoint
+    from mal_cli.modeling.labeler import load_labeler
+    from mal_cli.predictor import BoxPredictor
+
+    predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device)
+    model, dev, size = predictor.model, predictor.device, predictor.crop_size
+    gen = torch.Generator().manual_seed(0)
+    crops = torch.randint(0, 256, (batch_size, 3, size, size), generator=gen, dtype=torch.uint8)
+    area_t = torch.as_tensor(areas[:batch_size], dtype=torch.float32)
+
+    # FLOPs (counted on the device model, fp32 shapes are what count): per box and route at batch 2, and the batch.
+    probe = torch.rand(2, 3, size, size, device=dev) * 255
+    per_route = {}
+    bins = model.decoder.area_bins
+    route_areas = [max(bins[0] / 2, 1.0)] + [b * 1.01 for b in bins]
+    with torch.inference_mode():
+        enc_counter = FlopCounterMode(display=False)
+        with enc_counter:
+            feats = model.encoder((probe - model.pixel_mean) / model.pixel_std)
+        enc_flops = enc_counter.get_total_flops() / 2
+        for scale, area in zip(model.decoder.route_scales, route_areas):
+            dec_counter = FlopCounterMode(display=False)
+            with dec_counter:
+                model.decoder(feats, torch.full((2,), float(area), device=dev))
+            per_route[f"x{scale:g}"] = {"encoder_gflop": round(enc_flops / 1e9, 3),
+                                        "decoder_gflop": round(dec_counter.get_total_flops() / 2 / 1e9, 3)}
+        counter = FlopCounterMode(display=False)
+        with counter, torch.autocast(dev.type, dtype=torch.bfloat16):
+            model(crops.to(dev).float(), area_t.to(dev))
+        batch_flops = counter.get_total_flops()
+    routes = model.decoder.route(area_t).tolist()
+    route_counts = {f"x{s:g}": routes.count(r) for r, s in enumerate(model.decoder.route_scales)}
+
+    sync = _timer()
+    predictor.predict_probs(crops, area_t)  # warm-up
+    sync(dev)
+    times = []
+    for _ in range(iterations):
+        s = time.perf_counter()
+        predictor.predict_probs(crops, area_t)
+        sync(dev)
+        times.append(time.perf_counter() - s)
+    best = min(times)
+    return {
+        "device": str(dev),
+        "crop_size": size,
+        "batch_size": batch_size,
+        "route_counts": route_counts,
+        "gflop_per_box": round(batch_flops / batch_size / 1e9, 3),
+        "gflop_per_box_by_route": per_route,
+        "seconds_per_batch": [round(x, 4) for x in times],
+        "boxes_per_s": round(batch_size / best, 1),
+        "tflop_per_s": round(batch_flops / best / 1e12, 4),
+    }
+
+
+def measure_peak_flops(device: str, size: Optional[int] = None, iterations: int = 5) -> dict:
+    """A bf16 matmul on the device: the practical ceiling the model's FLOP/s is compared with."""
+    import torch
+
+    from mal_cli.predictor import resolve_device
+
+    dev = resolve_device(device)
+    n = size or (8192 if dev.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    sync = _timer()
+    a @ b
+    sync(dev)
+    times = []
+    for _ in range(iterations):
+        s = time.perf_counter()
+        a @ b
+        sync(dev)
+        times.append(time.perf_counter() - s)
+    return {"device": str(dev), "matmul_n": n, "tflop_per_s": round(2 * n**3 / min(times) / 1e12, 4)}
+
+
+def synthetic_dataset(out: str | Path, images: int, boxes: int, image_dir: str | Path, files: int = 8,
+                      size: int = 32, categories: int = 1203, seed: int = 0, masks: bool = False) -> dict:
+    """An LVIS-scale stand-in: `images` records over `boxes` boxes, all pointing at `files` tiny PNGs.
+
+    The image files are `size` x `size` noise PNGs written to `image_dir` (shared by many records, so a
+    million-box dataset costs kilobytes of images). `masks=True` adds a polygon per box (a diamond inside
+    it), so the file can be a `mal eval` ground truth. Streams the JSON out (never builds it whole).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(image_dir / f"syn{f}.png")
+    per_image = np.full(images, boxes // images)
+    per_image[: boxes % images] += 1
+    with open(out, "wb") as handle:
+        handle.write(b'{"info":{"description":"mal bench synthetic"},"images":[')
+        for i in range(images):
+            handle.write((b"," if i else b"") + orjson.dumps(
+                {"id": i + 1, "file_name": f"syn{i % files}.png", "width": size, "height": size}))
+        handle.write(b'],"categories":' + orjson.dumps([{"id": c + 1, "name": f"c{c + 1}"} for c in range(categories)]))
+        handle.write(b',"annotations":[')
+        ann_id = 0
+        chunk = 100_000
+        image_of = np.repeat(np.arange(1, images + 1), per_image)
+        for start in range(0, boxes, chunk):
+            n = min(chunk, boxes - start)
+            xy = rng.uniform(0, size * 0.6, (n, 2)).round(2)
+            wh = rng.uniform(2, size * 0.4, (n, 2)).round(2)
+            cats = rng.integers(1, categories + 1, n)
+            parts = []
+            for j in range(n):
+                x, y, w, h = float(xy[j, 0]), float(xy[j, 1]), float(wh[j, 0]), float(wh[j, 1])
+                ann_id += 1
+                ann = {"id": ann_id, "image_id": int(image_of[start + j]), "category_id": int(cats[j]),
+                       "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0}
+                if masks:
+                    ann["segmentation"] = [[x + w / 2, y, x + w, y + h / 2, x + w / 2, y + h, x, y + h / 2]]
+                    ann["area"] = round(w * h / 2, 2)
+                parts.append(orjson.dumps(ann))
+            handle.write((b"," if start else b"") + b",".join(parts))
+        handle.write(b"]}")
+    return {"images": images, "boxes": boxes, "files": files, "out": str(out)}
+
+
+def _rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def run_bench(
+    dataset: str,
+    images: str,
+    checkpoint: Optional[str] = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 2,
+    limit: Optional[int] = None,
+    methods: Sequence[str] = ("mal", "box"),
+    stages: bool = True,
+    model: bool = True,
+    peak: bool = True,
+    stage_limit: Optional[int] = 512,
+) -> dict:
+    """All measurements (see the module docstring) as one JSON-able dict."""
+    import torch
+
+    from mal_cli.predictor import resolve_device
+
+    result: dict[str, Any] = {
+        "dataset": dataset,
+        "images_dir": images,
+        "device": str(resolve_device(device)),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "batch_size": batch_size,
+        "workers": workers,
+        "limit": limit,
+    }
+    with tempfile.TemporaryDirectory(prefix="mal-bench-") as tmp:
+        folder = Path(tmp)
+        subset, n_images, n_boxes = _subset(dataset, limit, folder)
+        result["images"], result["boxes"] = n_images, n_boxes
+        result["end_to_end"] = {}
+        for method in methods:
+            result["end_to_end"][method] = end_to_end(subset, images, method, checkpoint, device, batch_size, workers, folder)
+        if stages:
+            result["stages"] = {m: stage_benchmark(subset, images, checkpoint, device, batch_size, m,
+                                                   stage_limit if m == "mal" else None) for m in methods}
+    if model and "mal" in methods:
+        result["model"] = model_benchmark(checkpoint, device, batch_size, _route_areas(dataset, batch_size))
+    if peak:
+        result["peak"] = measure_peak_flops(device)
+        if "model" in result and result["peak"]["tflop_per_s"]:
+            result["model"]["fraction_of_peak"] = round(result["model"]["tflop_per_s"] / result["peak"]["tflop_per_s"], 4)
+    result["bench_peak_rss_mib"] = _rss_mib()
+    return result
+
+
+def bench_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"mal bench: {result['boxes']} boxes, {result['images']} images, device {result['device']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for method, e2e in result.get("end_to_end", {}).items():
+        table.add_row(f"end to end --method {method}: boxes/s (in run / with start-up)",
+                      f"{e2e['boxes_per_s']} / {e2e['boxes_per_s_wall']}")
+        table.add_row(f"end to end --method {method}: peak RSS", f"{e2e['peak_rss_mib']} MiB")
+    for method, st in result.get("stages", {}).items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in st["ms_per_box"].items() if v)
+        table.add_row(f"stages --method {method} (ms/box, serial, {st['boxes']} boxes)", parts)
+    if "model" in result:
+        m = result["model"]
+        table.add_row(f"model alone (crop {m['crop_size']}, batch {m['batch_size']}): boxes/s", str(m["boxes_per_s"]))
+        table.add_row("model GFLOP/box (batch mix)", str(m["gflop_per_box"]))
+        for route, f in m["gflop_per_box_by_route"].items():
+            table.add_row(f"  route {route}: encoder + decoder GFLOP/box", f"{f['encoder_gflop']} + {f['decoder_gflop']}")
+        table.add_row("model achieved TFLOP/s", str(m["tflop_per_s"]))
+    if "peak" in result:
+        table.add_row(f"bf16 matmul peak TFLOP/s (n={result['peak']['matmul_n']})", str(result["peak"]["tflop_per_s"]))
+        if "model" in result and "fraction_of_peak" in result["model"]:
+            table.add_row("model / peak", f"{100 * result['model']['fraction_of_peak']:.1f} %")
+    return table
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["synthetic"]:
+        parser = argparse.ArgumentParser(prog="python -m mal_cli.bench synthetic", description=synthetic_dataset.__doc__.split("\n")[0])
+        parser.add_argument("out")
+        parser.add_argument("--image-dir", required=True)
+        parser.add_argument("--images", type=int, default=100_000)
+        parser.add_argument("--boxes", type=int, default=1_300_000)
+        parser.add_argument("--masks", action="store_true")
+        a = parser.parse_args(argv[1:])
+        print(synthetic_dataset(a.out, a.images, a.boxes, a.image_dir, masks=a.masks))
+        return
+
+    parser = argparse.ArgumentParser(prog="python -m mal_cli.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("dataset")
+    parser.add_argument("--images", "-i", required=True)
+    parser.add_argument("--checkpoint", "-c", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None, help="First whole images holding at least N boxes.")
+    parser.add_argument("--method", choices=("both", "mal", "box"), default="both")
+    parser.add_argument("--no-stages", action="store_true")
+    parser.add_argument("--no-model", action="store_true")
+    parser.add_argument("--no-peak", action="store_true")
+    parser.add_argument("--json", default=None, help="Write the results here.")
+    args = parser.parse_args(argv)
+    methods = ("mal", "box") if args.method == "both" else (args.method,)
+    result = run_bench(args.dataset, args.images, args.checkpoint, args.device, args.batch_size, args.workers,
+                       args.limit, methods, stages=not args.no_stages, model=not args.no_model, peak=not args.no_peak)
+    from rich.console import Console
+
+    Console(stderr=True).print(bench_table(result))
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+
+
+if __name__ == "__main__":
+    main()
