@@ -507,7 +507,7 @@ finite = st.floats(-80, 120, allow_nan=False, allow_infinity=False)
 box_value = st.one_of(finite, finite, finite, st.sampled_from([0.0, -0.0, 1e-9, float("nan"), float("inf"), 1e6]))
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     height=st.integers(1, 70),
     width=st.integers(1, 70),
