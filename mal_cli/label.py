@@ -816,7 +816,8 @@ def _write_pending(entry, writer, summary, fallbacks, bar) -> int:
 def _image_results(position, record_positions, boxes_xywh, hw, error, model_boxes, regions, probs, use_model, threshold,
                    fmt) -> tuple[bytes, dict]:
     """One image's progress line (every box's result: model mask, filled box, or a flagged fallback) and its fallbacks."""
-    from mal_cli.predictor import paste_prob
+    if use_model:
+        from mal_cli.predictor import paste_prob  # imports timm: not for --method box
 
     model_of_box = dict(zip(model_boxes, range(len(model_boxes))))
     results = []
