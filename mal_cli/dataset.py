@@ -14,9 +14,7 @@ Formats:
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any, Union
 
 import orjson
 
+from mal_cli.fileio import atomic_write
 from mal_cli.errors import InputError, OutputError
 
 __all__ = [
@@ -239,17 +238,8 @@ def write_json_atomic(path: Union[str, Path], obj: Any) -> None:
         sys.stdout.buffer.flush()
         return
     target = Path(path)
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_write(target) as handle:
             handle.write(data)
-        # mkstemp creates the file 0600; give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, target)
     except OSError as err:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
         raise OutputError(f"{target}: cannot write: {err.strerror or err}; check the folder exists and is writable") from None

@@ -50,6 +50,7 @@ import torch
 
 from mal_cli import geometry, masks
 from mal_cli.dataset import Dataset, _validate_results, image_file_name, load_any, load_dataset, read_json
+from mal_cli.fileio import atomic_write
 from mal_cli.errors import InputError, OutputError
 from mal_cli.score import BOX_METHOD_SCORE, FALLBACK_SCORE, mask_quality
 
@@ -508,20 +509,10 @@ def write_output(out: str, inp: LabelInput, records_bytes: Iterator[bytes], shar
         sys.stdout.buffer.flush()
         return
     target = Path(out)
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "wb", buffering=1 << 20) as handle:
+        with atomic_write(target, buffering=1 << 20) as handle:
             emit(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, target)
     except OSError as err:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
         raise OutputError(f"{target}: cannot write: {err.strerror or err}") from None
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import torch
 from torch import nn
 
 from mal_cli.errors import InputError
+from mal_cli.fileio import atomic_write
 from mal_cli.modeling.image_encoder import PIXEL_MEAN, PIXEL_STD, ImageEncoder
 from mal_cli.modeling.mask_decoder import DEFAULT_AREA_BINS, DEFAULT_ROUTE_SCALES, MaskDecoder
 
@@ -84,20 +83,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode a plain open() would
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def export_labeler(model: MaskLabeler, path: str | Path, dtype: torch.dtype = torch.float16, meta: dict | None = None) -> None:
