@@ -27,3 +27,16 @@ def mini16_raw() -> dict:
     if "raw" not in _MINI16_CACHE:
         _MINI16_CACHE["raw"] = orjson.loads(MINI16_JSON.read_bytes())
     return copy.deepcopy(_MINI16_CACHE["raw"])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random ViT-Tiny labeler at 64 px crops: exercises the model path without the shipped weights."""
+    import torch
+
+    from mal_cli.modeling.labeler import LabelerConfig, MaskLabeler, export_labeler
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    export_labeler(MaskLabeler(LabelerConfig(backbone="vit_tiny_patch16_224", crop_size=64)), path)
+    return path

@@ -22,7 +22,6 @@ from typing import Callable
 import numpy as np
 import orjson
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
@@ -66,17 +65,6 @@ def mal(capsys, monkeypatch) -> Callable[..., Result]:
         return Result(code, captured.out, captured.err)
 
     return run
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A random ViT-Tiny labeler at 64 px crops (as in test_label): the model path without shipped weights."""
-    from mal_cli.modeling.labeler import LabelerConfig, MaskLabeler, export_labeler
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    export_labeler(MaskLabeler(LabelerConfig(backbone="vit_tiny_patch16_224", crop_size=64)), path)
-    return path
 
 
 def dataset(**edit) -> dict:

@@ -16,17 +16,6 @@ MINI16 = "tests/data/annotations_mini16.json"
 IMAGES = "tests/data/images"
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny random labeler (ViT-Ti/16 at crop 64): fast, and enough to exercise every field."""
-    from mal_cli.modeling.labeler import LabelerConfig, MaskLabeler, export_labeler
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    export_labeler(MaskLabeler(LabelerConfig(backbone="vit_tiny_patch16_224", crop_size=64)), path)
-    return path
-
-
 def test_bench_box_method_json_fields(tmp_path, tiny_checkpoint):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, [

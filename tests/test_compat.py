@@ -19,7 +19,7 @@ from mal_cli import lvis_compat
 from mal_cli.label import LabelOptions, label
 from test_evaluate import _as_lvis  # the fixture in LVIS v1 form (coco_url only, frequency, no iscrowd)
 from test_export import _roundtrip_check
-from test_label import tiny_checkpoint, tiny_options  # noqa: F401  (a session fixture: the random tiny labeler)
+from test_label import tiny_options  # the tiny_checkpoint fixture lives in conftest.py
 
 DATA_DIR = Path(__file__).parent / "data"
 MINI16_JSON = DATA_DIR / "annotations_mini16.json"
@@ -32,7 +32,7 @@ def _label(boxes: Path, out: Path, options: LabelOptions) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lvis_files(tmp_path_factory, tiny_checkpoint):  # noqa: F811
+def lvis_files(tmp_path_factory, tiny_checkpoint):
     """The fixture as LVIS, and its labels by --method box and by the tiny model (RLE)."""
     folder = tmp_path_factory.mktemp("lvis")
     raw = orjson.loads(MINI16_JSON.read_bytes())

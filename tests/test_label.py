@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-import torch
 from pycocotools.coco import COCO
 
 from mal_cli import masks
@@ -27,17 +26,6 @@ MINI16_IMAGES = DATA_DIR / "images"
 # The random tiny labeler's probabilities sit around 0.5: this threshold gives non-trivial masks.
 TINY_THRESHOLD = 0.499
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A random ViT-Tiny labeler at 64 px crops: exercises the model path without the shipped weights."""
-    from mal_cli.modeling.labeler import LabelerConfig, MaskLabeler, export_labeler
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    export_labeler(MaskLabeler(LabelerConfig(backbone="vit_tiny_patch16_224", crop_size=64)), path)
-    return path
 
 
 def tiny_options(checkpoint: Path, **kw) -> LabelOptions:
