@@ -216,18 +216,29 @@ def paste_window_np(
     return rows[:, x_lo] * (1 - wx) + rows[:, x_hi] * wx
 
 
+def paste_box_prob(
+    crop_prob: np.ndarray | torch.Tensor,
+    box_xyxy: Sequence[float],
+    region_xyxy: Sequence[float],
+    image_hw: tuple[int, int],
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A crop probability map resampled on the image pixels of the box (clipped to the image).
+
+    Returns the probability window (float32) and its bounds (row0, row1, col0, col1); everything outside
+    the window is background by construction, which is what "keep inside the box" means. This is the
+    paste `mal label` uses (numpy, so it also runs in post-processing worker processes).
+    """
+    window = box_pixel_bounds(box_xyxy, image_hw)
+    return paste_window_np(np.asarray(crop_prob, dtype=np.float32), region_xyxy, window), window
+
+
 def paste_box_mask(
-    crop_prob: torch.Tensor,
+    crop_prob: np.ndarray | torch.Tensor,
     box_xyxy: Sequence[float],
     region_xyxy: Sequence[float],
     image_hw: tuple[int, int],
     threshold: float = 0.5,
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Threshold a crop probability map back in the image, kept inside the box.
-
-    Returns the binary window (uint8) and its bounds (row0, row1, col0, col1) in the image; everything
-    outside the window is background by construction, which is what "keep inside the box" means.
-    """
-    window = box_pixel_bounds(box_xyxy, image_hw)
-    prob = paste_window(crop_prob, region_xyxy, window)
-    return (prob >= threshold).to(torch.uint8).numpy(), window
+    """`paste_box_prob` thresholded: the binary (uint8) window and its bounds."""
+    prob, window = paste_box_prob(crop_prob, box_xyxy, region_xyxy, image_hw)
+    return (prob >= threshold).view(np.uint8), window

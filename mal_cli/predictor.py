@@ -101,9 +101,7 @@ class BoxPredictor:
 def paste_prob(prob, box_xyxy: Sequence[float], region_xyxy: Sequence[float], image_hw: tuple[int, int],
                threshold: float) -> BoxPrediction:
     """`BoxPredictor.paste` without the model (numpy only: runs in `mal label`'s post-processing processes)."""
-    window = geometry.box_pixel_bounds(box_xyxy, image_hw)
-    prob = prob.numpy() if isinstance(prob, torch.Tensor) else prob
-    window_prob = geometry.paste_window_np(prob, region_xyxy, window)
+    window_prob, window = geometry.paste_box_prob(prob, box_xyxy, region_xyxy, image_hw)
     window_mask = (window_prob >= threshold).view(np.uint8)
     return BoxPrediction(window_mask, window, window_prob)
 

@@ -651,9 +651,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
 def validate(model: MaskLabeler, config: TrainConfig, device: torch.device) -> dict[str, float]:
     """mIoU of `model` on the first `val_limit` non-crowd instances of --val, through the labelling path."""
-    from mal_cli.predictor import BoxPredictor, window_to_full
-    from mal_cli.dataset import load_dataset
     from mal_cli import masks
+    from mal_cli.predictor import BoxPredictor, window_to_full
 
     val = _val_cache(config.val)
     images_dir = config.val_images or config.images
