@@ -11,9 +11,10 @@ Four measurements, all on the same code paths `mal label` uses:
    pipeline apart: decode -> crop -> model -> paste (+ threshold + score) -> RLE -> write (JSON line).
    With workers, decode and crop overlap the model (and paste/RLE run in a pool), so the stage sum is an
    upper bound of the end-to-end time.
-3. model: encoder + decoder alone at the checkpoint's crop size, one batch of `--batch-size` random crops
-   routed like the dataset's boxes (bf16 autocast, as `BoxPredictor`), boxes/s and achieved FLOP/s, FLOPs
-   counted with `torch.utils.flop_counter.FlopCounterMode` (per box and route: encoder / decoder).
+3. model: encoder + decoder alone, one batch of `--batch-size` random crops routed and sized like the
+   dataset's boxes (`--crop-sizes`, as `mal label`; bf16 autocast, as `BoxPredictor`), boxes/s and achieved
+   FLOP/s, FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` (per box and route: encoder /
+   decoder, at the route's crop size and at the full crop).
 4. peak: a bf16 matmul on the device, the ceiling the model's FLOP/s is compared with.
 
 `--json FILE` writes everything as JSON; the table goes to stderr. No figure here is asserted anywhere:
@@ -68,16 +69,20 @@ def end_to_end(
     checkpoint: Optional[str],
     device: str,
     batch_size: int,
-    workers: int,
+    workers: Optional[int],
     folder: Path,
     extra: Sequence[str] = (),
+    crop_sizes: Optional[str] = None,
 ) -> dict:
     """One `mal label` run in a subprocess: in-run and wall boxes/s, peak RSS of the process (MiB)."""
     out = folder / f"bench_{method}.json"
     summary_path = folder / f"bench_{method}_summary.json"
     cmd = [sys.executable, "-m", "mal_cli", "label", dataset, "--images", images, "--out", str(out), "--method", method,
-           "--device", device, "--batch-size", str(batch_size), "--workers", str(workers), "--no-progress",
-           "--summary-json", str(summary_path), *extra]
+           "--device", device, "--batch-size", str(batch_size), "--no-progress", "--summary-json", str(summary_path), *extra]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    if crop_sizes and method == "mal":
+        cmd += ["--crop-sizes", crop_sizes]
     if checkpoint and method == "mal":
         cmd += ["--checkpoint", checkpoint]
     start = time.perf_counter()
@@ -132,6 +137,7 @@ def stage_benchmark(
     batch_size: int,
     method: str = "mal",
     max_boxes: Optional[int] = None,
+    crop_sizes: Optional[str] = None,
 ) -> dict:
     """Serial pass timing decode / crop / model / paste / RLE / write apart (seconds and ms per box)."""
     import torch
@@ -149,9 +155,11 @@ def stage_benchmark(
     predictor = None
     if method == "mal":
         from mal_cli.modeling.labeler import load_labeler
-        from mal_cli.predictor import BoxPredictor, paste_prob
+        from mal_cli.label import parse_crop_sizes
+        from mal_cli.predictor import BoxCrops, BoxPredictor, paste_prob
 
-        predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device)
+        predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device,
+                                 crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None)
     sync = _timer()
     dev = predictor.device if predictor else torch.device("cpu")
     t = dict.fromkeys(("decode", "crop", "model", "paste", "rle", "write"), 0.0)
@@ -163,11 +171,10 @@ def stage_benchmark(
         if not batch:
             return
         if predictor is not None:
-            crops = torch.cat([b[4] for b in batch])
+            crops = BoxCrops.cat([b[4] for b in batch])
             areas = torch.tensor([max(float(a["bbox"][2]) * float(a["bbox"][3]), 0.0) for b in batch for a in b[1]])
             s = time.perf_counter()
-            probs = torch.cat([predictor.predict_probs(crops[i : i + batch_size], areas[i : i + batch_size])
-                               for i in range(0, len(crops), batch_size)]).numpy()
+            probs = predictor.predict_crops(crops, areas, batch_size).numpy()
             sync(dev)
             t["model"] += time.perf_counter() - s
         k = 0
@@ -210,7 +217,8 @@ def stage_benchmark(
             s = time.perf_counter()
             regions = [geometry.crop_region(_box_xyxy(a["bbox"]), predictor.margins) for a in anns]
             chw = torch.from_numpy(np.array(pixels, copy=not pixels.flags.writeable)).permute(2, 0, 1)
-            crops = geometry.crop_images(chw, regions, predictor.crop_size).round_().clamp_(0, 255).to(torch.uint8)
+            areas = [max(float(a["bbox"][2]) * float(a["bbox"][3]), 0.0) for a in anns]
+            crops = predictor.crop_plan.crops(chw, regions, areas)
             t["crop"] += time.perf_counter() - s
         batch.append((image, anns, hw, regions, crops))
         pending += len(anns)
@@ -236,60 +244,82 @@ def _route_areas(dataset: str, n: int) -> np.ndarray:
     return np.resize(areas, n)
 
 
-def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, areas: np.ndarray, iterations: int = 3) -> dict:
-    """Encoder + decoder alone on one batch of random uint8 crops: boxes/s and FLOP/s (FlopCounterMode)."""
+def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, areas: np.ndarray, iterations: int = 3,
+                    crop_sizes: Optional[str] = None) -> dict:
+    """Encoder + decoder alone on one batch of random uint8 crops sized and routed like `areas`: boxes/s and
+    FLOP/s (FlopCounterMode)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mal_cli.label import default_checkpoint
+    from mal_cli.label import default_checkpoint, parse_crop_sizes
     from mal_cli.modeling.labeler import load_labeler
-    from mal_cli.predictor import BoxPredictor
+    from mal_cli.predictor import BoxCrops, BoxPredictor
 
-    predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device)
-    model, dev, size = predictor.model, predictor.device, predictor.crop_size
+    predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device,
+                             crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None)
+    model, dev, plan = predictor.model, predictor.device, predictor.crop_plan
     gen = torch.Generator().manual_seed(0)
-    crops = torch.randint(0, 256, (batch_size, 3, size, size), generator=gen, dtype=torch.uint8)
-    area_t = torch.as_tensor(areas[:batch_size], dtype=torch.float32)
+    area_list = [float(a) for a in areas[:batch_size]]
+    sizes = [plan.size_for(a) for a in area_list]
+    crops = BoxCrops(sizes, {
+        size: torch.randint(0, 256, (sizes.count(size), 3, size, size), generator=gen, dtype=torch.uint8)
+        for size in sorted(set(sizes))
+    })
+    area_t = torch.tensor(area_list, dtype=torch.float32)
 
-    # FLOPs (counted on the device model, fp32 shapes are what count): per box and route at batch 2, and the batch.
-    probe = torch.rand(2, 3, size, size, device=dev) * 255
+    def count(fn) -> float:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    # FLOPs per box and route (counted at batch 2, fp32 shapes are what count): at the route's crop size
+    # and at the full crop, so the saving of smaller crops is visible.
     per_route = {}
     bins = model.decoder.area_bins
     route_areas = [max(bins[0] / 2, 1.0)] + [b * 1.01 for b in bins]
     with torch.inference_mode():
-        enc_counter = FlopCounterMode(display=False)
-        with enc_counter:
-            feats = model.encoder((probe - model.pixel_mean) / model.pixel_std)
-        enc_flops = enc_counter.get_total_flops() / 2
-        for scale, area in zip(model.decoder.route_scales, route_areas):
-            dec_counter = FlopCounterMode(display=False)
-            with dec_counter:
-                model.decoder(feats, torch.full((2,), float(area), device=dev))
-            per_route[f"x{scale:g}"] = {"encoder_gflop": round(enc_flops / 1e9, 3),
-                                        "decoder_gflop": round(dec_counter.get_total_flops() / 2 / 1e9, 3)}
-        counter = FlopCounterMode(display=False)
-        with counter, torch.autocast(dev.type, dtype=torch.bfloat16):
-            model(crops.to(dev).float(), area_t.to(dev))
-        batch_flops = counter.get_total_flops()
+        for scale, area, size in zip(model.decoder.route_scales, route_areas, plan.sizes):
+            entry = {"crop_size": size}
+            for key, crop in (("", size), ("full_crop_", model.config.crop_size)):
+                probe = torch.rand(2, 3, crop, crop, device=dev) * 255
+                feats = model.encoder((probe - model.pixel_mean) / model.pixel_std)
+                enc = count(lambda: model.encoder((probe - model.pixel_mean) / model.pixel_std)) / 2
+                dec = count(lambda: model.decoder(feats, torch.full((2,), float(area), device=dev),
+                                                  grid_size=model.encoder.grid_size)) / 2
+                entry[f"{key}encoder_gflop"] = round(enc / 1e9, 3)
+                entry[f"{key}decoder_gflop"] = round(dec / 1e9, 3)
+            per_route[f"x{scale:g}"] = entry
+        batch_flops = 0.0
+        for size, size_crops in crops.by_size.items():
+            idx = [i for i, s in enumerate(sizes) if s == size]
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                batch_flops += count(lambda: model(size_crops.to(dev).float(), area_t[idx].to(dev)))
     routes = model.decoder.route(area_t).tolist()
     route_counts = {f"x{s:g}": routes.count(r) for r, s in enumerate(model.decoder.route_scales)}
+    full_flops = sum(
+        per_route[f"x{s:g}"]["full_crop_encoder_gflop"] + per_route[f"x{s:g}"]["full_crop_decoder_gflop"]
+        for s in (model.decoder.route_scales[r] for r in routes)
+    )
 
     sync = _timer()
-    predictor.predict_probs(crops, area_t)  # warm-up
+    predictor.predict_crops(crops, area_t, batch_size)  # warm-up
     sync(dev)
     times = []
     for _ in range(iterations):
         s = time.perf_counter()
-        predictor.predict_probs(crops, area_t)
+        predictor.predict_crops(crops, area_t, batch_size)
         sync(dev)
         times.append(time.perf_counter() - s)
     best = min(times)
     return {
         "device": str(dev),
-        "crop_size": size,
+        "crop_size": model.config.crop_size,
+        "crop_sizes": list(plan.sizes),
         "batch_size": batch_size,
         "route_counts": route_counts,
         "gflop_per_box": round(batch_flops / batch_size / 1e9, 3),
+        "gflop_per_box_full_crop": round(full_flops / batch_size, 3),
         "gflop_per_box_by_route": per_route,
         "seconds_per_batch": [round(x, 4) for x in times],
         "boxes_per_s": round(batch_size / best, 1),
@@ -376,13 +406,14 @@ def run_bench(
     checkpoint: Optional[str] = None,
     device: str = "auto",
     batch_size: int = 64,
-    workers: int = 2,
+    workers: Optional[int] = None,
     limit: Optional[int] = None,
     methods: Sequence[str] = ("mal", "box"),
     stages: bool = True,
     model: bool = True,
     peak: bool = True,
     stage_limit: Optional[int] = 512,
+    crop_sizes: Optional[str] = None,
 ) -> dict:
     """All measurements (see the module docstring) as one JSON-able dict."""
     import torch
@@ -397,6 +428,7 @@ def run_bench(
         "cpu_count": os.cpu_count(),
         "batch_size": batch_size,
         "workers": workers,
+        "crop_sizes": crop_sizes,
         "limit": limit,
     }
     with tempfile.TemporaryDirectory(prefix="mal-bench-") as tmp:
@@ -405,12 +437,14 @@ def run_bench(
         result["images"], result["boxes"] = n_images, n_boxes
         result["end_to_end"] = {}
         for method in methods:
-            result["end_to_end"][method] = end_to_end(subset, images, method, checkpoint, device, batch_size, workers, folder)
+            result["end_to_end"][method] = end_to_end(subset, images, method, checkpoint, device, batch_size, workers, folder,
+                                                      crop_sizes=crop_sizes)
         if stages:
             result["stages"] = {m: stage_benchmark(subset, images, checkpoint, device, batch_size, m,
-                                                   stage_limit if m == "mal" else None) for m in methods}
+                                                   stage_limit if m == "mal" else None, crop_sizes) for m in methods}
     if model and "mal" in methods:
-        result["model"] = model_benchmark(checkpoint, device, batch_size, _route_areas(dataset, batch_size))
+        result["model"] = model_benchmark(checkpoint, device, batch_size, _route_areas(dataset, batch_size),
+                                          crop_sizes=crop_sizes)
     if peak:
         result["peak"] = measure_peak_flops(device)
         if "model" in result and result["peak"]["tflop_per_s"]:
@@ -434,10 +468,12 @@ def bench_table(result: dict):
         table.add_row(f"stages --method {method} (ms/box, serial, {st['boxes']} boxes)", parts)
     if "model" in result:
         m = result["model"]
-        table.add_row(f"model alone (crop {m['crop_size']}, batch {m['batch_size']}): boxes/s", str(m["boxes_per_s"]))
-        table.add_row("model GFLOP/box (batch mix)", str(m["gflop_per_box"]))
+        sizes = ",".join(str(v) for v in m["crop_sizes"])
+        table.add_row(f"model alone (crops {sizes}, batch {m['batch_size']}): boxes/s", str(m["boxes_per_s"]))
+        table.add_row("model GFLOP/box (batch mix; at the full crop)", f"{m['gflop_per_box']} ({m['gflop_per_box_full_crop']})")
         for route, f in m["gflop_per_box_by_route"].items():
-            table.add_row(f"  route {route}: encoder + decoder GFLOP/box", f"{f['encoder_gflop']} + {f['decoder_gflop']}")
+            table.add_row(f"  route {route}, crop {f['crop_size']}: encoder + decoder GFLOP/box",
+                          f"{f['encoder_gflop']} + {f['decoder_gflop']}")
         table.add_row("model achieved TFLOP/s", str(m["tflop_per_s"]))
     if "peak" in result:
         table.add_row(f"bf16 matmul peak TFLOP/s (n={result['peak']['matmul_n']})", str(result["peak"]["tflop_per_s"]))
@@ -467,7 +503,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--checkpoint", "-c", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="default: as mal label")
+    parser.add_argument("--crop-sizes", default=None, help="as mal label (default: its default)")
     parser.add_argument("--limit", type=int, default=None, help="First whole images holding at least N boxes.")
     parser.add_argument("--method", choices=("both", "mal", "box"), default="both")
     parser.add_argument("--no-stages", action="store_true")
@@ -477,7 +514,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     methods = ("mal", "box") if args.method == "both" else (args.method,)
     result = run_bench(args.dataset, args.images, args.checkpoint, args.device, args.batch_size, args.workers,
-                       args.limit, methods, stages=not args.no_stages, model=not args.no_model, peak=not args.no_peak)
+                       args.limit, methods, stages=not args.no_stages, model=not args.no_model, peak=not args.no_peak,
+                       crop_sizes=args.crop_sizes)
     from rich.console import Console
 
     Console(stderr=True).print(bench_table(result))

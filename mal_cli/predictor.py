@@ -6,7 +6,8 @@ the benchmark, so what is measured is what users get.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +24,53 @@ class BoxPrediction:
     window_mask: np.ndarray  # (row1 - row0, col1 - col0) uint8
     window: tuple[int, int, int, int]  # row0, row1, col0, col1 (ends exclusive)
     window_prob: np.ndarray  # same shape, float32 probabilities
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """The crop size each box is encoded at, by its area route (small / medium / large, as the decoder routes).
+
+    The decoder runs a small box's convs at half the token grid anyway (route x0.5): encoding it at a
+    smaller crop costs a fraction of the encoder FLOPs (tokens scale with the square of the crop) and the
+    decoder rescales the coarser feature map to the same conv resolution and output size. Sizes must be
+    multiples of the backbone's patch size. All sizes equal to the model's crop size is the exact model.
+    """
+
+    area_bins: tuple[float, ...]
+    sizes: tuple[int, ...]
+
+    def size_for(self, area: float) -> int:
+        # bisect_right == torch.bucketize(right=True): an area equal to a limit goes up, as in the decoder.
+        return self.sizes[bisect.bisect_right(self.area_bins, area)]
+
+    def crops(self, image_chw: torch.Tensor, regions_xyxy: Sequence[Sequence[float]], box_areas: Sequence[float]) -> "BoxCrops":
+        """uint8 crops of one image's boxes, one tensor per crop size (boxes in order within each)."""
+        sizes = [self.size_for(float(a)) for a in box_areas]
+        by_size = {}
+        for size in sorted(set(sizes)):
+            regions = [r for r, s in zip(regions_xyxy, sizes) if s == size]
+            # Rounded to uint8: a quarter of float32's bytes between processes and to the device (an image's own precision).
+            by_size[size] = geometry.crop_images(image_chw, regions, size).round_().clamp_(0, 255).to(torch.uint8)
+        return BoxCrops(sizes, by_size)
+
+
+@dataclass
+class BoxCrops:
+    """Crops of a list of boxes, grouped by crop size: `by_size[s]` holds, in order, the boxes with `sizes[i] == s`."""
+
+    sizes: list[int] = field(default_factory=list)
+    by_size: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @staticmethod
+    def cat(parts: Sequence["BoxCrops"]) -> "BoxCrops":
+        sizes = [s for p in parts for s in p.sizes]
+        by_size = {
+            size: torch.cat([p.by_size[size] for p in parts if size in p.by_size]) for size in sorted(set(sizes))
+        }
+        return BoxCrops(sizes, by_size)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -42,12 +90,14 @@ class BoxPredictor:
         threshold: float | None = None,
         flip: bool = False,
         amp: bool = True,
+        crop_sizes: Sequence[int] | str | None = None,
     ):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         # NHWC for the decoder's 3x3 convs: faster with oneDNN (CPU) and cuDNN (GPU), same math.
         self.model.decoder.to(memory_format=torch.channels_last)
         self.crop_size = model.config.crop_size
+        self.crop_plan = make_crop_plan(model, crop_sizes)
         self.margins = geometry.Margins.uniform(model.config.label_margin if margin is None else margin)
         self.threshold = model.config.threshold if threshold is None else threshold
         self.flip = flip
@@ -55,10 +105,6 @@ class BoxPredictor:
 
     def regions(self, boxes_xyxy: Sequence[Sequence[float]]) -> list[tuple[float, float, float, float]]:
         return [geometry.crop_region(b, self.margins) for b in boxes_xyxy]
-
-    def crops(self, image_chw: torch.Tensor, boxes_xyxy: Sequence[Sequence[float]]) -> torch.Tensor:
-        """(N, 3, S, S) float crops of one image's boxes, at the labelling margin."""
-        return geometry.crop_images(image_chw, self.regions(boxes_xyxy), self.crop_size)
 
     @torch.inference_mode()
     def predict_probs(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
@@ -74,6 +120,27 @@ class BoxPredictor:
                 flipped = self.model(crops.flip(-1), areas).float().flip(-1)
                 logits = (logits + flipped) / 2
         return torch.sigmoid(logits[:, 0]).cpu()
+
+    def predict_crops(self, crops: BoxCrops, box_areas: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Probabilities (N, M, M) of N boxes' crops (any mix of sizes), in box order.
+
+        Boxes are batched per crop size, in order, `batch_size` at a time: the batches depend only on
+        the input, so results are reproducible however the work is split.
+        """
+        sizes = torch.tensor(crops.sizes)
+        out: torch.Tensor | None = None
+        for size, size_crops in crops.by_size.items():
+            idx = torch.nonzero(sizes == size).flatten()
+            size_areas = box_areas[idx]
+            for s in range(0, len(idx), batch_size):
+                probs = self.predict_probs(size_crops[s : s + batch_size], size_areas[s : s + batch_size])
+                if out is None:
+                    out = probs.new_empty((len(sizes), *probs.shape[1:]))
+                out[idx[s : s + batch_size]] = probs
+        if out is None:
+            m = self.model.mask_size
+            return torch.empty((0, m, m))
+        return out
 
     def paste(
         self,
@@ -91,11 +158,45 @@ class BoxPredictor:
         image = torch.from_numpy(np.array(image_hwc, copy=not image_hwc.flags.writeable)).permute(2, 0, 1)
         boxes = [geometry.xywh_to_xyxy(b) for b in boxes_xywh]
         regions = self.regions(boxes)
-        crops = geometry.crop_images(image, regions, self.crop_size)
         areas = torch.tensor([max(float(b[2]) * float(b[3]), 0.0) for b in boxes_xywh])
-        probs = self.predict_probs(crops, areas)
+        probs = self.predict_crops(self.crop_plan.crops(image, regions, areas.tolist()), areas, batch_size=len(boxes))
         hw = (image_hwc.shape[0], image_hwc.shape[1])
         return [self.paste(p, b, r, hw) for p, b, r in zip(probs, boxes, regions)]
+
+
+# Default crop size per route, as a fraction of the model's crop: small boxes at 3/4, medium at 7/8, large
+# at the full crop. Measured with the shipped model on the dev set (README "Performance"): 1.24x fewer
+# FLOPs per box than the full crop for all, 1.37x faster on a 2-core CPU, mIoU 75.0 instead of 75.3.
+# `--crop-sizes full` is the exact model.
+DEFAULT_CROP_FRACTIONS = (0.75, 0.875, 1.0)
+
+
+def default_crop_sizes(model: MaskLabeler) -> tuple[int, ...]:
+    """`DEFAULT_CROP_FRACTIONS` of the model's crop size, rounded to multiples of its patch size."""
+    patch, crop = model.encoder.patch_size, model.config.crop_size
+    n_routes = len(model.decoder.area_bins) + 1
+    fractions = DEFAULT_CROP_FRACTIONS if n_routes == len(DEFAULT_CROP_FRACTIONS) else (1.0,) * n_routes
+    return tuple(max(patch, round(crop * f / patch) * patch) for f in fractions)
+
+
+def make_crop_plan(model: MaskLabeler, crop_sizes: Sequence[int] | str | None = None) -> CropPlan:
+    """The model's routes with `crop_sizes`: one size per route, "full" (the model's crop size for every
+    route: the exact model) or None (`default_crop_sizes`)."""
+    from mal_cli.errors import InputError
+
+    bins = model.decoder.area_bins
+    if crop_sizes is None:
+        crop_sizes = default_crop_sizes(model)
+    elif crop_sizes == "full":
+        crop_sizes = [model.config.crop_size] * (len(bins) + 1)
+    crop_sizes = tuple(int(s) for s in crop_sizes)
+    patch = model.encoder.patch_size
+    if len(crop_sizes) != len(bins) + 1:
+        raise InputError(f"--crop-sizes needs {len(bins) + 1} sizes (small, medium, large boxes), got {len(crop_sizes)}")
+    bad = [s for s in crop_sizes if s < patch or s % patch]
+    if bad:
+        raise InputError(f"--crop-sizes must be multiples of the backbone's patch size {patch}, got {bad[0]}")
+    return CropPlan(tuple(bins), crop_sizes)
 
 
 def paste_prob(prob, box_xyxy: Sequence[float], region_xyxy: Sequence[float], image_hw: tuple[int, int],

@@ -42,10 +42,48 @@ class ImageEncoder(nn.Module):
         self.grid_size = img_size // self.patch_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(images)
+        """(B, 3, S', S') -> (B, D, S'/p, S'/p). S' may differ from the crop size the model was built for
+        (any multiple of the patch size): the position embeddings are then resampled to that grid."""
+        size = images.shape[-1]
+        if images.shape[-2] != size or size % self.patch_size:
+            raise ValueError(f"crops must be square multiples of {self.patch_size} pixels, got {tuple(images.shape[-2:])}")
+        if size == self.img_size:
+            tokens = self.vit.forward_features(images)
+        else:
+            tokens = self._forward_features_at(images)
         patches = tokens[:, self.vit.num_prefix_tokens :]
         b, n, d = patches.shape
-        return patches.transpose(1, 2).reshape(b, d, self.grid_size, self.grid_size)
+        grid = size // self.patch_size
+        return patches.transpose(1, 2).reshape(b, d, grid, grid)
+
+    def _forward_features_at(self, images: torch.Tensor) -> torch.Tensor:
+        """timm's forward_features with the position embeddings resampled (bicubic, as timm does) to the grid."""
+        vit = self.vit
+        grid = images.shape[-1] // self.patch_size
+        x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (B, grid^2, D), as PatchEmbed with flatten
+        x = vit.patch_embed.norm(x)
+        pos_embed = self._resampled_pos_embed(grid).to(x.dtype)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        if getattr(vit, "no_embed_class", False):
+            x = torch.cat(prefix + [x + pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos_embed
+        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+        return vit.norm(vit.blocks(x))
+
+    def _resampled_pos_embed(self, grid: int) -> torch.Tensor:
+        from timm.layers import resample_abs_pos_embed
+
+        vit = self.vit
+        prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+        if self.training or torch.is_grad_enabled():  # never cache a tensor that carries a graph
+            return resample_abs_pos_embed(vit.pos_embed, new_size=(grid, grid), num_prefix_tokens=prefix)
+        cache = self.__dict__.setdefault("_pos_embed_cache", {})
+        key = (grid, vit.pos_embed.data_ptr(), vit.pos_embed._version, vit.pos_embed.device, vit.pos_embed.dtype)
+        if key not in cache:
+            cache.clear()
+            cache[key] = resample_abs_pos_embed(vit.pos_embed, new_size=(grid, grid), num_prefix_tokens=prefix)
+        return cache[key]
 
 
 def _unwrap_state_dict(obj: object) -> dict:

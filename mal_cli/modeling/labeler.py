@@ -74,9 +74,13 @@ class MaskLabeler(nn.Module):
         return self.encoder.grid_size * self.config.output_stride
 
     def forward(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
-        """Returns mask logits (B, 1, M, M), M = output_stride x token grid."""
+        """Returns mask logits (B, 1, M, M), M = output_stride x the token grid of `config.crop_size`.
+
+        Crops may be smaller than `config.crop_size` (a multiple of the patch size): the decoder then
+        routes the coarser feature map to the same conv resolution and output size (see `MaskDecoder`).
+        """
         images = (crops - self.pixel_mean) / self.pixel_std
-        return self.decoder(self.encoder(images), box_areas)
+        return self.decoder(self.encoder(images), box_areas, grid_size=self.encoder.grid_size)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -48,7 +48,8 @@ class MaskDecoder(nn.Module):
         return torch.bucketize(box_areas, limits, right=True)
 
     def pixel_features(self, features: torch.Tensor, scale: float) -> torch.Tensor:
-        x = features if scale == 1.0 else F.interpolate(features, scale_factor=scale, mode="bilinear", align_corners=False)
+        size = (max(1, round(features.shape[-2] * scale)), max(1, round(features.shape[-1] * scale)))
+        x = features if size == tuple(features.shape[-2:]) else F.interpolate(features, size=size, mode="bilinear", align_corners=False)
         if self.pixel_convs[0].weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # match NHWC weights (see BoxPredictor)
         for i, conv in enumerate(self.pixel_convs):
@@ -57,10 +58,16 @@ class MaskDecoder(nn.Module):
             x = F.relu(conv(x), inplace=True)
         return x
 
-    def forward(self, features: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
-        """features (B, D, h, w), box_areas (B,) in original image pixels -> logits (B, 1, 4h, 4w)."""
+    def forward(self, features: torch.Tensor, box_areas: torch.Tensor, grid_size: int | None = None) -> torch.Tensor:
+        """features (B, D, h, w), box_areas (B,) in original image pixels -> logits (B, 1, 4g, 4g).
+
+        g = `grid_size`, the token grid the model was trained at (default h). Features from a smaller crop
+        (h < g) are routed as if they came from a g x g grid: a small box's x0.5 route on a 16x16 grid and
+        x1 on an 8x8 grid (a crop half the size) both run the convs at 8x8.
+        """
         b, _, h, w = features.shape
-        out_size = (h * self.output_stride, w * self.output_stride)
+        grid = grid_size or h
+        out_size = (grid * self.output_stride, grid * self.output_stride)
         instance = self.instance_mlp(features.mean(dim=(2, 3)))
         routes = self.route(box_areas.to(features.device).float())
         logits = features.new_empty((b, 1, *out_size))
@@ -68,7 +75,7 @@ class MaskDecoder(nn.Module):
             idx = torch.nonzero(routes == r).flatten()
             if idx.numel() == 0:
                 continue
-            pixels = self.pixel_features(features[idx], scale)
+            pixels = self.pixel_features(features[idx], scale * grid / h)
             group = torch.einsum("bc,bchw->bhw", instance[idx], pixels).unsqueeze(1)
             if group.shape[-2:] != out_size:
                 group = F.interpolate(group, size=out_size, mode="bilinear", align_corners=False)
