@@ -168,6 +168,9 @@ CASES = [
     ("bad-shard", lambda t: label_args(MINI16, t / "o.json", "--shard", "3/2"), 2, "need 0 <= K < N"),
     ("bad-threshold", lambda t: label_args(MINI16, t / "o.json", "--threshold", "1.5"), 2, "--threshold must be between 0 and 1"),
     ("bad-format", lambda t: label_args(MINI16, t / "o.json", "--format", "mask"), 2, "--format must be 'rle' or 'polygon'"),
+    ("bad-crop-sizes", lambda t: label_args(MINI16, t / "o.json", "--crop-sizes", "168,x,224"), 2, "--crop-sizes must be 'full' or comma-separated integers"),
+    ("crop-size-not-patch-multiple", lambda t: ["label", MINI16, "--images", IMAGES, "--out", t / "o.json", "--crop-sizes", "100,196,224"],
+     2, "--crop-sizes must be multiples of the backbone's patch size 14, got 100"),
     ("decode-without-images", lambda t: ["check", MINI16, "--decode"], 2, "--decode needs --images"),
     # unreadable input files
     ("nonexistent-input", lambda t: label_args(t / "nope.json", t / "o.json"), 2, "nope.json: no such file"),

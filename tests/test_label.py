@@ -286,3 +286,32 @@ def test_help_has_examples():
         done = subprocess.run([sys.executable, "-m", "mal_cli", command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0
         assert "Examples" in done.stdout and "--out" in done.stdout
+
+
+def test_crop_sizes_change_small_boxes_only_and_are_part_of_resume(tmp_path, tiny_checkpoint, mini16_raw, tiny_single_run):
+    """The default plan (48,64,64 for the 64 px tiny model) vs the exact model: only small boxes differ,
+    and a progress file made with other crop sizes is refused instead of mixed into the output."""
+    out = tmp_path / "full.json"
+    run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint, crop_sizes="full"), keep_progress=True)
+    full = orjson.loads(out.read_bytes())["annotations"]
+    default = orjson.loads(tiny_single_run)["annotations"]
+    small = [a["bbox"][2] * a["bbox"][3] < 32**2 for a in mini16_raw["annotations"]]
+    assert any(small) and not all(small)
+    changed = [f["segmentation"] != d["segmentation"] for f, d in zip(full, default)]
+    assert any(c for c, s in zip(changed, small) if s), "the default plan should re-crop small boxes"
+    assert not any(c for c, s in zip(changed, small) if not s), "medium/large boxes must be untouched"
+    with pytest.raises(InputError, match="other input or options"):
+        run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint, crop_sizes=(32, 64, 64)), resume=True)
+
+
+def test_auto_workers(monkeypatch, tiny_checkpoint):
+    from mal_cli.label import auto_workers
+    from mal_cli.modeling.labeler import load_labeler
+    from mal_cli.predictor import BoxPredictor
+
+    cpu = BoxPredictor(load_labeler(tiny_checkpoint), device="cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert auto_workers(cpu) == 0  # the model keeps both cores busy: no processes to take turns with it
+    assert auto_workers(None) == 2  # --method box decodes in parallel
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert auto_workers(cpu) == 2

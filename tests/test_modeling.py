@@ -192,3 +192,49 @@ def test_read_checkpoint_rejects_other_files(tmp_path):
     truncated.write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(InputError, match="cannot read checkpoint"):
         read_checkpoint(truncated)
+
+
+# --- smaller crops than the model's (per-route crop sizes) -------------------------------------------------
+
+
+def test_encoder_at_a_smaller_crop_equals_a_vit_built_at_that_size(model):
+    """The resampled position embedding is timm's own: a ViT created at 32 px with those weights agrees."""
+    small = ImageEncoder(BACKBONE, 32)
+    state = model.encoder.vit.state_dict()
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(2, 2), num_prefix_tokens=1)
+    small.vit.load_state_dict(state)
+    images = _crops(2, size=32) / 255
+    with torch.no_grad():
+        features = model.encoder(images)
+        expected = small(images)
+    assert features.shape == (2, model.encoder.embed_dim, 2, 2)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the native size still takes timm's own path, unchanged
+        torch.testing.assert_close(model.encoder(_crops(1) / 255), model.encoder._forward_features_at(_crops(1) / 255)[:, 1:]
+                                   .transpose(1, 2).reshape(1, -1, 4, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_routes_a_half_size_grid_like_the_full_grid():
+    """A small box's x0.5 route on a 16x16 grid = its x1 route on the 8x8 grid that downsampling gives:
+    the decoder must rescale by route x reference grid / grid, and keep the reference output size."""
+    torch.manual_seed(0)
+    m = MaskLabeler(LabelerConfig(backbone=BACKBONE, crop_size=256, decoder_dim=16)).eval()
+    full = torch.randn(3, m.encoder.embed_dim, 16, 16)
+    half = F.interpolate(full, size=(8, 8), mode="bilinear", align_corners=False)
+    small = torch.full((3,), 100.0)
+    with torch.no_grad():
+        k_full = m.decoder.instance_mlp(full.mean(dim=(2, 3)))
+        k_half = m.decoder.instance_mlp(half.mean(dim=(2, 3)))
+        ref = m.decoder(full, small)
+        got = m.decoder(half, small, grid_size=16)
+        # same V; K differs only through the mean of the features, so compare V through equal K
+        assert got.shape == ref.shape == (3, 1, 64, 64)
+        v_full = m.decoder.pixel_features(full, 0.5)
+        v_half = m.decoder.pixel_features(half, 0.5 * 16 / 8)
+    torch.testing.assert_close(v_half, v_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_half, k_full, atol=1e-4, rtol=1e-4)  # bilinear 2x down keeps the mean
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+    # without the reference grid the half grid would run the convs at 4x4: a different (coarser) answer
+    with torch.no_grad():
+        wrong = m.decoder(half, small)
+    assert wrong.shape == (3, 1, 32, 32)

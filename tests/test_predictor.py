@@ -1,0 +1,86 @@
+"""BoxPredictor: per-route crop plans, batching by crop size, and the exact-model setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mal_cli import geometry
+from mal_cli.errors import InputError
+from mal_cli.modeling import LabelerConfig, MaskLabeler
+from mal_cli.predictor import BoxCrops, BoxPredictor, CropPlan, default_crop_sizes, make_crop_plan
+
+
+@pytest.fixture(scope="module")
+def model() -> MaskLabeler:
+    torch.manual_seed(0)
+    return MaskLabeler(LabelerConfig(backbone="vit_tiny_patch16_224", crop_size=64, decoder_dim=16)).eval()
+
+
+def _image(seed: int = 0, hw: tuple[int, int] = (90, 120)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, *hw), generator=g, dtype=torch.uint8)
+
+
+BOXES = [(5.0, 5.0, 25.0, 20.0), (10.0, 30.0, 80.0, 85.0), (40.0, 2.0, 60.0, 40.0), (0.0, 0.0, 120.0, 90.0)]
+AREAS = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in BOXES]  # 300 (small), 3850, 760 (small), 10800 (large)
+
+
+def test_plan_routes_like_the_decoder(model):
+    plan = make_crop_plan(model, (32, 48, 64))
+    areas = [0.0, 32.0**2 - 1, 32.0**2, 96.0**2 - 1, 96.0**2, 1e7]
+    routes = model.decoder.route(torch.tensor(areas)).tolist()
+    assert [plan.size_for(a) for a in areas] == [plan.sizes[r] for r in routes] == [32, 32, 48, 48, 64, 64]
+
+
+def test_default_and_full_plans(model):
+    assert default_crop_sizes(model) == (48, 64, 64)  # 3/4, 7/8 (rounded to the 16 px patch), 1 of 64
+    assert make_crop_plan(model).sizes == (48, 64, 64)
+    assert make_crop_plan(model, "full").sizes == (64, 64, 64)
+    with pytest.raises(InputError, match="multiples of the backbone's patch size 16"):
+        make_crop_plan(model, (40, 64, 64))
+    with pytest.raises(InputError, match="needs 3 sizes"):
+        make_crop_plan(model, (64, 64))
+
+
+def test_crops_are_grouped_by_size_in_box_order():
+    plan = CropPlan((32.0**2, 96.0**2), (16, 32, 48))
+    regions = [geometry.crop_region(b, geometry.Margins.uniform()) for b in BOXES]
+    crops = plan.crops(_image(), regions, AREAS)
+    assert crops.sizes == [16, 32, 16, 48]
+    assert {s: tuple(t.shape) for s, t in crops.by_size.items()} == {16: (2, 3, 16, 16), 32: (1, 3, 32, 32), 48: (1, 3, 48, 48)}
+    # each group holds its boxes in order: the second 16 px crop is box 2's
+    expected = geometry.crop_images(_image(), [regions[2]], 16).round_().clamp_(0, 255).to(torch.uint8)
+    assert torch.equal(crops.by_size[16][1:2], expected)
+    both = BoxCrops.cat([crops, plan.crops(_image(1), regions[:1], AREAS[:1])])
+    assert both.sizes == [16, 32, 16, 48, 16] and both.by_size[16].shape[0] == 3
+
+
+def test_predict_crops_returns_box_order_whatever_the_batching(model):
+    predictor = BoxPredictor(model, crop_sizes=(32, 48, 64))
+    regions = predictor.regions(BOXES)
+    crops = predictor.crop_plan.crops(_image(), regions, AREAS)
+    areas = torch.tensor(AREAS)
+    probs = predictor.predict_crops(crops, areas, batch_size=64)
+    one_by_one = predictor.predict_crops(crops, areas, batch_size=1)
+    assert probs.shape == (4, model.mask_size, model.mask_size)
+    torch.testing.assert_close(probs, one_by_one, atol=2e-2, rtol=0)  # bf16 autocast: batch shape may round differently
+    for i, (size, region, area) in enumerate(zip(crops.sizes, regions, AREAS)):
+        crop = geometry.crop_images(_image(), [region], size).round_().clamp_(0, 255).to(torch.uint8)
+        torch.testing.assert_close(probs[i], predictor.predict_probs(crop, torch.tensor([area]))[0], atol=2e-2, rtol=0)
+
+
+def test_full_plan_is_the_exact_model(model):
+    predictor = BoxPredictor(model, crop_sizes="full", amp=False)
+    regions = predictor.regions(BOXES)
+    crops = predictor.crop_plan.crops(_image(), regions, AREAS)
+    assert set(crops.sizes) == {64}
+    with torch.no_grad():
+        direct = torch.sigmoid(model(crops.by_size[64].float(), torch.tensor(AREAS))[:, 0])
+    torch.testing.assert_close(predictor.predict_crops(crops, torch.tensor(AREAS)), direct)
+    # and the default plan really encodes small boxes at a smaller crop, giving another answer for them only
+    fast = BoxPredictor(model, amp=False)
+    fast_probs = fast.predict_crops(fast.crop_plan.crops(_image(), regions, AREAS), torch.tensor(AREAS))
+    assert not torch.allclose(fast_probs[0], direct[0], atol=1e-3)
+    torch.testing.assert_close(fast_probs[1], direct[1])  # medium (7/8 of 64 rounds to 64) and large: unchanged
+    torch.testing.assert_close(fast_probs[3], direct[3])
