@@ -202,7 +202,8 @@ def label_command(
     batch_size: int = typer.Option(64, help="Boxes per model batch (across images). Part of the result: keep it when resuming."),
     workers: Optional[int] = typer.Option(
         None, help="Image decoding + cropping processes, and as many for pasting + RLE (0 = all in the main process). "
-        "Default: 0 when the model runs on a CPU of at most 4 cores (it uses them all), else 2.",
+        "Default: 0 when the model runs on a CPU of at most 4 cores (it uses them all), about half the cores "
+        "(at most 8) with a GPU, else 2.",
     ),
     crop_sizes: Optional[str] = typer.Option(
         None, "--crop-sizes", metavar="S,M,L",

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import torch
 from pycocotools.coco import COCO
 
 from mal_cli import masks
@@ -315,3 +316,5 @@ def test_auto_workers(monkeypatch, tiny_checkpoint):
     assert auto_workers(None) == 2  # --method box decodes in parallel
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert auto_workers(cpu) == 2
+    cpu.device = torch.device("cuda")  # only the device type is read: a GPU feeds from half the cores
+    assert auto_workers(cpu) == 7
