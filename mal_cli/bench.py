@@ -1,6 +1,6 @@
-"""`mal bench`: how fast `mal label` is, where its time goes, and how far the model is from the hardware.
+"""`mal bench`: how fast `mal label` (and `mal train`) is, where its time goes, how far the model is from the hardware.
 
-Four measurements, all on the same code paths `mal label` uses:
+Five measurements, all on the same code paths `mal label` (5: `mal train`) uses:
 
 1. end to end: `mal label` runs in a fresh subprocess per method (`mal` = the labeler, `box` = filled boxes,
    the pipeline alone) on DATASET, or on its first whole images holding `--limit` boxes. Reported: boxes/s
@@ -16,6 +16,17 @@ Four measurements, all on the same code paths `mal label` uses:
    FLOP/s, FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` (per box and route: encoder /
    decoder, at the route's crop size and at the full crop).
 4. peak: a bf16 matmul on the device, the ceiling the model's FLOP/s is compared with.
+5. train (`--train`, off by default): the training loop of `mal train` (`mal_cli.train.train`, no validation,
+   no progress bar) in a fresh subprocess for `--train-steps` steps at `--train-crop-size` and
+   `--train-batch-size`, on the whole DATASET. From its metrics.jsonl (a line every 5 steps: step, seconds
+   since the loop began): steady samples/s = samples between the first logged step >= `--train-warmup` and
+   the last one / the time between them (process start-up, DataLoader workers and kernel/allocator warm-up
+   left out), the overall rate, the wall time and the peak RSS of the process (GPU: peak allocated memory).
+   FLOPs per training sample (FlopCounterMode: student forward + backward + EMA-teacher forward; matmul, conv
+   and attention only, the CRF and the augmentation are elementwise and not counted) at that crop, weighted
+   by the routes of the dataset's training boxes, give the achieved TFLOP/s and, with `peak`, the fraction
+   of the bf16 peak. Without `--backbone-weights` the run uses random backbone weights (the same cost;
+   nothing is downloaded).
 
 `--json FILE` writes everything as JSON; the table goes to stderr. No figure here is asserted anywhere:
 timings on a shared machine are noisy, repeat them.
@@ -35,7 +46,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import orjson
 
-__all__ = ["run_bench", "measure_peak_flops", "model_benchmark", "stage_benchmark", "end_to_end"]
+__all__ = [
+    "run_bench", "measure_peak_flops", "model_benchmark", "stage_benchmark", "end_to_end", "train_benchmark",
+    "training_flops_per_sample",
+]
 
 
 def _subset(dataset: str, limit: Optional[int], folder: Path) -> tuple[str, int, int]:
@@ -277,7 +291,7 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
     # and at the full crop, so the saving of smaller crops is visible.
     per_route = {}
     bins = model.decoder.area_bins
-    route_areas = [max(bins[0] / 2, 1.0)] + [b * 1.01 for b in bins]
+    route_areas = _route_probe_areas(bins)
     with torch.inference_mode():
         for scale, area, size in zip(model.decoder.route_scales, route_areas, plan.sizes):
             entry = {"crop_size": size}
@@ -349,6 +363,238 @@ def measure_peak_flops(device: str, size: Optional[int] = None, iterations: int 
     return {"device": str(dev), "matmul_n": n, "tflop_per_s": round(2 * n**3 / min(times) / 1e12, 4)}
 
 
+def _route_probe_areas(bins: Sequence[float]) -> list[float]:
+    """One box area inside each route: below the first limit, then just above each limit."""
+    return [max(bins[0] / 2, 1.0)] + [b * 1.01 for b in bins]
+
+
+def training_flops_per_sample(
+    crop_size: int,
+    backbone: Optional[str] = None,
+    device: str = "cpu",
+    areas: Optional[Sequence[float]] = None,
+) -> dict:
+    """FLOPs of one training sample at `crop_size`: student forward + backward + EMA-teacher forward.
+
+    The labeler is built as `mal train` builds it (`LabelerConfig(backbone, crop_size)`, random weights: the
+    count depends on shapes only). Per route (the decoder's cost depends on the box's route), a batch of 2
+    random crops is counted with `FlopCounterMode` (matmul, conv and attention; elementwise ops, the CRF and
+    the augmentation are not counted) under the bf16 autocast training uses on a GPU, and divided by 2.
+    `gflop_per_sample` is the mean over `areas`' routes (the training boxes' areas), or over the routes
+    equally when `areas` is None.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mal_cli.modeling.labeler import LabelerConfig, MaskLabeler
+    from mal_cli.predictor import resolve_device
+    from mal_cli.train import TrainConfig
+
+    dev = resolve_device(device)
+    backbone = backbone or TrainConfig.backbone
+    model = MaskLabeler(LabelerConfig(backbone=backbone, crop_size=crop_size)).to(dev).train()
+    decoder = model.decoder
+    probe_areas = _route_probe_areas(decoder.area_bins)
+    n_routes = len(decoder.route_scales)
+    if areas is not None and len(areas):
+        routes = decoder.route(torch.as_tensor(np.asarray(areas, dtype=np.float32))).tolist()
+        share = [routes.count(r) / len(routes) for r in range(n_routes)]
+    else:
+        share = [1 / n_routes] * n_routes
+
+    def count(fn) -> float:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    gen = torch.Generator().manual_seed(0)
+    by_route: dict[str, dict] = {}
+    per_sample = 0.0
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    for r, scale in enumerate(decoder.route_scales):
+        entry: dict[str, Any] = {"share": round(share[r], 4)}
+        if share[r] > 0:
+            crops = (torch.rand(2, 3, crop_size, crop_size, generator=gen) * 255).to(dev)
+            box_areas = torch.full((2,), float(probe_areas[r]), device=dev)
+            holder: dict[str, torch.Tensor] = {}
+
+            def student_forward() -> None:
+                with autocast:
+                    holder["logits"] = model(crops, box_areas)[:, 0].float()
+
+            def teacher_forward() -> None:
+                with torch.no_grad(), autocast:
+                    model(crops, box_areas)
+
+            fwd = count(student_forward)
+            bwd = count(lambda: holder.pop("logits").sum().backward())
+            model.zero_grad(set_to_none=True)
+            teacher = count(teacher_forward)
+            total = (fwd + bwd + teacher) / 2
+            entry.update({
+                "student_forward_gflop": round(fwd / 2e9, 4),
+                "student_backward_gflop": round(bwd / 2e9, 4),
+                "teacher_forward_gflop": round(teacher / 2e9, 4),
+                "gflop": round(total / 1e9, 4),
+            })
+            per_sample += share[r] * total
+        by_route[f"x{scale:g}"] = entry
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "crop_size": crop_size,
+        "backbone": backbone,
+        "gflop_per_sample": round(per_sample / 1e9, 4),
+        "flop_per_sample": per_sample,
+        "by_route": by_route,
+    }
+
+
+def _steady_rate(log: Sequence[dict], batch_size: int, warmup_steps: int, world_size: int = 1) -> dict:
+    """Samples/s between the first logged step >= warmup_steps and the last logged step (None if they coincide)."""
+    timed = sorted((row for row in log if "time" in row), key=lambda row: row["step"])
+    if not timed:
+        return {"samples_per_s_steady": None, "steady_from_step": None, "steady_to_step": None, "steady_seconds": None}
+    last = timed[-1]
+    first = next((row for row in timed if row["step"] >= warmup_steps), last)
+    steps = last["step"] - first["step"]
+    seconds = last["time"] - first["time"]
+    rate = steps * batch_size * world_size / seconds if steps > 0 and seconds > 0 else None
+    return {
+        "samples_per_s_steady": round(rate, 3) if rate is not None else None,
+        "steady_from_step": first["step"],
+        "steady_to_step": last["step"],
+        "steady_seconds": round(seconds, 4) if steps > 0 else None,
+    }
+
+
+def _train_child(config_json: str, result_json: str) -> None:
+    """The training subprocess of `train_benchmark`: `mal_cli.train.train` on a stored TrainConfig."""
+    import logging
+
+    import torch
+
+    from mal_cli.errors import MalError
+    from mal_cli.predictor import resolve_device
+    from mal_cli.train import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    config = TrainConfig(**orjson.loads(Path(config_json).read_bytes()))
+    try:
+        final = train(config, progress=False)
+    except MalError as err:
+        print(f"mal train: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    info: dict[str, Any] = {"final": final, "torch": torch.__version__}
+    dev = resolve_device(config.device)
+    if dev.type == "cuda":
+        info["gpu_name"] = torch.cuda.get_device_name(dev)
+        info["gpu_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        info["gpu_peak_reserved_mib"] = round(torch.cuda.max_memory_reserved(dev) / 2**20, 1)
+    Path(result_json).write_bytes(orjson.dumps(info, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def train_benchmark(
+    dataset: str,
+    images: str,
+    device: str,
+    crop_size: int = 504,
+    batch_size: int = 64,
+    steps: int = 60,
+    warmup_steps: int = 20,
+    workers: Optional[int] = None,
+    backbone_weights: Optional[str] = None,
+    backbone: Optional[str] = None,
+    log_every: int = 5,
+    folder: Optional[Path] = None,
+    count_flops: bool = True,
+) -> dict:
+    """Training throughput: `steps` steps of the `mal train` loop in a subprocess (see the module docstring, 5).
+
+    Returns steady and overall samples/s, the logged (step, time) points they come from, wall time, peak
+    RSS (and GPU memory), and GFLOP per sample / achieved TFLOP/s (`count_flops`, counted in this process
+    on `device` after the run). `workers`/`backbone` None: `mal train`'s defaults. World size 1.
+    """
+    from mal_cli.dataset import load_dataset
+    from mal_cli.predictor import resolve_device
+    from mal_cli.train import TrainConfig, collect_training_boxes
+
+    if steps <= warmup_steps:
+        raise ValueError(f"train steps ({steps}) must exceed the warm-up steps ({warmup_steps})")
+    defaults = TrainConfig()
+    config = TrainConfig(
+        annotations=str(dataset), images=str(images), backbone=backbone or defaults.backbone,
+        backbone_weights=str(backbone_weights) if backbone_weights else None, crop_size=crop_size,
+        batch_size=batch_size, max_steps=steps, device=device,
+        workers=defaults.workers if workers is None else workers, log_every=log_every,
+        checkpoint_every=steps,  # one checkpoint, after the last logged step (outside the timed window)
+        val=None,
+    )
+    with tempfile.TemporaryDirectory(prefix="mal-bench-train-", dir=folder) as tmp:
+        run_dir = Path(tmp) / "run"
+        config.out = str(run_dir)
+        config_path, info_path = Path(tmp) / "train_config.json", Path(tmp) / "train_result.json"
+        config_path.write_bytes(orjson.dumps(config.to_dict()))
+        cmd = [sys.executable, "-m", "mal_cli.bench", "train-child", str(config_path), str(info_path)]
+        env = dict(os.environ)
+        if not backbone_weights:
+            env["HF_HUB_OFFLINE"] = "1"  # random backbone weights: the same cost, and no download in a benchmark
+        start = time.perf_counter()
+        with tempfile.TemporaryFile() as err_file:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, as in end_to_end
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            wall = time.perf_counter() - start
+            err_file.seek(0)
+            err = err_file.read()
+        if proc.returncode != 0:
+            raise RuntimeError(f"mal train (bench) failed: {err.decode(errors='replace').strip()[-2000:]}")
+        metrics_path = run_dir / "metrics.jsonl"
+        rows = [orjson.loads(line) for line in metrics_path.read_bytes().splitlines() if line.strip()]
+        info = orjson.loads(info_path.read_bytes()) if info_path.is_file() else {}
+    log = [{"step": int(r["step"]), "time": float(r["time"]), "samples_per_s": float(r["samples_per_s"])}
+           for r in rows if "time" in r]
+    if not log:
+        raise RuntimeError(f"mal train (bench) logged no timed steps in {metrics_path}")
+    last = log[-1]
+    steady = _steady_rate(log, batch_size, warmup_steps)
+    final = info.get("final", {})
+    result: dict[str, Any] = {
+        "device": str(resolve_device(device)),
+        "backbone": config.backbone,
+        "backbone_weights": config.backbone_weights or "random",
+        "crop_size": crop_size,
+        "batch_size": batch_size,
+        "world_size": 1,
+        "steps": last["step"],
+        "warmup_steps": warmup_steps,
+        "workers": config.workers,
+        "amp": config.amp,
+        "crf_iterations": config.crf_iterations,
+        **steady,
+        "samples_per_s_overall": round(last["step"] * batch_size / last["time"], 3) if last["time"] > 0 else None,
+        "seconds_in_loop": round(last["time"], 4),
+        "seconds_wall": round(wall, 3),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1) if usage.ru_maxrss else None,
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+        "skipped_nonfinite": final.get("skipped_nonfinite"),
+        "log": log,
+    }
+    for key in ("gpu_name", "gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "torch"):
+        if key in info:
+            result[key] = info[key]
+    if count_flops:
+        records = collect_training_boxes(load_dataset(dataset), images, config.min_box_area, config.min_box_side)
+        flops = training_flops_per_sample(crop_size, config.backbone, device, [r.area for r in records])
+        result["gflop_per_sample"] = flops["gflop_per_sample"]
+        result["gflop_per_sample_by_route"] = flops["by_route"]
+        rate = result["samples_per_s_steady"]
+        result["tflop_per_s"] = round(rate * flops["flop_per_sample"] / 1e12, 5) if rate else None
+    return result
+
+
 def synthetic_dataset(out: str | Path, images: int, boxes: int, image_dir: str | Path, files: int = 8,
                       size: int = 32, categories: int = 1203, seed: int = 0, masks: bool = False) -> dict:
     """An LVIS-scale stand-in: `images` records over `boxes` boxes, all pointing at `files` tiny PNGs.
@@ -414,8 +660,16 @@ def run_bench(
     peak: bool = True,
     stage_limit: Optional[int] = 512,
     crop_sizes: Optional[str] = None,
+    train: bool = False,
+    train_crop_size: int = 504,
+    train_batch_size: int = 64,
+    train_steps: int = 60,
+    train_warmup: int = 20,
+    train_workers: Optional[int] = None,
+    backbone_weights: Optional[str] = None,
+    backbone: Optional[str] = None,
 ) -> dict:
-    """All measurements (see the module docstring) as one JSON-able dict."""
+    """All measurements (see the module docstring) as one JSON-able dict. `methods` may be empty (e.g. only `train`)."""
     import torch
 
     from mal_cli.predictor import resolve_device
@@ -439,6 +693,11 @@ def run_bench(
         for method in methods:
             result["end_to_end"][method] = end_to_end(subset, images, method, checkpoint, device, batch_size, workers, folder,
                                                       crop_sizes=crop_sizes)
+        if train:
+            # Before anything below allocates device memory in this process: the training run gets the whole device.
+            # On the whole DATASET (--limit applies to labelling only).
+            result["train"] = train_benchmark(dataset, images, device, train_crop_size, train_batch_size, train_steps,
+                                              train_warmup, train_workers, backbone_weights, backbone, folder=folder)
         if stages:
             result["stages"] = {m: stage_benchmark(subset, images, checkpoint, device, batch_size, m,
                                                    stage_limit if m == "mal" else None, crop_sizes) for m in methods}
@@ -449,6 +708,8 @@ def run_bench(
         result["peak"] = measure_peak_flops(device)
         if "model" in result and result["peak"]["tflop_per_s"]:
             result["model"]["fraction_of_peak"] = round(result["model"]["tflop_per_s"] / result["peak"]["tflop_per_s"], 4)
+        if result.get("train", {}).get("tflop_per_s") and result["peak"]["tflop_per_s"]:
+            result["train"]["fraction_of_peak"] = round(result["train"]["tflop_per_s"] / result["peak"]["tflop_per_s"], 4)
     result["bench_peak_rss_mib"] = _rss_mib()
     return result
 
@@ -475,10 +736,29 @@ def bench_table(result: dict):
             table.add_row(f"  route {route}, crop {f['crop_size']}: encoder + decoder GFLOP/box",
                           f"{f['encoder_gflop']} + {f['decoder_gflop']}")
         table.add_row("model achieved TFLOP/s", str(m["tflop_per_s"]))
+    if "train" in result:
+        t = result["train"]
+        weights = "random" if t["backbone_weights"] == "random" else "file"
+        table.add_row(f"train ({t['backbone']}, {weights} weights, crop {t['crop_size']}, batch {t['batch_size']}, "
+                      f"{t['workers']} workers): samples/s steady (steps {t['steady_from_step']}-{t['steady_to_step']})",
+                      str(t["samples_per_s_steady"]))
+        table.add_row(f"train: samples/s overall ({t['steps']} steps in {t['seconds_in_loop']:.2f} s; wall {t['seconds_wall']:.1f} s)",
+                      str(t["samples_per_s_overall"]))
+        memory = f"{t['peak_rss_mib']} MiB"
+        if "gpu_peak_allocated_mib" in t:
+            memory += f"; GPU {t['gpu_peak_allocated_mib']} MiB allocated"
+        table.add_row("train: peak RSS", memory)
+        if "gflop_per_sample" in t:
+            table.add_row("train GFLOP/sample (student fwd + bwd + teacher fwd)", str(t["gflop_per_sample"]))
+            table.add_row("train achieved TFLOP/s (steady)", str(t["tflop_per_s"]))
+        if t.get("skipped_nonfinite"):
+            table.add_row("train: steps skipped (non-finite loss)", str(t["skipped_nonfinite"]))
     if "peak" in result:
         table.add_row(f"bf16 matmul peak TFLOP/s (n={result['peak']['matmul_n']})", str(result["peak"]["tflop_per_s"]))
         if "model" in result and "fraction_of_peak" in result["model"]:
             table.add_row("model / peak", f"{100 * result['model']['fraction_of_peak']:.1f} %")
+        if "fraction_of_peak" in result.get("train", {}):
+            table.add_row("train / peak", f"{100 * result['train']['fraction_of_peak']:.1f} %")
     return table
 
 
@@ -486,6 +766,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import argparse
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-child"]:  # internal: the subprocess of train_benchmark
+        _train_child(argv[1], argv[2])
+        return
     if argv[:1] == ["synthetic"]:
         parser = argparse.ArgumentParser(prog="python -m mal_cli.bench synthetic", description=synthetic_dataset.__doc__.split("\n")[0])
         parser.add_argument("out")
@@ -506,16 +789,30 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="default: as mal label")
     parser.add_argument("--crop-sizes", default=None, help="as mal label (default: its default)")
     parser.add_argument("--limit", type=int, default=None, help="First whole images holding at least N boxes.")
-    parser.add_argument("--method", choices=("both", "mal", "box"), default="both")
+    parser.add_argument("--method", choices=("both", "mal", "box", "none"), default="both",
+                        help="none: no labelling benchmark (e.g. with --train)")
     parser.add_argument("--no-stages", action="store_true")
     parser.add_argument("--no-model", action="store_true")
     parser.add_argument("--no-peak", action="store_true")
+    parser.add_argument("--train", action="store_true", help="Also measure training throughput (mal train's loop).")
+    parser.add_argument("--train-crop-size", type=int, default=504, help="Training crop side (a multiple of the patch size).")
+    parser.add_argument("--train-batch-size", type=int, default=64)
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--train-warmup", type=int, default=20, help="Steps left out of the steady rate.")
+    parser.add_argument("--train-workers", type=int, default=None, help="default: as mal train")
+    parser.add_argument("--backbone-weights", default=None, help="ViT weights file (default: random weights)")
+    parser.add_argument("--backbone", default=None, help="timm ViT name (default: as mal train)")
     parser.add_argument("--json", default=None, help="Write the results here.")
     args = parser.parse_args(argv)
-    methods = ("mal", "box") if args.method == "both" else (args.method,)
+    methods = {"both": ("mal", "box"), "none": ()}.get(args.method, (args.method,))
+    if args.train and args.train_steps <= args.train_warmup:
+        parser.error("--train-steps must exceed --train-warmup")
     result = run_bench(args.dataset, args.images, args.checkpoint, args.device, args.batch_size, args.workers,
                        args.limit, methods, stages=not args.no_stages, model=not args.no_model, peak=not args.no_peak,
-                       crop_sizes=args.crop_sizes)
+                       crop_sizes=args.crop_sizes, train=args.train, train_crop_size=args.train_crop_size,
+                       train_batch_size=args.train_batch_size, train_steps=args.train_steps,
+                       train_warmup=args.train_warmup, train_workers=args.train_workers,
+                       backbone_weights=args.backbone_weights, backbone=args.backbone)
     from rich.console import Console
 
     Console(stderr=True).print(bench_table(result))

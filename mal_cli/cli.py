@@ -414,7 +414,9 @@ def export_yolo_command(
     epilog=(
         "Examples:\n\n"
         "  mal bench coco/annotations.json --images coco/images --limit 500 --json bench.json\n\n"
-        "  mal bench boxes.json --images imgs/ --device cuda --batch-size 256 --workers 14"
+        "  mal bench boxes.json --images imgs/ --device cuda --batch-size 256 --workers 14\n\n"
+        "  mal bench boxes.json --images imgs/ --device cuda --method none --train --train-crop-size 504 "
+        "--train-batch-size 64 --backbone-weights models/dinov2_vits14_timm.pth"
     ),
 )
 def bench_command(
@@ -426,22 +428,47 @@ def bench_command(
     workers: Optional[int] = typer.Option(None, help="Worker processes of `mal label` (default: its default)."),
     crop_sizes: Optional[str] = typer.Option(None, "--crop-sizes", metavar="S,M,L", help="As `mal label --crop-sizes` (default: its default)."),
     limit: Optional[int] = typer.Option(None, help="Use the first whole images holding at least N boxes."),
-    method: str = typer.Option("both", help="both, mal or box (box: the pipeline alone, no model)."),
+    method: str = typer.Option(
+        "both", help="both, mal, box or none (box: the pipeline alone, no model; none: no labelling benchmark, e.g. with --train)."
+    ),
     stages: bool = typer.Option(True, "--stages/--no-stages", help="Time the pipeline's stages apart (serial pass)."),
     model: bool = typer.Option(True, "--model/--no-model", help="Time the model alone and count its FLOPs."),
     peak: bool = typer.Option(True, "--peak/--no-peak", help="Measure a bf16 matmul peak to compare the model with."),
+    train: bool = typer.Option(
+        False, "--train/--no-train",
+        help="Also measure training throughput: `mal train`'s loop in a subprocess on DATASET (no validation), "
+             "steady samples/s after --train-warmup steps, GFLOP/sample and TFLOP/s.",
+    ),
+    train_crop_size: int = typer.Option(504, help="Training crop side (a multiple of the patch size; 504 = 36 x 14 for ViT-S/14, about 512)."),
+    train_batch_size: int = typer.Option(64, help="Training boxes per step."),
+    train_steps: int = typer.Option(60, help="Training steps to run."),
+    train_warmup: int = typer.Option(20, help="Training steps left out of the steady rate (start-up, warm-up)."),
+    train_workers: Optional[int] = typer.Option(None, help="Data-loading workers of the training run (default: mal train's, 2)."),
+    backbone_weights: Optional[Path] = typer.Option(
+        None, help="ViT weights file for the training run (as `mal train --backbone-weights`; default: random weights, the same cost)."
+    ),
+    backbone: Optional[str] = typer.Option(None, help="timm ViT name for the training run (default: mal train's, vit_small_patch14_dinov2)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all figures as JSON here."),
 ) -> None:
-    """Benchmark `mal label`: boxes/s end to end, time per stage, peak memory, model FLOP/s vs the device peak."""
+    """Benchmark `mal label` and, with --train, `mal train`: throughput, memory, FLOP/s vs the device peak.
+
+    Labelling: boxes/s end to end, time per stage, peak memory, the model alone. Training (--train): steady and
+    overall samples/s of `mal train`'s loop, GFLOP per sample and achieved TFLOP/s.
+    """
     from rich.console import Console
 
     from mal_cli.bench import bench_table, run_bench
 
-    if method not in ("both", "mal", "box"):
-        raise typer.BadParameter("--method must be both, mal or box")
-    methods = ("mal", "box") if method == "both" else (method,)
+    if method not in ("both", "mal", "box", "none"):
+        raise typer.BadParameter("--method must be both, mal, box or none")
+    if train and train_steps <= train_warmup:
+        raise typer.BadParameter("--train-steps must exceed --train-warmup")
+    methods = {"both": ("mal", "box"), "none": ()}.get(method, (method,))
     result = run_bench(dataset, str(images), str(checkpoint) if checkpoint else None, device, batch_size, workers,
-                       limit, methods, stages=stages, model=model, peak=peak, crop_sizes=crop_sizes)
+                       limit, methods, stages=stages, model=model, peak=peak, crop_sizes=crop_sizes, train=train,
+                       train_crop_size=train_crop_size, train_batch_size=train_batch_size, train_steps=train_steps,
+                       train_warmup=train_warmup, train_workers=train_workers,
+                       backbone_weights=str(backbone_weights) if backbone_weights else None, backbone=backbone)
     Console(stderr=True).print(bench_table(result))
     if json_out:
         import orjson

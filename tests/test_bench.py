@@ -63,3 +63,70 @@ def test_fast_paste_matches_grid_sample():
         assert fast.shape == slow.shape and fast.dtype == np.float32
         if slow.size:
             np.testing.assert_allclose(fast, slow, atol=1e-4)
+
+
+def test_bench_train_only_json_fields(tmp_path):
+    """`--method none --train`: only the training benchmark, a tiny ViT on CPU; figures consistent with the log."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench", MINI16, "--images", IMAGES, "--method", "none", "--train", "--device", "cpu", "--no-peak",
+        "--train-crop-size", "48", "--train-batch-size", "4", "--train-steps", "10", "--train-warmup", "5",
+        "--train-workers", "0", "--backbone", "vit_tiny_patch16_224", "--json", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["end_to_end"] == {} and "model" not in report and "peak" not in report
+    train = report["train"]
+    assert (train["crop_size"], train["batch_size"], train["steps"], train["workers"]) == (48, 4, 10, 0)
+    assert train["backbone"] == "vit_tiny_patch16_224" and train["backbone_weights"] == "random"
+    log = {row["step"]: row for row in train["log"]}
+    assert sorted(log) == [5, 10]  # logged every 5 steps
+    assert (train["steady_from_step"], train["steady_to_step"]) == (5, 10)
+    # steady = samples between the two logged steps / the time between them; the logged running rate agrees
+    a, b = log[5], log[10]
+    assert train["samples_per_s_steady"] == pytest.approx((10 - 5) * 4 / (b["time"] - a["time"]), rel=1e-3)
+    samples = b["samples_per_s"] * b["time"] - a["samples_per_s"] * a["time"]
+    assert samples == pytest.approx(5 * 4, rel=1e-6)
+    assert train["samples_per_s_overall"] == pytest.approx(b["samples_per_s"], rel=1e-3)
+    assert train["samples_per_s_steady"] > 0 and train["samples_per_s_overall"] > 0
+    assert train["seconds_wall"] >= train["seconds_in_loop"] > 0
+    assert train["peak_rss_mib"] > 0
+    assert train["gflop_per_sample"] > 0
+    assert train["tflop_per_s"] == pytest.approx(train["samples_per_s_steady"] * train["gflop_per_sample"] / 1000, rel=1e-2)
+    # mini16's training boxes (area > 2048) route to x1 and x2 only
+    routes = train["gflop_per_sample_by_route"]
+    assert routes["x0.5"]["share"] == 0 and routes["x1"]["share"] + routes["x2"]["share"] == pytest.approx(1)
+
+
+def test_training_flops_grow_with_crop_size():
+    from mal_cli.bench import training_flops_per_sample
+
+    small = training_flops_per_sample(32, "vit_tiny_patch16_224", "cpu")
+    large = training_flops_per_sample(64, "vit_tiny_patch16_224", "cpu")
+    # 4x the patches (plus one class token) and 4x the decoder's pixels: about 4x the FLOPs
+    assert 3.5 < large["gflop_per_sample"] / small["gflop_per_sample"] < 4.5
+    for route in small["by_route"].values():
+        # backward about twice the forward; the teacher's forward equals the student's
+        assert route["student_backward_gflop"] > route["student_forward_gflop"] == route["teacher_forward_gflop"] > 0
+    # route weights follow the areas given: only the x2 route here
+    only_large = training_flops_per_sample(32, "vit_tiny_patch16_224", "cpu", areas=[20000.0, 30000.0])
+    assert only_large["gflop_per_sample"] == pytest.approx(small["by_route"]["x2"]["gflop"], rel=1e-3)
+
+
+def test_steady_rate_window():
+    from mal_cli.bench import _steady_rate
+
+    log = [{"step": s, "time": 1.0 + 0.5 * s} for s in (5, 10, 15, 20)]
+    steady = _steady_rate(log, batch_size=8, warmup_steps=7)
+    assert (steady["steady_from_step"], steady["steady_to_step"]) == (10, 20)
+    assert steady["samples_per_s_steady"] == pytest.approx(10 * 8 / 5.0)
+    # no logged step after the warm-up but the last one: no steady rate
+    assert _steady_rate(log, batch_size=8, warmup_steps=20)["samples_per_s_steady"] is None
+
+
+def test_train_benchmark_failure_reports_stderr(tmp_path):
+    from mal_cli.bench import train_benchmark
+
+    with pytest.raises(RuntimeError, match="mal train.*failed.*vit_no_such_model"):
+        train_benchmark(MINI16, IMAGES, "cpu", crop_size=32, batch_size=2, steps=2, warmup_steps=1, workers=0,
+                        backbone="vit_no_such_model", folder=tmp_path)
