@@ -209,7 +209,7 @@ def label_command(
         None, "--crop-sizes", metavar="S,M,L",
         help="Crop size for small, medium and large boxes (box area limits 32², 96²; multiples of the patch size), "
         "or 'full' (the model's crop size for all: the exact model, slower). Default: 3/4, 7/8 and all of the "
-        "model's crop (168,196,224 for the shipped model: 1.37x faster on a CPU for 0.3 mIoU less; see README 'Performance').",
+        "model's crop (168,196,224 for the shipped model: 1.4x faster on a CPU for 0.3 mIoU less; see README 'Performance').",
     ),
     threshold: Optional[float] = typer.Option(None, help="Mask probability threshold (default: the checkpoint's, 0.5)."),
     flip: bool = typer.Option(False, "--flip", help="Average with the horizontally flipped crop (2x compute)."),

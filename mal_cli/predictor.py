@@ -165,8 +165,8 @@ class BoxPredictor:
 
 
 # Default crop size per route, as a fraction of the model's crop: small boxes at 3/4, medium at 7/8, large
-# at the full crop. Measured with the shipped model on the dev set (README "Performance"): 1.24x fewer
-# FLOPs per box than the full crop for all, 1.37x faster on a 2-core CPU, mIoU 75.0 instead of 75.3.
+# at the full crop. Measured with the shipped model on the dev set (README "Performance"): 1.23x fewer
+# FLOPs per box than the full crop for all, 1.4x faster on a 2-core CPU, mIoU 75.0 instead of 75.3.
 # `--crop-sizes full` is the exact model.
 DEFAULT_CROP_FRACTIONS = (0.75, 0.875, 1.0)
 
