@@ -178,7 +178,7 @@ def stage_benchmark(
     dev = predictor.device if predictor else torch.device("cpu")
     t = dict.fromkeys(("decode", "crop", "model", "paste", "rle", "write"), 0.0)
     boxes_done = 0
-    batch: list = []  # (image record, anns, hw, regions, crops)
+    batch: list = []  # (image record, anns, hw, regions, crops, areas)
 
     def flush(batch) -> None:
         nonlocal boxes_done
@@ -186,13 +186,13 @@ def stage_benchmark(
             return
         if predictor is not None:
             crops = BoxCrops.cat([b[4] for b in batch])
-            areas = torch.tensor([max(float(a["bbox"][2]) * float(a["bbox"][3]), 0.0) for b in batch for a in b[1]])
+            areas = torch.tensor([area for b in batch for area in b[5]])
             s = time.perf_counter()
             probs = predictor.predict_crops(crops, areas, batch_size).numpy()
             sync(dev)
             t["model"] += time.perf_counter() - s
         k = 0
-        for image, anns, hw, regions, _ in batch:
+        for image, anns, hw, regions, _, _ in batch:
             results = []
             for j, ann in enumerate(anns):
                 xyxy = _box_xyxy(ann["bbox"])
@@ -223,7 +223,7 @@ def stage_benchmark(
         if max_boxes is not None and boxes_done + pending >= max_boxes:
             break
         hw = (int(image["height"]), int(image["width"]))
-        regions, crops = [], None
+        regions, crops, areas = [], None, [geometry.box_area(a["bbox"]) for a in anns]
         if predictor is not None:
             s = time.perf_counter()
             pixels = load_rgb(Path(images) / image_file_name(image, dataset), expected_hw=hw)
@@ -231,10 +231,9 @@ def stage_benchmark(
             s = time.perf_counter()
             regions = [geometry.crop_region(_box_xyxy(a["bbox"]), predictor.margins) for a in anns]
             chw = torch.from_numpy(np.array(pixels, copy=not pixels.flags.writeable)).permute(2, 0, 1)
-            areas = [max(float(a["bbox"][2]) * float(a["bbox"][3]), 0.0) for a in anns]
             crops = predictor.crop_plan.crops(chw, regions, areas)
             t["crop"] += time.perf_counter() - s
-        batch.append((image, anns, hw, regions, crops))
+        batch.append((image, anns, hw, regions, crops, areas))
         pending += len(anns)
         if pending >= batch_size:
             flush(batch)
@@ -253,8 +252,10 @@ def stage_benchmark(
 
 def _route_areas(dataset: str, n: int) -> np.ndarray:
     """`n` box areas cycling through the dataset's own boxes (so the batch routes like the data)."""
+    from mal_cli import geometry
+
     raw = orjson.loads(Path(dataset).read_bytes())
-    areas = np.array([max(float(a["bbox"][2]) * float(a["bbox"][3]), 0.0) for a in raw["annotations"]] or [1.0])
+    areas = np.array([geometry.box_area(a["bbox"]) for a in raw["annotations"]] or [1.0])
     return np.resize(areas, n)
 
 
@@ -297,8 +298,9 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
             entry = {"crop_size": size}
             for key, crop in (("", size), ("full_crop_", model.config.crop_size)):
                 probe = torch.rand(2, 3, crop, crop, device=dev) * 255
-                feats = model.encoder((probe - model.pixel_mean) / model.pixel_std)
-                enc = count(lambda: model.encoder((probe - model.pixel_mean) / model.pixel_std)) / 2
+                out: dict = {}
+                enc = count(lambda: out.setdefault("features", model.encoder((probe - model.pixel_mean) / model.pixel_std))) / 2
+                feats = out["features"]
                 dec = count(lambda: model.decoder(feats, torch.full((2,), float(area), device=dev),
                                                   grid_size=model.encoder.grid_size)) / 2
                 entry[f"{key}encoder_gflop"] = round(enc / 1e9, 3)

@@ -32,6 +32,11 @@ def xywh_to_xyxy(box: Sequence[float]) -> tuple[float, float, float, float]:
     return (x, y, x + w, y + h)
 
 
+def box_area(box_xywh: Sequence[float]) -> float:
+    """w * h of a COCO box, never negative: the area the decoder routes by (and crop plans size by)."""
+    return max(float(box_xywh[2]) * float(box_xywh[3]), 0.0)
+
+
 @dataclass(frozen=True)
 class Margins:
     """Per-side expansion, each a fraction of that side's half-extent (0.3 on both sides = 1.3x)."""

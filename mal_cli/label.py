@@ -257,11 +257,6 @@ def _box_xyxy(bbox: Sequence) -> Optional[tuple[float, float, float, float]]:
     return (x, y, x + w, y + h)
 
 
-def _box_area(bbox: Sequence) -> float:
-    """w * h of a labellable box (what the decoder routes by)."""
-    return max(float(bbox[2]) * float(bbox[3]), 0.0)
-
-
 @dataclass
 class LoadedImage:
     job_index: int
@@ -313,7 +308,7 @@ class _ImageCropDataset(torch.utils.data.Dataset):
         crops = None
         if model_boxes:
             chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
-            crops = self.crop_plan.crops(chw, regions, [_box_area(job.boxes_xywh[i]) for i in model_boxes])
+            crops = self.crop_plan.crops(chw, regions, [geometry.box_area(job.boxes_xywh[i]) for i in model_boxes])
         return LoadedImage(index, hw, error, model_boxes, regions, crops)
 
 
@@ -769,7 +764,7 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
             if crops:
                 from mal_cli.predictor import BoxCrops
 
-                areas = torch.tensor([_box_area(job.boxes_xywh[i]) for job, item in zip(group, loaded) for i in item.model_boxes])
+                areas = torch.tensor([geometry.box_area(job.boxes_xywh[i]) for job, item in zip(group, loaded) for i in item.model_boxes])
                 probs_np = predictor.predict_crops(BoxCrops.cat(crops), areas, options.batch_size).numpy()
                 start = 0
                 for item in loaded:

@@ -158,7 +158,7 @@ class BoxPredictor:
         image = torch.from_numpy(np.array(image_hwc, copy=not image_hwc.flags.writeable)).permute(2, 0, 1)
         boxes = [geometry.xywh_to_xyxy(b) for b in boxes_xywh]
         regions = self.regions(boxes)
-        areas = torch.tensor([max(float(b[2]) * float(b[3]), 0.0) for b in boxes_xywh])
+        areas = torch.tensor([geometry.box_area(b) for b in boxes_xywh])
         probs = self.predict_crops(self.crop_plan.crops(image, regions, areas.tolist()), areas, batch_size=len(boxes))
         hw = (image_hwc.shape[0], image_hwc.shape[1])
         return [self.paste(p, b, r, hw) for p, b, r in zip(probs, boxes, regions)]

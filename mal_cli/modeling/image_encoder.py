@@ -7,6 +7,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from mal_cli.errors import InputError
@@ -62,7 +63,9 @@ class ImageEncoder(nn.Module):
         grid = images.shape[-1] // self.patch_size
         x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (B, grid^2, D), as PatchEmbed with flatten
         x = vit.patch_embed.norm(x)
-        pos_embed = self._resampled_pos_embed(grid).to(x.dtype)
+        prefix_len = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+        # Resampled per call: a bicubic on a (grid x grid x D) map, negligible next to the blocks.
+        pos_embed = resample_abs_pos_embed(vit.pos_embed, new_size=(grid, grid), num_prefix_tokens=prefix_len).to(x.dtype)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
         if getattr(vit, "no_embed_class", False):
             x = torch.cat(prefix + [x + pos_embed], dim=1)
@@ -70,20 +73,6 @@ class ImageEncoder(nn.Module):
             x = torch.cat(prefix + [x], dim=1) + pos_embed
         x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
         return vit.norm(vit.blocks(x))
-
-    def _resampled_pos_embed(self, grid: int) -> torch.Tensor:
-        from timm.layers import resample_abs_pos_embed
-
-        vit = self.vit
-        prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
-        if self.training or torch.is_grad_enabled():  # never cache a tensor that carries a graph
-            return resample_abs_pos_embed(vit.pos_embed, new_size=(grid, grid), num_prefix_tokens=prefix)
-        cache = self.__dict__.setdefault("_pos_embed_cache", {})
-        key = (grid, vit.pos_embed.data_ptr(), vit.pos_embed._version, vit.pos_embed.device, vit.pos_embed.dtype)
-        if key not in cache:
-            cache.clear()
-            cache[key] = resample_abs_pos_embed(vit.pos_embed, new_size=(grid, grid), num_prefix_tokens=prefix)
-        return cache[key]
 
 
 def _unwrap_state_dict(obj: object) -> dict:
@@ -103,8 +92,6 @@ def load_backbone_weights(encoder: ImageEncoder, path: str | Path) -> dict[str, 
     Position embeddings are resampled to the crop's token grid. Returns and logs the keys that were
     loaded, missing and unexpected, so a user sees exactly what a foreign checkpoint gave.
     """
-    from timm.layers import resample_abs_pos_embed
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"backbone weights not found: {path}")
