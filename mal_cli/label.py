@@ -49,7 +49,6 @@ import orjson
 import torch
 
 from mal_cli import geometry, masks
-from mal_cli.dataset import Dataset, _validate_results, image_file_name, load_any, load_dataset, read_json
 from mal_cli.fileio import atomic_write
 from mal_cli.errors import InputError, OutputError
 from mal_cli.score import BOX_METHOD_SCORE, FALLBACK_SCORE, mask_quality
@@ -144,46 +143,109 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 @dataclass
 class LabelInput:
-    """The document to label: a dataset (annotations) or a results list, and the images they refer to."""
+    """The boxes to label, in compact columns (~60 bytes a box): the document itself is not kept.
 
-    doc: Any  # the dict or list that is written back, with `records` labelled
-    records: list[dict]  # annotations or detections, in input order
-    images: list[dict]  # image records, in input order
-    is_results: bool
+    BOXES is a dataset (records = its annotations) or a results list (records = its detections, images from
+    --image-info). The output is written by streaming the file at `path` again (`write_output`).
+    """
+
+    path: Path  # BOXES (stdin is first copied to a temp file)
     source: str
+    is_results: bool
+    record_image: np.ndarray  # (N,) int32: each record's image position
+    record_bbox: np.ndarray  # (N, 4) float64 COCO boxes; NaN where a value is not a number
+    record_has_segmentation: np.ndarray  # (N,) bool
+    image_names: list  # per image position: its file name
+    image_hw: list  # per image position: recorded (height, width) or None
+    digest: str  # of the records' ids, images and boxes and the images' ids and sizes (the resume fingerprint)
+    temp_copy: bool = False  # `path` is a copy of stdin, removed by `close`
+
+    @property
+    def num_records(self) -> int:
+        return len(self.record_image)
+
+    def close(self) -> None:
+        if self.temp_copy:
+            self.path.unlink(missing_ok=True)
+
+
+def _stdin_copy() -> Path:
+    fd, name = tempfile.mkstemp(prefix="mal-label-stdin-", suffix=".json")
+    with os.fdopen(fd, "wb") as handle:
+        while chunk := sys.stdin.buffer.read(1 << 22):
+            handle.write(chunk)
+    return Path(name)
+
+
+def _info_images(path, source: str):
+    """The --image-info dataset's entries, without its annotations (a results list needs only its images)."""
+    from mal_cli.jsonstream import iter_document
+
+    for kind, key, value in iter_document(path, ("images", "annotations"), source):
+        if kind == "items" and key == "annotations":
+            continue
+        yield kind, key, value
 
 
 def load_label_input(boxes: str, image_info: Optional[str] = None) -> LabelInput:
-    """Read BOXES (dataset or results list, '-' = stdin); a results list needs `image_info` (a dataset)."""
-    from mal_cli.check import check_document
+    """Read BOXES (dataset or results list, '-' = stdin) in one streaming pass, checking it as `mal check` does
+    (every error at once; per-box problems become flagged fallbacks). A results list needs `image_info`."""
+    from mal_cli.check import DocumentCheck, finish_results
+    from mal_cli.jsonstream import iter_document
 
     source = "<stdin>" if boxes == "-" else str(boxes)
-    obj = read_json(boxes)
-    if isinstance(obj, list) and image_info is None:
-        raise InputError(
-            f"{source} is a detector results list: pass --image-info DATASET.json for the images' file names and sizes"
-        )
-    info_obj = read_json(image_info) if image_info is not None else None
-    # The cheap checks, before any work: all errors at once; per-box problems become flagged fallbacks.
-    report = check_document(obj, source, info_obj, str(image_info))
-    report.raise_errors()
-    if report.warnings:
-        log.warning("%s: %d box/image problem(s), labelled with flagged fallbacks: %s", source, report.warnings,
-                    report.summary("warning"))
-    loaded = _validate_results(obj, source) if isinstance(obj, list) else Dataset.from_dict(obj, source)
-    if isinstance(loaded, Dataset):
-        return LabelInput(loaded.raw, loaded.annotations, loaded.images, False, source)
-    info = Dataset.from_dict(info_obj, str(image_info))
-    known = info.image_by_id
-    for index, det in enumerate(loaded):
-        if det["image_id"] not in known:
-            raise InputError(f"{source}: result [{index}] refers to image id {det['image_id']}, not in {image_info}")
-    return LabelInput(loaded, loaded, info.images, True, source)
-
-
-def _has_segmentation(record: dict) -> bool:
-    seg = record.get("segmentation")
-    return bool(seg) if isinstance(seg, (list, dict)) else False
+    path = _stdin_copy() if boxes == "-" else Path(boxes)
+    try:
+        check = None
+        for kind, key, value in iter_document(path, ("images", "annotations"), source):
+            if check is None:
+                is_results = kind == "start" and key is None
+                if is_results and image_info is None:
+                    raise InputError(
+                        f"{source} is a detector results list: pass --image-info DATASET.json for the images' file names and sizes"
+                    )
+                check = DocumentCheck(source, results=is_results)
+            if kind == "start":
+                check.start(key)
+            elif kind == "items":
+                (check.images if key == "images" else check.records)(value)
+            else:
+                check.value(key, value)
+        if check.results:
+            info = DocumentCheck(str(image_info))
+            info_path = _stdin_copy() if image_info == "-" else image_info
+            try:
+                info_events = list(_info_images(info_path, str(image_info)))
+            finally:
+                if image_info == "-":
+                    Path(info_path).unlink(missing_ok=True)
+            for kind, key, value in info_events:
+                if kind == "start":
+                    info.start(key)
+                elif kind == "items" and key == "images":
+                    info.images(value)
+                elif kind == "value":
+                    info.value(key, value if key != "annotations" or not isinstance(value, list) else [])
+            report = finish_results(check, info)
+        else:
+            report = check.finish()
+        report.raise_errors()
+        if report.warnings:
+            log.warning("%s: %d box/image problem(s), labelled with flagged fallbacks: %s", source, report.warnings,
+                        report.summary("warning"))
+        digest = hashlib.sha256()
+        for column in (check.record_ids, check.record_image_ids):
+            digest.update(column.numpy().tobytes())
+            digest.update(orjson.dumps([[i, v if isinstance(v, (int, str)) else None] for i, v in sorted(column.other.items())]))
+        digest.update(check.record_bbox.tobytes())
+        digest.update(check.record_has_segmentation.tobytes())
+        digest.update(orjson.dumps([check.image_ids, check.image_plan_hw]))
+        return LabelInput(path, source, check.results, check.record_image, check.record_bbox, check.record_has_segmentation,
+                          check.image_names, check.image_plan_hw, digest.hexdigest(), temp_copy=boxes == "-")
+    except BaseException:
+        if boxes == "-":
+            path.unlink(missing_ok=True)
+        raise
 
 
 # --- the plan: images, groups, shards ---------------------------------------------------------------
@@ -196,33 +258,25 @@ class ImageJob:
     position: int  # the image's position in the input's image list
     path: str
     recorded_hw: Optional[tuple[int, int]]
-    record_positions: list[int]  # positions of its annotations in the input, in input order
-    boxes_xywh: list[list]
+    record_positions: np.ndarray  # positions of its records in the input, in input order
+    boxes_xywh: np.ndarray  # (k, 4) their boxes
 
 
 def plan_jobs(inp: LabelInput, images_dir: str | Path, only_missing: bool) -> list[ImageJob]:
     """Every image with at least one box to label, in input image order."""
-    position_of = {image["id"]: i for i, image in enumerate(inp.images)}
-    per_image: dict[int, list[int]] = {}
-    for rec_pos, record in enumerate(inp.records):
-        if only_missing and _has_segmentation(record):
-            continue
-        per_image.setdefault(position_of[record["image_id"]], []).append(rec_pos)
+    records = np.flatnonzero(~inp.record_has_segmentation) if only_missing else np.arange(inp.num_records)
+    images = inp.record_image[records]
+    order = np.argsort(images, kind="stable")  # by image; input order within an image
+    records, images = records[order], images[order]
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]]) if len(images) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(images)]
+    folder = Path(images_dir)
     jobs = []
-    for img_pos in sorted(per_image):
-        image = inp.images[img_pos]
-        h, w = image.get("height"), image.get("width")
-        hw = (int(h), int(w)) if isinstance(h, (int, float)) and isinstance(w, (int, float)) else None
-        positions = per_image[img_pos]
-        jobs.append(
-            ImageJob(
-                img_pos,
-                str(Path(images_dir) / image_file_name(image, inp.source)),
-                hw,
-                positions,
-                [inp.records[p]["bbox"] for p in positions],
-            )
-        )
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        position = int(images[start])
+        positions = records[start:end]
+        jobs.append(ImageJob(position, str(folder / inp.image_names[position]), inp.image_hw[position], positions,
+                             inp.record_bbox[positions]))
     return jobs
 
 
@@ -296,7 +350,8 @@ class _ImageCropDataset(torch.utils.data.Dataset):
                 error = str(err)
         model_boxes, regions = [], []
         if image is not None and self.need_pixels:
-            for i, bbox in enumerate(job.boxes_xywh):
+            boxes = job.boxes_xywh.tolist()
+            for i, bbox in enumerate(boxes):
                 xyxy = _box_xyxy(bbox)
                 if xyxy is None:
                     continue
@@ -308,7 +363,7 @@ class _ImageCropDataset(torch.utils.data.Dataset):
         crops = None
         if model_boxes:
             chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
-            crops = self.crop_plan.crops(chw, regions, [geometry.box_area(job.boxes_xywh[i]) for i in model_boxes])
+            crops = self.crop_plan.crops(chw, regions, [geometry.box_area(boxes[i]) for i in model_boxes])
         return LoadedImage(index, hw, error, model_boxes, regions, crops)
 
 
@@ -468,15 +523,20 @@ class ProgressIndex:
 # --- output -----------------------------------------------------------------------------------------
 
 
-def _labelled_records(inp: LabelInput, positions: Sequence[int], index: ProgressIndex, image_of_record: dict[int, int]) -> Iterator[bytes]:
-    for pos in positions:
-        record = inp.records[pos]
-        img_pos = image_of_record.get(pos)
-        result = index.results_of(img_pos).get(pos) if img_pos is not None else None
-        if result is not None:
-            record = {k: v for k, v in record.items() if k != "mal_fallback"}
-            record.update(result)
-        yield orjson.dumps(record)
+def _labelled_records(records: Iterator[list], keep: Optional[np.ndarray], record_image: np.ndarray, labelled: np.ndarray,
+                      index: ProgressIndex) -> Iterator[bytes]:
+    """The records (streamed again from the input, in order) that `keep` selects, with their results."""
+    position = 0
+    for chunk in records:
+        for record in chunk:
+            if keep is None or keep[position]:
+                if labelled[position]:
+                    result = index.results_of(int(record_image[position])).get(position)
+                    if result is not None:
+                        record = {k: v for k, v in record.items() if k != "mal_fallback"}
+                        record.update(result)
+                yield orjson.dumps(record)
+            position += 1
 
 
 def _write_json_array(handle, items: Iterator[bytes]) -> None:
@@ -488,33 +548,37 @@ def _write_json_array(handle, items: Iterator[bytes]) -> None:
     handle.write(b"]")
 
 
-def write_output(out: str, inp: LabelInput, records_bytes: Iterator[bytes], shard_info: Optional[dict]) -> None:
+def write_output(out: str, inp: LabelInput, labelled_records, shard_info: Optional[dict]) -> None:
     """Stream the labelled document to OUT (temp file + rename; '-' = stdout), keys in input order.
 
-    The bytes equal what `write_json_atomic(out, document)` writes: only the annotation list is streamed.
+    The input is streamed again (`jsonstream.iter_document`): every entry is written as read, the records'
+    array through `labelled_records(chunks) -> Iterator[bytes]`. The bytes equal what
+    `write_json_atomic(out, document)` of the labelled document would write.
     """
+    from mal_cli.jsonstream import iter_entries
 
     def emit(handle) -> None:
+        entries = iter_entries(inp.path, ("images", "annotations"), inp.source)
         if inp.is_results:
-            if shard_info is None:
-                _write_json_array(handle, records_bytes)
-            else:
-                handle.write(b'{"mal_shard":' + orjson.dumps(shard_info) + b',"results":')
-                _write_json_array(handle, records_bytes)
-                handle.write(b"}")
-        else:
-            handle.write(b"{")
-            for i, (key, value) in enumerate(inp.doc.items()):
-                if i:
-                    handle.write(b",")
-                handle.write(orjson.dumps(key) + b":")
-                if key == "annotations":
-                    _write_json_array(handle, records_bytes)
-                else:
-                    handle.write(orjson.dumps(value))
+            _, _, chunks = next(entries)
             if shard_info is not None:
-                handle.write(b',"mal_shard":' + orjson.dumps(shard_info))
-            handle.write(b"}")
+                handle.write(b'{"mal_shard":' + orjson.dumps(shard_info) + b',"results":')
+            _write_json_array(handle, labelled_records(chunks))
+            if shard_info is not None:
+                handle.write(b"}")
+            return
+        handle.write(b"{")
+        for i, (kind, key, value) in enumerate(entries):
+            handle.write((b"," if i else b"") + orjson.dumps(key) + b":")
+            if kind == "value":
+                handle.write(orjson.dumps(value))
+            elif key == "annotations":
+                _write_json_array(handle, labelled_records(value))
+            else:
+                _write_json_array(handle, (orjson.dumps(item) for chunk in value for item in chunk))
+        if shard_info is not None:
+            handle.write(b',"mal_shard":' + orjson.dumps(shard_info))
+        handle.write(b"}")
 
     if out == "-":
         emit(sys.stdout.buffer)
@@ -534,8 +598,7 @@ def write_output(out: str, inp: LabelInput, records_bytes: Iterator[bytes], shar
 
 def _fingerprint(inp: LabelInput, options: LabelOptions, shard: tuple[int, int], checkpoint: Optional[Path]) -> str:
     digest = hashlib.sha256()
-    digest.update(orjson.dumps([[r.get("id"), r["image_id"], r["bbox"], _has_segmentation(r)] for r in inp.records]))
-    digest.update(orjson.dumps([[im.get("id"), im.get("height"), im.get("width")] for im in inp.images]))
+    digest.update(inp.digest.encode())
     labels = {k: v for k, v in asdict(options).items() if k not in ("device", "workers", "checkpoint", "strict")}
     if checkpoint is not None:
         stat = checkpoint.stat()
@@ -623,6 +686,14 @@ def label_shard(
     if not Path(images_dir).is_dir():
         raise InputError(f"--images {images_dir}: no such folder")
     inp = load_label_input(boxes, image_info)  # before the model: input errors come fast
+    try:
+        return _label_input(inp, images_dir, out, options, shard, resume, keep_progress, progress_bar, start)
+    finally:
+        inp.close()
+
+
+def _label_input(inp: LabelInput, images_dir: str, out: str, options: LabelOptions, shard: tuple[int, int], resume: bool,
+                 keep_progress: bool, progress_bar: bool, start: float) -> LabelSummary:
     checkpoint = None
     predictor = None
     if options.method == "mal":
@@ -650,7 +721,7 @@ def label_shard(
                 f"or delete it to start over"
             )
         _, done = read_progress(progress_path, fingerprint)
-    header = {"mal_progress": PROGRESS_VERSION, "fingerprint": fingerprint, "records": len(inp.records), "shard": [k, n],
+    header = {"mal_progress": PROGRESS_VERSION, "fingerprint": fingerprint, "records": inp.num_records, "shard": [k, n],
               "source": inp.source}
     writer = ProgressWriter(progress_path, None if done else header)
 
@@ -673,28 +744,27 @@ def label_shard(
     # Write OUT from the progress file: this shard's images' records, in input order.
     _, offsets = read_progress(progress_path, fingerprint)
     my_positions_set = {j.position for g in my_groups for j in g}
-    image_of_record = {p: j.position for g in my_groups for j in g for p in j.record_positions}
-    position_of_image = {image["id"]: i for i, image in enumerate(inp.images)}
+    labelled = np.zeros(inp.num_records, dtype=bool)  # records this run has a result for
+    for g in my_groups:
+        for j in g:
+            labelled[j.record_positions] = True
     if n == 1:
-        positions = range(len(inp.records))
+        keep = None
         shard_info = None
     else:
         # Shards keep only their images' records; records of images with nothing to label go to shard 0.
-        image_shard = {}
+        image_shard = np.zeros(len(inp.image_names), dtype=np.int64)
         for gi, g in enumerate(groups):
             for j in g:
                 image_shard[j.position] = gi % n
-        positions = [
-            p for p, r in enumerate(inp.records)
-            if image_shard.get(position_of_image[r["image_id"]], 0) == k
-        ]
+        keep = image_shard[inp.record_image] == k
         shard_info = {"index": k, "count": n, "fingerprint": _fingerprint(inp, options, (0, 1), checkpoint),
-                      "records": len(inp.records), "positions": positions}
+                      "records": inp.num_records, "positions": np.flatnonzero(keep).tolist()}
     if not my_positions_set <= set(offsets):  # cannot happen unless the progress file was edited meanwhile
         raise OutputError(f"{progress_path}: images missing after the run; rerun with --resume")
     index = ProgressIndex(progress_path, offsets)
     try:
-        write_output(out, inp, _labelled_records(inp, positions, index, image_of_record), shard_info)
+        write_output(out, inp, lambda chunks: _labelled_records(chunks, keep, inp.record_image, labelled, index), shard_info)
     finally:
         index.close()
     if out == "-" or not keep_progress:
@@ -764,7 +834,8 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
             if crops:
                 from mal_cli.predictor import BoxCrops
 
-                areas = torch.tensor([geometry.box_area(job.boxes_xywh[i]) for job, item in zip(group, loaded) for i in item.model_boxes])
+                areas = torch.tensor([geometry.box_area(job.boxes_xywh[i].tolist()) for job, item in zip(group, loaded)
+                                      for i in item.model_boxes])
                 probs_np = predictor.predict_crops(BoxCrops.cat(crops), areas, options.batch_size).numpy()
                 start = 0
                 for item in loaded:
@@ -785,7 +856,7 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
                 if len(summary.image_errors) < 10:
                     summary.image_errors.append(item.error)
                 log.warning("image error, boxes get the filled-box fallback: %s", item.error)
-            task = (job.position, job.record_positions, job.boxes_xywh, item.hw, item.error, item.model_boxes, item.regions,
+            task = (job.position, job.record_positions.tolist(), job.boxes_xywh.tolist(), item.hw, item.error, item.model_boxes, item.regions,
                     probs_by_image.get(item.job_index), predictor is not None, threshold, options.format)
             # Paste + RLE of an image run in the post-processing pool (if any), in parallel with the model;
             # results are written strictly in order, so the progress file is the same either way.

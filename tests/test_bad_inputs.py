@@ -383,6 +383,46 @@ def test_check_reports_every_problem_grouped(tmp_path, mal):
     assert any("decompression bomb" in e for e in decoded.groups["image_unreadable"].examples)
 
 
+def test_streamed_check_equals_whole_check(tmp_path):
+    """`mal label` checks the input as it streams by (any key order, in chunks); `mal check` the parsed document.
+    Both must report the same problems, counts and examples."""
+    from mal_cli.check import DocumentCheck, check_document
+
+    _, _, doc = _image_corpus(tmp_path)
+    anns = doc["annotations"]
+    anns[0]["bbox"] = [1, 1, 0, 5]
+    anns[1]["bbox"] = [500, 500, 10, 10]
+    anns[2]["bbox"] = [-20, 0, 50, 10]
+    anns[3]["category_id"] = 77
+    anns[4]["image_id"] = 999
+    anns[5]["bbox"] = ["a", 1, 2, 3]
+    anns[6]["bbox"] = [1, 2, 3]
+    anns[7] = [1, 2]
+    anns[8]["id"] = anns[9]["id"] = anns[10]["id"] = "same"
+    anns[11]["id"] = anns[12]["id"] = 5
+    anns[13].pop("image_id")
+    doc["images"][2]["height"] = 0
+    doc["images"][3]["id"] = doc["images"][4]["id"]
+    lvis_order = {k: doc[k] for k in ("annotations", "images", "categories")}
+
+    def groups(report):
+        return [(code, g.count, g.examples) for code, g in report.groups.items()]
+
+    whole = check_document(doc, "x.json")
+    assert len(whole.groups) >= 10
+    assert groups(check_document(lvis_order, "x.json")) == groups(whole)
+    streamed = DocumentCheck("x.json")
+    for key in lvis_order:
+        streamed.start(key) if key != "categories" else streamed.value(key, doc[key])
+        if key != "categories":
+            items = lvis_order[key]
+            for i in range(0, len(items), 3):
+                (streamed.images if key == "images" else streamed.records)(items[i : i + 3])
+    assert groups(streamed.finish()) == groups(whole)
+    assert streamed.record_image.tolist()[4] == -1 and streamed.record_has_segmentation.sum() == 0
+    assert np.isnan(streamed.record_bbox[5]).all() and streamed.record_bbox[0].tolist() == [1, 1, 0, 5]
+
+
 def test_check_clean_and_unreadable(tmp_path, mal):
     clean = mal("check", MINI16, "--images", IMAGES)
     assert clean.code == 0 and "no problems found" in clean.out and "0 error(s), 0 warning(s)" in clean.out

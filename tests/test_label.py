@@ -154,6 +154,40 @@ def test_results_list_input(tmp_path, mini16_raw):
     coco.loadRes(result)
 
 
+def test_lvis_key_order_and_stdin(tmp_path, mini16_raw):
+    """LVIS files list 'annotations' before 'images' and 'categories' last; the input is streamed, not held, so
+    order must not matter: same labels, keys written back in the input's order. BOXES and --image-info from stdin."""
+    coco_out = tmp_path / "coco.json"
+    run_label(MINI16_JSON, coco_out, LabelOptions(method="box", workers=0))
+    lvis_order = {k: mini16_raw[k] for k in ("info", "annotations", "licenses", "images", "categories")}
+    lvis_path = tmp_path / "lvis_order.json"
+    lvis_path.write_bytes(orjson.dumps(lvis_order, option=orjson.OPT_INDENT_2))
+    lvis_out = tmp_path / "lvis.json"
+    run_label(lvis_path, lvis_out, LabelOptions(method="box", workers=0))
+    coco_doc, lvis_doc = orjson.loads(coco_out.read_bytes()), orjson.loads(lvis_out.read_bytes())
+    assert list(lvis_doc) == list(lvis_order)
+    assert lvis_doc == coco_doc  # same content, other key order
+
+    stdin_out = tmp_path / "stdin.json"
+    with open(lvis_path, "rb") as stdin:
+        subprocess.run([sys.executable, "-m", "mal_cli", "label", "-", "--images", str(MINI16_IMAGES), "--out", str(stdin_out),
+                        "--method", "box", "--no-progress"], stdin=stdin, check=True, cwd=tmp_path)
+    assert stdin_out.read_bytes() == lvis_out.read_bytes()
+
+    detections = tmp_path / "dets.json"
+    detections.write_bytes(orjson.dumps([{"image_id": a["image_id"], "bbox": a["bbox"], "category_id": 1, "score": 0.5}
+                                         for a in mini16_raw["annotations"]]))
+    results_out = tmp_path / "results.json"
+    with open(MINI16_JSON, "rb") as stdin:
+        subprocess.run([sys.executable, "-m", "mal_cli", "label", str(detections), "--image-info", "-", "--images",
+                        str(MINI16_IMAGES), "--out", str(results_out), "--method", "box", "--no-progress"],
+                       stdin=stdin, check=True, cwd=tmp_path)
+    results = orjson.loads(results_out.read_bytes())
+    assert [r["segmentation"] for r in results] == [a["segmentation"] for a in coco_doc["annotations"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no temp copies of stdin left behind
+        ["coco.json", "lvis_order.json", "lvis.json", "stdin.json", "dets.json", "results.json"])
+
+
 def test_only_missing_keeps_existing_masks(tmp_path, mini16_raw):
     doc = mini16_raw
     for ann in doc["annotations"][::2]:
