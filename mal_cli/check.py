@@ -212,6 +212,7 @@ class IdColumn:
 
 
 _MISSING = object()  # a key the record does not have
+BLOCK = 1 << 16  # records per vectorised step of the checks that need every record
 
 # Order of the per-annotation checks, to list problem groups by first occurrence as one pass over the records would.
 _ANN_CODES = ("ann_not_object", "ann_missing_key", "ann_bad_id", "duplicate_annotation_id", "unknown_image", "bbox_not_list",
@@ -496,29 +497,32 @@ class DocumentCheck:
         reaching more than a pixel past its border."""
         flags = np.frombuffer(bytes(self.record_flags), dtype=np.uint8) if len(self.record_flags) else np.zeros(0, np.uint8)
         hw = np.frombuffer(self.image_hw, dtype=np.int64).reshape(-1, 2) if len(self.image_hw) else np.zeros((0, 2), np.int64)
-        rows = np.flatnonzero((flags & 1 > 0) & (image_of >= 0))
-        if not len(rows):
-            return
-        height, width = hw[image_of[rows], 0], hw[image_of[rows], 1]
-        sized = height > 0
-        rows, height, width = rows[sized], height[sized].astype(np.float64), width[sized].astype(np.float64)
-        x, y, w, h = bbox[rows].T
-        x1, y1 = x + w, y + h
-        with np.errstate(invalid="ignore"):
+        outside, exceeds = [], []
+        for first in range(0, len(image_of), BLOCK):  # in blocks: a dozen temporaries of N doubles would be LVIS' peak
+            block = slice(first, first + BLOCK)
+            rows = first + np.flatnonzero((flags[block] & 1 > 0) & (image_of[block] >= 0))
+            height, width = hw[image_of[rows], 0], hw[image_of[rows], 1]
+            sized = height > 0
+            rows, height, width = rows[sized], height[sized].astype(np.float64), width[sized].astype(np.float64)
+            x, y, w, h = bbox[rows].T
+            x1, y1 = x + w, y + h
             col0 = np.minimum(np.maximum(np.floor(x - 0.5) + 1, 0), width)
             col1 = np.minimum(np.floor(x1 - 0.5) + 1, width)
             row0 = np.minimum(np.maximum(np.floor(y - 0.5) + 1, 0), height)
             row1 = np.minimum(np.floor(y1 - 0.5) + 1, height)
-        outside = (row1 <= row0) | (col1 <= col0)
-        exceeds = ~outside & ((x < -1) | (y < -1) | (x1 > width + 1) | (y1 > height + 1))
+            out = (row1 <= row0) | (col1 <= col0)
+            outside.append(rows[out])
+            exceeds.append(rows[~out & ((x < -1) | (y < -1) | (x1 > width + 1) | (y1 > height + 1))])
+        outside_rows = np.concatenate(outside) if outside else np.zeros(0, np.int64)
+        exceeds_rows = np.concatenate(exceeds) if exceeds else np.zeros(0, np.int64)
 
         def message(i: int) -> str:
             box = self._bbox_text(bbox[i])
             p = image_of[i]
             return f"{self._where(i)}: bbox {box} on a {hw[p, 1]}x{hw[p, 0]} image"
 
-        self._add_deferred(report, "bbox_outside", rows[outside], message)
-        self._add_deferred(report, "bbox_exceeds_image", rows[exceeds], message)
+        self._add_deferred(report, "bbox_outside", outside_rows, message)
+        self._add_deferred(report, "bbox_exceeds_image", exceeds_rows, message)
 
     @staticmethod
     def _bbox_text(values: np.ndarray) -> str:

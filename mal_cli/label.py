@@ -251,7 +251,7 @@ def load_label_input(boxes: str, image_info: Optional[str] = None) -> LabelInput
 # --- the plan: images, groups, shards ---------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)  # one per image: LVIS has 100k+
 class ImageJob:
     """One image and the boxes of it to label."""
 
@@ -259,7 +259,16 @@ class ImageJob:
     path: str
     recorded_hw: Optional[tuple[int, int]]
     record_positions: np.ndarray  # positions of its records in the input, in input order
-    boxes_xywh: np.ndarray  # (k, 4) their boxes
+    record_bbox: np.ndarray  # every record's box (shared by all jobs)
+
+    @property
+    def boxes_xywh(self) -> np.ndarray:
+        """(k, 4) the boxes of its records."""
+        return self.record_bbox[self.record_positions]
+
+    @property
+    def num_boxes(self) -> int:
+        return len(self.record_positions)
 
 
 def plan_jobs(inp: LabelInput, images_dir: str | Path, only_missing: bool) -> list[ImageJob]:
@@ -276,7 +285,7 @@ def plan_jobs(inp: LabelInput, images_dir: str | Path, only_missing: bool) -> li
         position = int(images[start])
         positions = records[start:end]
         jobs.append(ImageJob(position, str(folder / inp.image_names[position]), inp.image_hw[position], positions,
-                             inp.record_bbox[positions]))
+                             inp.record_bbox))
     return jobs
 
 
@@ -286,7 +295,7 @@ def group_jobs(jobs: Sequence[ImageJob], batch_size: int) -> list[list[ImageJob]
     current: list[ImageJob] = []
     count = 0
     for job in jobs:
-        n = len(job.boxes_xywh)
+        n = job.num_boxes
         if current and count + n > batch_size:
             groups.append(current)
             current, count = [], 0
@@ -810,7 +819,7 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
-    total_boxes = sum(len(j.boxes_xywh) for j in jobs)
+    total_boxes = sum(j.num_boxes for j in jobs)
     bar = tqdm(total=total_boxes, unit="box", file=sys.stderr, disable=not progress_bar or None, dynamic_ncols=True,
                desc="mal label")
     threshold = predictor.threshold if predictor else 0.5
@@ -834,15 +843,15 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
             if crops:
                 from mal_cli.predictor import BoxCrops
 
-                areas = torch.tensor([geometry.box_area(job.boxes_xywh[i].tolist()) for job, item in zip(group, loaded)
-                                      for i in item.model_boxes])
+                areas = torch.tensor([geometry.box_area(job.record_bbox[job.record_positions[i]].tolist())
+                                      for job, item in zip(group, loaded) for i in item.model_boxes])
                 probs_np = predictor.predict_crops(BoxCrops.cat(crops), areas, options.batch_size).numpy()
                 start = 0
                 for item in loaded:
                     probs_by_image[item.job_index] = probs_np[start : start + len(item.model_boxes)]
                     start += len(item.model_boxes)
         for job, item in zip(group, loaded):
-            n_boxes = len(job.boxes_xywh)
+            n_boxes = job.num_boxes
             if job.position in done:  # finished before a crash; its batch-mates needed it recomputed
                 bar.update(n_boxes)
                 continue
