@@ -412,7 +412,7 @@ class DocumentCheck:
             for position in np.flatnonzero(used):
                 if self.image_names[position] is None:
                     report.add("image_no_file", f"{self.image_source}: image id {self.image_ids[position]}")
-        self.record_image = image_of.astype(np.int32)
+        self.record_image = image_of
         self.record_bbox = bbox
         self.record_has_segmentation = np.frombuffer(bytes(self.record_flags), dtype=np.uint8) & 2 > 0 if n else np.zeros(0, bool)
         self.used_images = used
@@ -428,19 +428,21 @@ class DocumentCheck:
 
     def _resolve_images(self, n: int) -> np.ndarray:
         """Each record's image position (-1: no such image, or no image_id)."""
-        image_of = np.full(n, -1, dtype=np.int64)
+        image_of = np.full(n, -1, dtype=np.int32)
         if not n:
             return image_of
         keys = self.record_image_ids.numpy()
         int_ids = [(i, p) for i, p in self.image_position.items() if type(i) is int]
         if int_ids:
             ids = np.array([i for i, _ in int_ids], dtype=np.int64)
-            positions = np.array([p for _, p in int_ids], dtype=np.int64)
+            positions = np.array([p for _, p in int_ids], dtype=np.int32)
             order = np.argsort(ids)
             ids, positions = ids[order], positions[order]
-            at = np.clip(np.searchsorted(ids, keys), 0, len(ids) - 1)
-            hit = (ids[at] == keys) & (keys != IdColumn.OTHER)
-            image_of[hit] = positions[at[hit]]
+            for first in range(0, n, BLOCK):
+                block = keys[first : first + BLOCK]
+                at = np.clip(np.searchsorted(ids, block), 0, len(ids) - 1)
+                hit = (ids[at] == block) & (block != IdColumn.OTHER)
+                image_of[first : first + BLOCK][hit] = positions[at[hit]]
         for index, value in self.record_image_ids.other.items():
             if value is not _MISSING and _hashable(value) and value in self.image_position:
                 image_of[index] = self.image_position[value]
@@ -468,8 +470,14 @@ class DocumentCheck:
             return
         ids = self.record_ids.numpy()
         dup = np.zeros(len(ids), dtype=bool)
-        ints = np.flatnonzero(ids != IdColumn.OTHER)
-        if len(ints):
+        is_int = ids != IdColumn.OTHER
+        # Most inputs have none: one sorted copy says so; only then the stable argsort that finds them.
+        sorted_ids = ids[is_int]
+        sorted_ids.sort()
+        any_dup = bool(np.any(sorted_ids[1:] == sorted_ids[:-1]))
+        del sorted_ids
+        if any_dup:
+            ints = np.flatnonzero(is_int)
             order = ints[np.argsort(ids[ints], kind="stable")]  # equal ids stay in input order
             later = ids[order[1:]] == ids[order[:-1]]
             dup[order[1:][later]] = True
@@ -532,7 +540,10 @@ class DocumentCheck:
         categories = self.categories or set()
         values = self.record_categories.numpy()
         int_cats = np.array(sorted(c for c in categories if type(c) is int), dtype=np.int64)
-        known = np.isin(values, int_cats) & (values != IdColumn.OTHER)
+        known = np.zeros(len(values), dtype=bool)
+        for first in range(0, len(values), BLOCK):
+            block = values[first : first + BLOCK]
+            known[first : first + BLOCK] = np.isin(block, int_cats) & (block != IdColumn.OTHER)
         for index, value in self.record_categories.other.items():
             if value is _MISSING or (_hashable(value) and value in categories):
                 known[index] = True
