@@ -152,6 +152,8 @@ def _json_type(value: Any) -> str:
 
 def read_json(path: Union[str, Path]) -> Any:
     """Parse a JSON file ("-" = stdin) with orjson. Raises `InputError` with the byte offset of bad JSON."""
+    from mal_cli.jsonstream import loads, unreadable
+
     source = str(path)
     try:
         if source == "-":
@@ -159,23 +161,11 @@ def read_json(path: Union[str, Path]) -> Any:
             source = "<stdin>"
         else:
             data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{source}: no such file; check the path") from None
-    except IsADirectoryError:
-        raise InputError(f"{source}: is a directory, expected a JSON file") from None
     except OSError as err:
-        raise InputError(f"{source}: cannot read: {err.strerror or err}") from None
+        raise unreadable(err, source) from None
     try:
-        return orjson.loads(data)
+        return loads(data)
     except orjson.JSONDecodeError as err:
-        if b"NaN" in data or b"Infinity" in data:
-            # Python's json.dump writes NaN/Infinity (not JSON, but common): read it; such boxes become fallbacks.
-            import json
-
-            try:
-                return json.loads(data)
-            except ValueError:
-                pass
         what = "truncated" if err.pos >= len(data.rstrip()) else "invalid"
         raise InputError(
             f"{source}: {what} JSON at byte {err.pos} of {len(data)} ({err.msg}); regenerate or fix the file"

@@ -23,7 +23,7 @@ import orjson
 
 from mal_cli.errors import InputError
 
-__all__ = ["iter_document", "iter_entries", "Entry"]
+__all__ = ["iter_document", "iter_entries", "loads", "unreadable", "Entry"]
 
 CHUNK_BYTES = 1 << 18  # items parsed per orjson call: 256 KB of text, ~2k COCO boxes (bigger chunks: more memory, no faster)
 
@@ -46,15 +46,34 @@ def iter_document(path: Union[str, Path], stream_keys: Collection[str] = (), sou
     source = source or str(path)
     try:
         handle = open(path, "rb")
-    except FileNotFoundError:
-        raise InputError(f"{source}: no such file; check the path") from None
-    except IsADirectoryError:
-        raise InputError(f"{source}: is a directory, expected a JSON file") from None
     except OSError as err:
-        raise InputError(f"{source}: cannot read: {err.strerror or err}") from None
+        raise unreadable(err, source) from None
     with handle:
         reader = _Reader(handle, source)
         yield from reader.document(set(stream_keys))
+
+
+def loads(text: bytes) -> Any:
+    """orjson.loads, plus the NaN/Infinity that Python's json.dump writes (not JSON, but common; such boxes
+    become fallbacks), read with the json module. Raises orjson.JSONDecodeError."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        if b"NaN" in text or b"Infinity" in text:
+            try:
+                return json.loads(text)
+            except ValueError:
+                pass
+        raise
+
+
+def unreadable(err: OSError, source: str) -> InputError:
+    """The user-facing error for a JSON file that cannot be opened or read."""
+    if isinstance(err, FileNotFoundError):
+        return InputError(f"{source}: no such file; check the path")
+    if isinstance(err, IsADirectoryError):
+        return InputError(f"{source}: is a directory, expected a JSON file")
+    return InputError(f"{source}: cannot read: {err.strerror or err}")
 
 
 def iter_entries(path: Union[str, Path], stream_keys: Collection[str] = (), source: Optional[str] = None) -> Iterator[tuple]:
@@ -183,14 +202,8 @@ class _Reader:
     def parse(self, start: int, end: int, wrap: bool = False) -> Any:
         text = b"[" + self.buf[start:end] + b"]" if wrap else self.buf[start:end]
         try:
-            return orjson.loads(text)
+            return loads(text)
         except orjson.JSONDecodeError as err:
-            if b"NaN" in text or b"Infinity" in text:
-                # Python's json.dump writes NaN/Infinity (not JSON, but common): read them; such boxes become fallbacks.
-                try:
-                    return json.loads(text)
-                except ValueError:
-                    pass
             if wrap:
                 raise
             self.fail(start + min(err.pos, end - start), err.msg)
