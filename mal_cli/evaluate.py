@@ -10,6 +10,9 @@ same image and the identical `bbox`. On those pairs:
 - COCO segm AP (pycocotools) with the predictions as detections (`score`, else 1.0), or LVIS AP
   (lvis LVISEval) when the GT is LVIS. Predictions paired with crowd GT are left out of AP: the
   protocol never asks for a crowd box's instance, so they are neither hits nor false positives.
+  COCO AP runs pycocotools' COCOeval one small chunk of images at a time and accumulates the
+  chunks itself (mal_cli.segm_ap): COCOeval's numbers in memory that does not grow with the
+  number of (image, category) pairs.
 
 All figures are fractions in [0, 1]; the CLI prints them as percentages.
 """
@@ -20,12 +23,13 @@ import contextlib
 import io
 import logging
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pycocotools.mask as mask_utils
 
+from mal_cli import segm_ap
 from mal_cli.dataset import Dataset
 from mal_cli.errors import InputError
 from mal_cli.masks import to_rle
@@ -34,7 +38,7 @@ __all__ = ["EvalReport", "SizeBucket", "evaluate", "pair_predictions", "spearman
 
 # COCO's area ranges, on the GT annotation's `area`.
 SIZE_BUCKETS = (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, float("inf")))
-AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+AP_KEYS = segm_ap.AP_KEYS
 LVIS_AP_KEYS = AP_KEYS + ("APr", "APc", "APf")
 
 
@@ -70,7 +74,10 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """JSON-ready dict; `ious` becomes a list of [gt annotation id, iou] pairs (ids may not be strings)."""
-        out = asdict(self)
+        # Not asdict(self): it would deep-copy `ious` and `missing_ids` (a million entries at LVIS scale)
+        # only for the copies to be thrown away. The dict shares `ap` and `missing_ids` with the report.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["by_size"] = {name: asdict(bucket) for name, bucket in self.by_size.items()}
         out["ious"] = [[ann_id, iou] for ann_id, iou in self.ious.items()]
         return out
 
@@ -180,53 +187,110 @@ def evaluate(
     pred_source = pred.source if isinstance(pred, Dataset) else "results"
     pairs, unmatched = pair_predictions(pred, gt)
 
-    # Per-image IoU: one pycocotools call per image on the paired RLEs, keeping the diagonal; images
-    # hold few instances, so the small n x n matrix costs less than a Python call per pair.
-    by_image: dict[Any, list[int]] = defaultdict(list)
-    for index, (gt_ann, _) in enumerate(pairs):
-        by_image[gt_ann["image_id"]].append(index)
-    gt_rles: list[dict] = [None] * len(pairs)  # type: ignore[list-item]
-    pred_rles: list[dict] = [None] * len(pairs)  # type: ignore[list-item]
-    pair_iou = np.zeros(len(pairs))
-    for indices in by_image.values():
-        g = [_gt_rle(pairs[i][0], gt) for i in indices]
-        d = [_pred_rle(pairs[i][1], gt, pred_source) for i in indices]
-        for i, gr, dr in zip(indices, g, d):
-            gt_rles[i], pred_rles[i] = gr, dr
-        iou = mask_utils.iou(d, g, [0] * len(g))
-        pair_iou[indices] = np.diagonal(np.asarray(iou).reshape(len(d), len(g)))
-
-    ious = {pairs[i][0]["id"]: float(pair_iou[i]) for i in range(len(pairs))}
-    answered = set(ious)
-
     def is_crowd(ann: dict) -> bool:
         return bool(ann.get("iscrowd", 0))
 
+    coco_ap = compute_ap and not gt.is_lvis
+    lvis_ap = compute_ap and gt.is_lvis
+    if compute_ap:
+        _require_categories(gt)
+    pairs_by_image: dict[Any, list[int]] = defaultdict(list)
+    for index, (gt_ann, _) in enumerate(pairs):
+        pairs_by_image[gt_ann["image_id"]].append(index)
+    pair_iou = np.zeros(len(pairs))
+    gt_areas: dict[Any, float] = {}  # mask areas of paired GT without an `area` field, for the size buckets
+    # LVIS AP runs on everything at once and needs every paired RLE; COCO AP runs chunk by chunk and
+    # the no-AP path needs none, so there the RLEs live only as long as their image's IoUs.
+    lvis_gt_rles: dict[Any, dict] = {}
+    lvis_pred_rles: list[Optional[dict]] = [None] * len(pairs) if lvis_ap else []
+
+    def image_rles(indices: list[int]) -> tuple[list[dict], list[dict]]:
+        """The paired GT and predicted RLEs of one image's pairs; records their IoUs. One pycocotools
+        call per image on the paired RLEs, keeping the diagonal: images hold few instances, so the
+        small n x n matrix costs less than a Python call per pair."""
+        if not indices:
+            return [], []
+        g = [_gt_rle(pairs[i][0], gt) for i in indices]
+        d = [_pred_rle(pairs[i][1], gt, pred_source) for i in indices]
+        iou = mask_utils.iou(d, g, [0] * len(g))
+        pair_iou[indices] = np.diagonal(np.asarray(iou).reshape(len(d), len(g)))
+        for i, rle in zip(indices, g):
+            if "area" not in pairs[i][0]:
+                gt_areas[pairs[i][0]["id"]] = float(mask_utils.area(rle))
+        return g, d
+
+    ap: dict[str, float] = {}
+    num_detections = sum(1 for gt_ann, _ in pairs if not is_crowd(gt_ann)) + len(unmatched)
+    if coco_ap and num_detections:
+        # COCO segm AP, COCOeval's numbers in bounded memory: one chunk of images at a time (segm_ap).
+        # Detections: every non-crowd pair plus every unmatched prediction (a false positive or a
+        # duplicate), with masks as compressed RLE and no bbox (see _detection); per image in
+        # results order, pairs first, as the whole list would give them to COCOeval.
+        unmatched_by_image: dict[Any, list[dict]] = defaultdict(list)
+        for det in unmatched:
+            unmatched_by_image[det["image_id"]].append(det)
+        accumulator = segm_ap.ChunkedSegmAP(c.get("id") for c in gt.categories)
+        for chunk in _ap_chunks(gt, pairs, pairs_by_image, unmatched_by_image, set(accumulator.cat_ids)):
+            chunk_gt: list[dict] = []
+            chunk_dets: list[dict] = []
+            for image_id in chunk:
+                indices = pairs_by_image.get(image_id, [])
+                g, d = image_rles(indices)
+                rle_by_gt_id = {pairs[i][0]["id"]: rle for i, rle in zip(indices, g)}
+                for ann in gt.annotations_by_image.get(image_id, []):
+                    chunk_gt.append(_gt_copy(ann, rle_by_gt_id.get(ann["id"]), gt))
+                for i, rle in zip(indices, d):
+                    if not is_crowd(pairs[i][0]):
+                        chunk_dets.append(_detection(pairs[i][1], rle))
+                for det in unmatched_by_image.get(image_id, []):
+                    chunk_dets.append(_detection(det, _pred_rle(det, gt, pred_source)))
+            accumulator.add_chunk([gt.image_by_id[image_id] for image_id in chunk], chunk_gt, chunk_dets)
+        ap = accumulator.summary()
+    else:
+        for indices in pairs_by_image.values():
+            g, d = image_rles(indices)
+            if lvis_ap:
+                for i, gr, dr in zip(indices, g, d):
+                    lvis_gt_rles[pairs[i][0]["id"]], lvis_pred_rles[i] = gr, dr
+        if coco_ap:
+            ap = {key: 0.0 for key in AP_KEYS}  # nothing detected
+        elif lvis_ap:
+            detections = [_detection(det, lvis_pred_rles[i]) for i, (gt_ann, det) in enumerate(pairs) if not is_crowd(gt_ann)]
+            detections += [_detection(det, _pred_rle(det, gt, pred_source)) for det in unmatched]
+            del lvis_pred_rles
+            ap = _lvis_segm_ap(gt, detections, lvis_gt_rles)
+            del detections, lvis_gt_rles
+
+    ious = {pairs[i][0]["id"]: float(pair_iou[i]) for i in range(len(pairs))}
+    answered = ious  # membership by GT annotation id
+
     noncrowd_gt = [a for a in gt.annotations if not is_crowd(a)]
-    crowd_gt = [a for a in gt.annotations if is_crowd(a)]
-    matched = [(a, ious[a["id"]]) for a in noncrowd_gt if a["id"] in answered]
-    matched_iou = [v for _, v in matched]
+    matched_iou = [ious[a["id"]] for a in noncrowd_gt if a["id"] in answered]
 
     per_class: dict[Any, list[float]] = defaultdict(list)
-    for ann, value in matched:
+    sizes: dict[str, list[float]] = {name: [] for name, _, _ in SIZE_BUCKETS}
+    for ann in noncrowd_gt:
+        if ann["id"] not in answered:
+            continue
+        value = ious[ann["id"]]
         per_class[ann.get("category_id")].append(value)
+        area = _gt_area(ann, gt, gt_areas)
+        for name, lo, hi in SIZE_BUCKETS:
+            if lo <= area < hi:
+                sizes[name].append(value)
     class_means = [float(np.mean(v)) for v in per_class.values()]
+    by_size = {name: SizeBucket(miou=_mean(values), count=len(values)) for name, values in sizes.items()}
 
-    by_size = {}
-    for name, lo, hi in SIZE_BUCKETS:
-        values = [v for a, v in matched if lo <= _gt_area(a, gt) < hi]
-        by_size[name] = SizeBucket(miou=_mean(values), count=len(values))
-
-    crowd_iou = [ious[a["id"]] for a in crowd_gt if a["id"] in answered]
+    crowd_iou = [ious[a["id"]] for a in gt.annotations if is_crowd(a) and a["id"] in answered]
     report = EvalReport(
         num_gt=len(noncrowd_gt),
-        num_matched=len(matched),
+        num_matched=len(matched_iou),
         instance_miou=_mean(matched_iou),
         class_miou=_mean(class_means),
         num_classes=len(class_means),
         miou_missing_as_zero=(float(np.sum(matched_iou)) / len(noncrowd_gt)) if noncrowd_gt else None,
         by_size=by_size,
-        num_crowd=len(crowd_gt),
+        num_crowd=len(gt.annotations) - len(noncrowd_gt),
         num_crowd_matched=len(crowd_iou),
         crowd_miou=_mean(crowd_iou),
         missing_ids=[a["id"] for a in gt.annotations if a["id"] not in answered],
@@ -234,35 +298,60 @@ def evaluate(
         ap_kind=None,
         ious=ious,
     )
-
     if compute_ap:
-        # Detections: every non-crowd pair plus every unmatched prediction (a false positive or a
-        # duplicate), with masks as compressed RLE and no bbox (see _coco_segm_ap).
-        detections = []
-        for i, (gt_ann, det) in enumerate(pairs):
-            if not is_crowd(gt_ann):
-                detections.append(_detection(det, pred_rles[i]))
-        for det in unmatched:
-            detections.append(_detection(det, _pred_rle(det, gt, pred_source)))
-        gt_rle_by_id = {pairs[i][0]["id"]: gt_rles[i] for i in range(len(pairs))}
-        if gt.is_lvis:
-            report.ap_kind, report.ap = "lvis-segm", _lvis_segm_ap(gt, detections, gt_rle_by_id)
-        else:
-            report.ap_kind, report.ap = "coco-segm", _coco_segm_ap(gt, detections, gt_rle_by_id)
+        report.ap_kind, report.ap = ("lvis-segm" if lvis_ap else "coco-segm"), ap
         if reference_ap:
             report.reference_ap = float(reference_ap)
             report.retention = report.ap["AP"] / float(reference_ap)
     return report
 
 
-def _gt_area(ann: dict, gt: Dataset) -> float:
+# COCO AP chunks: at most this many (image x category) cells, the size of a chunk's COCOeval tables
+# over the categories it uses, and at most this many images. COCOeval spends ~15 us on each empty
+# cell and a chunk costs ~1 ms on its own: on 10k images x 13 boxes in 1,203 categories, 128 cells
+# (~3 images a chunk) took 23 s, 1 image a chunk 24 s, 512 cells 28 s, 4,096 cells 45 s.
+AP_CHUNK_CELLS = 128
+AP_CHUNK_IMAGES = 1000
+
+
+def _ap_chunks(gt: Dataset, pairs: list, pairs_by_image: dict, unmatched_by_image: dict, cat_ids: set) -> list[list]:
+    """Image ids with a GT annotation or a detection, in COCOeval's (sorted) order, cut into chunks.
+
+    COCOeval visits every (image, category) of a chunk, so a chunk is closed before images x
+    categories used would pass AP_CHUNK_CELLS (a single image always fits).
+    """
+    ids = set(gt.annotations_by_image) | set(unmatched_by_image)
+    if not ids:
+        return []
+    chunks: list[list] = []
+    chunk: list = []
+    chunk_cats: set = set()
+    for image_id in np.unique(np.asarray(list(ids))).tolist():
+        cats = {ann.get("category_id") for ann in gt.annotations_by_image.get(image_id, [])}
+        cats.update(pairs[i][1].get("category_id") for i in pairs_by_image.get(image_id, []))
+        cats.update(det.get("category_id") for det in unmatched_by_image.get(image_id, []))
+        merged = chunk_cats | (cats & cat_ids)
+        if chunk and ((len(chunk) + 1) * len(merged) > AP_CHUNK_CELLS or len(chunk) >= AP_CHUNK_IMAGES):
+            chunks.append(chunk)
+            chunk, merged = [], cats & cat_ids
+        chunk.append(image_id)
+        chunk_cats = merged
+    chunks.append(chunk)
+    return chunks
+
+
+def _gt_area(ann: dict, gt: Dataset, known: dict) -> float:
     # COCO buckets sizes by the GT's own `area` field; compute it only when it is absent.
     if "area" in ann:
         return float(ann["area"])
+    if ann["id"] in known:
+        return known[ann["id"]]
     return float(mask_utils.area(_gt_rle(ann, gt)))
 
 
 def _detection(det: dict, rle: dict) -> dict:
+    # No `bbox` key: with one, pycocotools' loadRes takes the detection's area from its box instead of
+    # its mask, which puts detections in the wrong small/medium/large range.
     return {
         "image_id": det["image_id"],
         "category_id": det["category_id"],
@@ -271,49 +360,24 @@ def _detection(det: dict, rle: dict) -> dict:
     }
 
 
+def _gt_copy(ann: dict, rle: Optional[dict], gt: Dataset) -> dict:
+    """A shallow copy of a GT annotation for the AP tools, which overwrite `segmentation` in place."""
+    copy = dict(ann)
+    copy["segmentation"] = rle if rle is not None else _gt_rle(ann, gt)
+    copy.setdefault("iscrowd", 0)
+    if "area" not in copy:
+        copy["area"] = float(mask_utils.area(copy["segmentation"]))
+    return copy
+
+
 def _gt_copies(gt: Dataset, gt_rle_by_id: dict) -> list[dict]:
-    """Shallow copies of the GT annotations for the AP tools, which overwrite `segmentation` in place."""
-    copies = []
-    for ann in gt.annotations:
-        copy = dict(ann)
-        rle = gt_rle_by_id.get(ann["id"])
-        copy["segmentation"] = rle if rle is not None else _gt_rle(ann, gt)
-        copy.setdefault("iscrowd", 0)
-        if "area" not in copy:
-            copy["area"] = float(mask_utils.area(copy["segmentation"]))
-        copies.append(copy)
-    return copies
+    """Shallow copies of all GT annotations for LVISEval (see _gt_copy)."""
+    return [_gt_copy(ann, gt_rle_by_id.get(ann["id"]), gt) for ann in gt.annotations]
 
 
 def _require_categories(gt: Dataset) -> None:
     if not gt.categories:
         raise InputError(f"{gt.source}: no 'categories'; AP needs the GT's category list")
-
-
-def _coco_segm_ap(gt: Dataset, detections: list[dict], gt_rle_by_id: dict) -> dict[str, float]:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    _require_categories(gt)
-    if not detections:
-        return {key: 0.0 for key in AP_KEYS}
-    # pycocotools prints progress to stdout; keep stdout clean (`--json -` writes there).
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = {
-            "images": gt.images,
-            "categories": gt.categories,
-            "annotations": _gt_copies(gt, gt_rle_by_id),
-        }
-        coco_gt.createIndex()
-        # No `bbox` key in the detections: with one, loadRes takes each detection's area from its box
-        # instead of its mask, which puts detections in the wrong small/medium/large range.
-        coco_dt = coco_gt.loadRes(detections)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {key: float(value) for key, value in zip(AP_KEYS, evaluator.stats[:6])}
 
 
 def _lvis_segm_ap(gt: Dataset, detections: list[dict], gt_rle_by_id: dict) -> dict[str, float]:

@@ -240,3 +240,87 @@ def test_cli_eval_bad_input_is_one_line(tmp_path, mini16_path):
     assert result.returncode == 2
     assert result.stderr.startswith("mal: error: ") and "truncated JSON" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+# --- COCO AP in chunks -----------------------------------------------------------------------------
+
+
+def _plain_cocoeval_ap(gt: Dataset, detections: list[dict]) -> list[float]:
+    """stats[:6] of one plain pycocotools COCOeval over the whole GT (what `mal eval` computed before chunking)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    annotations = []
+    for ann in gt.annotations:
+        image = gt.image_by_id[ann["image_id"]]
+        annotations.append(dict(ann, segmentation=masks.to_rle(ann["segmentation"], image["height"], image["width"])))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": gt.images, "categories": gt.categories, "annotations": annotations}
+        coco_gt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats[:6]]
+
+
+def test_chunked_coco_ap_equals_plain_cocoeval(mini16_raw, monkeypatch):
+    from mal_cli import evaluate as evaluate_module
+    from mal_cli import segm_ap
+
+    raw = copy.deepcopy(mini16_raw)
+    raw["images"] += [{"id": 900001, "file_name": "x.jpg", "height": 100, "width": 120},
+                      {"id": 900002, "file_name": "y.jpg", "height": 50, "width": 60}]  # no GT
+    for i, ann in enumerate(raw["annotations"]):
+        ann["iscrowd"] = int(i % 9 == 4)  # crowd GT: its pairs are left out of AP
+    gt = Dataset.from_dict(raw, "gt.json")
+    rng = np.random.default_rng(3)
+    no_predictions = {raw["images"][2]["id"], raw["images"][9]["id"]}
+    results = []
+    for ann in gt.annotations:
+        if ann["image_id"] in no_predictions:
+            continue
+        seg = ann["segmentation"] if rng.random() < 0.5 else masks.box_polygon(ann["bbox"])
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
+                        "score": float(np.round(rng.random(), 1)), "segmentation": seg})  # ties: 11 scores
+        if rng.random() < 0.2:  # a duplicate: unmatched, a false positive
+            results.append(dict(results[-1], score=float(np.round(rng.random(), 1))))
+    image = gt.image_by_id[900001]
+    for j in range(3):  # false positives on an image without GT
+        results.append({"image_id": 900001, "category_id": raw["categories"][j]["id"], "bbox": [1.0, 1.0, 2.0, 2.0],
+                        "score": 0.5, "segmentation": masks.box_polygon([10.0 * j, 5.0, 30.0, 40.0])})
+    results = [results[i] for i in rng.permutation(len(results))]
+
+    # The detections the protocol scores: non-crowd pairs, then every unmatched prediction.
+    pairs, unmatched = pair_predictions(results, gt)
+    detections = []
+    for gt_ann, det in [(g, d) for g, d in pairs if not g["iscrowd"]] + [(None, d) for d in unmatched]:
+        image = gt.image_by_id[det["image_id"]]
+        detections.append({"image_id": det["image_id"], "category_id": det["category_id"], "score": det["score"],
+                           "segmentation": masks.to_rle(det["segmentation"], image["height"], image["width"])})
+    expected = _plain_cocoeval_ap(gt, detections)
+    assert 0.2 < expected[0] < 0.9
+
+    calls = []
+    original_add_chunk = segm_ap.ChunkedSegmAP.add_chunk
+
+    def counting_add_chunk(self, images, gt_annotations, dets):
+        calls.append([image["id"] for image in images])
+        return original_add_chunk(self, images, gt_annotations, dets)
+
+    monkeypatch.setattr(segm_ap.ChunkedSegmAP, "add_chunk", counting_add_chunk)
+    for chunk_images, chunk_cells in ((3, 4096), (1, 4096), (1000, 40), (1000, 4096)):
+        monkeypatch.setattr(evaluate_module, "AP_CHUNK_IMAGES", chunk_images)
+        monkeypatch.setattr(evaluate_module, "AP_CHUNK_CELLS", chunk_cells)
+        calls.clear()
+        report = evaluate(results, gt)
+        assert [report.ap[key] for key in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == expected
+        flat = [i for chunk in calls for i in chunk]
+        assert flat == sorted(flat) and len(flat) == 17  # every image with GT or a detection, once, in id order
+        if chunk_images == 3:
+            assert len(calls) == 6
+    assert gt.raw["annotations"][0]["segmentation"] == mini16_raw["annotations"][0]["segmentation"]
