@@ -477,7 +477,8 @@ def report_table(report: EvalReport, title: str = "mal eval") -> "Any":
     if report.ap_kind:
         label = "LVIS segm" if report.ap_kind == "lvis-segm" else "COCO segm"
         for key, value in report.ap.items():
-            table.add_row(f"{label} {key}", pct(value), "")
+            # COCOeval's -1: no GT in that area range (or frequency group) to average over.
+            table.add_row(f"{label} {key}", pct(value) if value is None or value >= 0 else "— (no GT)", "")
     if report.retention is not None:
         table.add_row(f"retention (AP / {pct(report.reference_ap)})", pct(report.retention), "")
     return table

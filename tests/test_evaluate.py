@@ -324,3 +324,21 @@ def test_chunked_coco_ap_equals_plain_cocoeval(mini16_raw, monkeypatch):
         if chunk_images == 3:
             assert len(calls) == 6
     assert gt.raw["annotations"][0]["segmentation"] == mini16_raw["annotations"][0]["segmentation"]
+
+
+def test_table_shows_no_gt_for_cocoeval_minus_one():
+    """COCOeval's -1 (no GT in an area range) is not a percentage: the table says so instead of printing -100.0."""
+    import io
+
+    from rich.console import Console
+
+    from mal_cli.evaluate import EvalReport, SizeBucket, report_table
+
+    report = EvalReport(num_gt=1, num_matched=1, instance_miou=0.5, class_miou=0.5, num_classes=1, miou_missing_as_zero=0.5,
+                        by_size={"small": SizeBucket(0.5, 1)}, num_crowd=0, num_crowd_matched=0, crowd_miou=None,
+                        missing_ids=[], num_unmatched_predictions=0, ap_kind="coco-segm",
+                        ap={"AP": 0.25, "APm": -1.0}, reference_ap=None, retention=None, ious=[])
+    console = Console(file=io.StringIO(), width=120)
+    console.print(report_table(report))
+    text = console.file.getvalue()
+    assert "25.0" in text and "— (no GT)" in text and "-100" not in text
