@@ -229,7 +229,7 @@ class DocumentCheck:
 
     After `finish()` the columns describe every record: `record_image` (image position, -1 = none),
     `record_bbox` (float64 N x 4; NaN where a value is not a number), `record_has_segmentation`; and every
-    image: `image_ids`, `image_records` (id, file name or None, recorded (height, width) or None).
+    image: `image_ids`, `image_names` (file name or None) and `image_plan_hw` (the size `mal label` trusts, or None).
     """
 
     def __init__(self, source: str, results: bool = False):
@@ -243,11 +243,11 @@ class DocumentCheck:
         self._records = CheckReport(source)
         self._first: dict[str, int] = {}  # annotation-stage code -> index of its first record
         self.keys_seen: set = set()
+        self.keys_not_lists: set = set()  # 'images' / 'annotations' given as something else than a list
         self.categories: Optional[set] = None
         # images
         self.image_ids: list = []
         self.image_position: dict = {}  # usable id -> position
-        self.image_records: list[tuple[Any, Optional[str], Optional[tuple[int, int]]]] = []  # per usable image
         self.image_hw = array("q")  # per image position: recorded height, width (0, 0 when not positive ints)
         self.image_plan_hw: list = []  # per position: (h, w) as `mal label` uses it, or None
         self.image_names: list = []  # per position: file name or None
@@ -260,7 +260,6 @@ class DocumentCheck:
         self.record_image: Optional[np.ndarray] = None
         self.record_bbox: Optional[np.ndarray] = None
         self.record_has_segmentation: Optional[np.ndarray] = None
-        self.used_images: Optional[np.ndarray] = None
 
     # --- feeding ---------------------------------------------------------------------------------------
 
@@ -274,7 +273,7 @@ class DocumentCheck:
         if key in ("images", "annotations"):
             if not isinstance(value, list):
                 self._layout.add("layout", f"{self.source}: '{key}' is a JSON {_json_type(value)}, expected a list")
-                self.keys_seen.add(key + ":bad")
+                self.keys_not_lists.add(key)
                 return
             (self.images if key == "images" else self.records)(value)
         elif key == "categories":
@@ -387,7 +386,7 @@ class DocumentCheck:
                 if key not in self.keys_seen:
                     self._layout.add("layout", f"{source}: no top-level key '{key}'")
                     layout_ok = False
-                elif key + ":bad" in self.keys_seen:
+                elif key in self.keys_not_lists:
                     layout_ok = False
         report.images = len(self.image_ids)
         report.annotations = n
@@ -415,7 +414,6 @@ class DocumentCheck:
         self.record_image = image_of
         self.record_bbox = bbox
         self.record_has_segmentation = np.frombuffer(bytes(self.record_flags), dtype=np.uint8) & 2 > 0 if n else np.zeros(0, bool)
-        self.used_images = used
         report.image_files = [  # type: ignore[attr-defined]  (`check_image_files`)
             (image_id, self.image_names[p], self._recorded_hw(p))
             for p, image_id in enumerate(self.image_ids) if image_id is not None

@@ -163,6 +163,13 @@ class LabelInput:
     image_hw: list  # per image position: recorded (height, width) or None
     digest: str  # of the records' ids, images and boxes and the images' ids and sizes (the resume fingerprint)
     temp_copy: bool = False  # `path` is a copy of stdin, removed by `close`
+    stat: tuple = ()  # (size, mtime) of `path` when read: it is read again for the output
+
+    def ensure_unchanged(self) -> None:
+        """The output streams BOXES again: it must still be the file that was labelled."""
+        stat = self.path.stat()
+        if (stat.st_size, stat.st_mtime_ns) != self.stat:
+            raise InputError(f"{self.source} changed during the run; restore it, or rerun with --resume to label the new one")
 
     @property
     def num_records(self) -> int:
@@ -244,8 +251,10 @@ def load_label_input(boxes: str, image_info: Optional[str] = None) -> LabelInput
         digest.update(check.record_bbox.tobytes())
         digest.update(check.record_has_segmentation.tobytes())
         digest.update(orjson.dumps([check.image_ids, check.image_plan_hw]))
+        stat = path.stat()
         return LabelInput(path, source, check.results, check.record_image, check.record_bbox, check.record_has_segmentation,
-                          check.image_names, check.image_plan_hw, digest.hexdigest(), temp_copy=boxes == "-")
+                          check.image_names, check.image_plan_hw, digest.hexdigest(), temp_copy=boxes == "-",
+                          stat=(stat.st_size, stat.st_mtime_ns))
     except BaseException:
         if boxes == "-":
             path.unlink(missing_ok=True)
@@ -775,6 +784,7 @@ def _label_input(inp: LabelInput, images_dir: str, out: str, options: LabelOptio
                       "records": inp.num_records, "positions": np.flatnonzero(keep).tolist()}
     if not my_positions_set <= set(offsets):  # cannot happen unless the progress file was edited meanwhile
         raise OutputError(f"{progress_path}: images missing after the run; rerun with --resume")
+    inp.ensure_unchanged()
     index = ProgressIndex(progress_path, offsets)
     try:
         write_output(out, inp, lambda chunks: _labelled_records(chunks, keep, inp.record_image, labelled, index), shard_info)

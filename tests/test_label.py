@@ -352,3 +352,17 @@ def test_auto_workers(monkeypatch, tiny_checkpoint):
     assert auto_workers(cpu) == 2
     cpu.device = torch.device("cuda")  # only the device type is read: a GPU feeds from half the cores
     assert auto_workers(cpu) == 7
+
+
+def test_boxes_changed_during_the_run_is_an_error(tmp_path, mini16_raw):
+    """The output streams BOXES a second time: a file edited meanwhile must stop the run, not mix two inputs."""
+    from mal_cli.label import load_label_input
+
+    boxes = tmp_path / "boxes.json"
+    boxes.write_bytes(orjson.dumps(mini16_raw))
+    inp = load_label_input(str(boxes))
+    inp.ensure_unchanged()  # untouched: fine
+    mini16_raw["annotations"].pop()
+    boxes.write_bytes(orjson.dumps(mini16_raw))
+    with pytest.raises(InputError, match="changed during the run"):
+        inp.ensure_unchanged()
