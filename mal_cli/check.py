@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from mal_cli.errors import InputError, OutputError
-from mal_cli.geometry import box_pixel_bounds
+from mal_cli.geometry import boxes_pixel_bounds
 
 EXAMPLES = 5
 
@@ -512,10 +512,7 @@ class DocumentCheck:
             rows, height, width = rows[sized], height[sized].astype(np.float64), width[sized].astype(np.float64)
             x, y, w, h = bbox[rows].T
             x1, y1 = x + w, y + h
-            col0 = np.minimum(np.maximum(np.floor(x - 0.5) + 1, 0), width)
-            col1 = np.minimum(np.floor(x1 - 0.5) + 1, width)
-            row0 = np.minimum(np.maximum(np.floor(y - 0.5) + 1, 0), height)
-            row1 = np.minimum(np.floor(y1 - 0.5) + 1, height)
+            row0, row1, col0, col1 = boxes_pixel_bounds(np.stack([x, y, x1, y1], axis=1), height, width).T
             out = (row1 <= row0) | (col1 <= col0)
             outside.append(rows[out])
             exceeds.append(rows[~out & ((x < -1) | (y < -1) | (x1 > width + 1) | (y1 > height + 1))])

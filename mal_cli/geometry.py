@@ -165,6 +165,17 @@ def box_pixel_bounds(box_xyxy: Sequence[float], image_hw: tuple[int, int]) -> tu
     return row0, max(row1, row0), col0, max(col1, col0)
 
 
+def boxes_pixel_bounds(boxes_xyxy: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """`box_pixel_bounds` for many boxes at once: (N, 4) xyxy and per-box image sizes -> (N, 4) float
+    (row0, row1, col0, col1), the same integers as the scalar rule (kept as floats: no int overflow)."""
+    x0, y0, x1, y1 = np.asarray(boxes_xyxy, dtype=np.float64).T
+    col0 = np.minimum(np.maximum(np.floor(x0 - 0.5) + 1, 0), widths)
+    col1 = np.minimum(np.floor(x1 - 0.5) + 1, widths)
+    row0 = np.minimum(np.maximum(np.floor(y0 - 0.5) + 1, 0), heights)
+    row1 = np.minimum(np.floor(y1 - 0.5) + 1, heights)
+    return np.stack([row0, np.maximum(row1, row0), col0, np.maximum(col1, col0)], axis=1)
+
+
 def paste_window(
     crop_map: torch.Tensor,
     region_xyxy: Sequence[float],

@@ -25,6 +25,7 @@ run are all None, which `accumulate()` skips, so they are left out.
 from __future__ import annotations
 
 import contextlib
+import io
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -35,16 +36,6 @@ AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 _MERGE_EVERY = 256  # chunks
-
-
-class _Discard:
-    """A stdout that drops what pycocotools prints (its progress lines)."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
 
 
 class ChunkedSegmAP:
@@ -95,7 +86,7 @@ class ChunkedSegmAP:
         if not present:
             return  # nothing COCOeval would look at
         categories = [{"id": cat} for cat in present]
-        with contextlib.redirect_stdout(_Discard()):
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; keep stdout clean
             coco_gt = COCO()
             coco_gt.dataset = {"images": list(images), "categories": categories, "annotations": gt_annotations}
             coco_gt.createIndex()

@@ -261,3 +261,20 @@ def test_crop_paste_property(height, width, x0, y0, w, h, margin, size, fill):
         assert box[0] < c0 + 0.5 and c1 - 0.5 <= box[2]
         assert box[1] < r0 + 0.5 and r1 - 0.5 <= box[3]
     assert window_mask.sum() == (window_mask.size if fill >= 0.5 else 0)
+
+
+def test_boxes_pixel_bounds_is_the_scalar_rule():
+    """The array form (the input check runs it on millions of boxes) gives box_pixel_bounds' integers, box by box,
+    including boxes past, outside and on pixel-centre edges of the image."""
+    rng = np.random.default_rng(3)
+    n = 2000
+    on_centre = rng.random((2, n)) < 0.5  # half the corners exactly on a pixel centre (j + 0.5)
+    x0 = np.where(on_centre[0], np.round(rng.uniform(-20, 60, n)) + 0.5, rng.uniform(-20, 60, n).round(2))
+    y0 = np.where(on_centre[1], np.round(rng.uniform(-20, 60, n)) + 0.5, rng.uniform(-20, 60, n).round(2))
+    x1 = x0 + rng.uniform(0, 40, n).round(1)
+    y1 = y0 + rng.uniform(0, 40, n).round(1)
+    heights, widths = rng.integers(1, 50, n), rng.integers(1, 50, n)
+    got = geometry.boxes_pixel_bounds(np.stack([x0, y0, x1, y1], axis=1), heights, widths)
+    want = [geometry.box_pixel_bounds((a, b, c, d), (int(h), int(w)))
+            for a, b, c, d, h, w in zip(x0, y0, x1, y1, heights, widths)]
+    assert got.tolist() == [list(map(float, bounds)) for bounds in want]
