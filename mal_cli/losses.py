@@ -6,6 +6,7 @@ All maps are (B, H, W): P the student's sigmoid map, T the teacher's, B the box 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,30 +46,45 @@ class CRFConfig:
     kernel: int = 3  # neighbourhood size (centre pixel excluded)
 
 
+def _neighbour_offsets(kernel: int) -> list[tuple[int, int]]:
+    """(dy, dx) of every neighbour in a kernel x kernel window, row-major (F.unfold's order), centre left out."""
+    r = kernel // 2
+    return [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+
+
+def _shifted(padded: torch.Tensor, dy: int, dx: int, r: int) -> torch.Tensor:
+    """The (H, W) view of a map padded by r on each side whose pixel (y, x) holds the value at (y + dy, x + dx)."""
+    h, w = padded.shape[-2] - 2 * r, padded.shape[-1] - 2 * r
+    return padded[..., r + dy : r + dy + h, r + dx : r + dx + w]
+
+
 def colour_affinity(image: torch.Tensor, zeta: float = 0.1, kernel: int = 3) -> torch.Tensor:
     """Affinity k_ij = exp(-|I_i - I_j|^2 / (2 zeta^2)) to each neighbour j of a kernel x kernel window.
 
-    image: (B, C, H, W) in [0, 1]. Returns (B, K, H, W) with K = kernel^2 - 1 (the centre is left out);
-    neighbours outside the image get affinity 0.
+    image: (B, C, H, W) in [0, 1]. Returns (B, K, H, W) with K = kernel^2 - 1, neighbours in row-major
+    window order, the centre left out; neighbours outside the image get affinity 0.
     """
     b, c, h, w = image.shape
-    pad = kernel // 2
-    patches = F.unfold(image.float(), kernel, padding=pad).view(b, c, kernel * kernel, h, w)
-    valid = F.unfold(torch.ones(1, 1, h, w, device=image.device), kernel, padding=pad).view(1, kernel * kernel, h, w)
-    centre = (kernel * kernel) // 2
-    keep = [k for k in range(kernel * kernel) if k != centre]
-    dist2 = (patches[:, :, keep] - image.float().unsqueeze(2)).pow(2).sum(1)
-    return torch.exp(-dist2 / (2 * zeta * zeta)) * valid[:, keep]
+    r = kernel // 2
+    x = image.float()
+    padded = F.pad(x, (r, r, r, r))
+    inside = F.pad(torch.ones(1, h, w, device=image.device), (r, r, r, r))
+    out = []
+    for dy, dx in _neighbour_offsets(kernel):
+        dist2 = (_shifted(padded, dy, dx, r) - x).pow(2).sum(1)
+        out.append(torch.exp(-dist2 / (2 * zeta * zeta)) * _shifted(inside, dy, dx, r))
+    return torch.stack(out, 1)
 
 
-def _neighbour_sum(values: torch.Tensor, affinity: torch.Tensor, kernel: int) -> torch.Tensor:
-    """sum_j k_ij * values_j over each pixel's neighbourhood; values (B, H, W) -> (B, H, W)."""
-    b, h, w = values.shape
-    pad = kernel // 2
-    patches = F.unfold(values.unsqueeze(1), kernel, padding=pad).view(b, kernel * kernel, h, w)
-    centre = (kernel * kernel) // 2
-    keep = [k for k in range(kernel * kernel) if k != centre]
-    return (patches[:, keep] * affinity).sum(1)
+def _neighbour_sum(values: torch.Tensor, affinity_by_offset: torch.Tensor, kernel: int) -> torch.Tensor:
+    """sum_j k_ij * values_j over each pixel's neighbourhood; values (B, H, W), affinity (K, B, H, W)."""
+    r = kernel // 2
+    padded = F.pad(values, (r, r, r, r))
+    offsets = _neighbour_offsets(kernel)
+    total = affinity_by_offset[0] * _shifted(padded, *offsets[0], r)
+    for k in range(1, len(offsets)):
+        total.addcmul_(affinity_by_offset[k], _shifted(padded, *offsets[k], r))
+    return total
 
 
 @torch.no_grad()
@@ -82,21 +98,24 @@ def crf_pseudo_mask(
     """MAL's CRF target: mean-field on the averaged student/teacher map, confined to the box.
 
     Q = clip(B * (P + T) / 2); then repeatedly A_fg = prod_j Q_j^k_ij, A_bg = prod_j (1 - Q_j)^k_ij,
-    A_fg *= B, Q = clip(A_fg / (A_fg + A_bg)). Products become sums in log space, so the 100
-    iterations are stable and batched. Returns the binary pseudo-mask [Q > 0.5], (B, H, W), no grad.
+    A_fg *= B, Q = clip(A_fg / (A_fg + A_bg)). Returns the binary pseudo-mask [Q > 0.5], (B, H, W), no grad.
     image: (B, C, H, W) in [0, 1] at the maps' resolution.
+
+    Computed in logit space, where it is one neighbour sum an iteration instead of two products:
+    A_fg / (A_fg + A_bg) = sigmoid(log A_fg - log A_bg) = sigmoid(sum_j k_ij logit(Q_j)), the clip of Q to
+    [q_min, q_max] is a clip of the logit to [logit(q_min), logit(q_max)], and A_fg = 0 outside the box
+    puts Q at its floor there. Same mean field, about a fifth of the memory traffic (tests compare it with
+    the product form).
     """
     box = box_mask.float()
+    lo, hi = math.log(config.q_min / (1 - config.q_min)), math.log(config.q_max / (1 - config.q_max))
     q = ((prob.float() + teacher_prob.float()) / 2 * box).clamp(config.q_min, config.q_max)
-    affinity = colour_affinity(image, config.zeta, config.kernel)
+    z = torch.logit(q).clamp_(lo, hi)
+    affinity = colour_affinity(image, config.zeta, config.kernel).transpose(0, 1).contiguous()
     outside = box < 0.5
     for _ in range(config.iterations):
-        log_fg = _neighbour_sum(torch.log(q), affinity, config.kernel)
-        log_bg = _neighbour_sum(torch.log1p(-q), affinity, config.kernel)
-        # A_fg *= B: outside the box the foreground evidence is zero (log = -inf -> Q at its floor).
-        logit = (log_fg - log_bg).masked_fill(outside, float("-inf"))
-        q = torch.sigmoid(logit).clamp(config.q_min, config.q_max)
-    return (q > 0.5).float()
+        z = _neighbour_sum(z, affinity, config.kernel).clamp_(lo, hi).masked_fill_(outside, lo)
+    return (z > 0).float()
 
 
 def crf_loss(prob: torch.Tensor, pseudo_mask: torch.Tensor) -> torch.Tensor:

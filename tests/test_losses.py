@@ -146,6 +146,45 @@ def test_crf_separates_two_colours_inside_the_box():
     assert blind[:, :, size // 2 :].sum() > 20
 
 
+def _crf_product_form(prob, teacher_prob, box, image, config):
+    """MAL's update written literally, in float64: A_fg = prod_j Q_j^k_ij, A_bg = prod_j (1 - Q_j)^k_ij,
+    A_fg *= B, Q = clip(A_fg / (A_fg + A_bg)). The reference the logit-space implementation must match."""
+    b, h, w = prob.shape
+    aff = losses.colour_affinity(image, config.zeta, config.kernel).double()
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    q = ((prob.double() + teacher_prob.double()) / 2 * box).clamp(config.q_min, config.q_max)
+    for _ in range(config.iterations):
+        a_fg = torch.ones(b, h, w, dtype=torch.float64)
+        a_bg = torch.ones(b, h, w, dtype=torch.float64)
+        padded = torch.nn.functional.pad(q, (1, 1, 1, 1), value=0.5)  # any value: its affinity is 0
+        for k, (dy, dx) in enumerate(offsets):
+            q_j = padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+            a_fg = a_fg * q_j ** aff[:, k]
+            a_bg = a_bg * (1 - q_j) ** aff[:, k]
+        a_fg = a_fg * box
+        q = (a_fg / (a_fg + a_bg)).clamp(config.q_min, config.q_max)
+    return (q > 0.5).float()
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 5, 100])
+def test_crf_equals_the_product_form(iterations):
+    gen = torch.Generator().manual_seed(iterations)
+    size, batch = 40, 3
+    smooth = lambda c: torch.nn.functional.interpolate(  # noqa: E731 - blobs, so regions form and survive
+        torch.rand(batch, c, size // 8, size // 8, generator=gen), size=(size, size), mode="bilinear")
+    prob = smooth(1)[:, 0]
+    teacher = (prob + 0.2 * torch.rand(batch, size, size, generator=gen)).clamp(0, 1)
+    box = torch.stack([_box(size, 3 + i, 35, 5, 30 - i)[0] for i in range(batch)])
+    image = smooth(3)
+    config = losses.CRFConfig(iterations=iterations, zeta=0.15)
+    pseudo = losses.crf_pseudo_mask(prob, teacher, box, image, config)
+    reference = _crf_product_form(prob, teacher, box, image, config)
+    assert 0 < reference.sum() < box.sum()  # a non-trivial target: neither empty nor the whole box
+    # float32 in logit space vs float64 products: a pixel sitting exactly at Q = 0.5 could round either way
+    assert (pseudo != reference).float().mean() < 1e-3
+    assert (pseudo != reference).sum() <= 2
+
+
 def test_crf_loss_is_dice_to_the_pseudo_mask():
     prob = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
     pseudo = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
