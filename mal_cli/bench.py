@@ -454,6 +454,80 @@ def training_flops_per_sample(
     }
 
 
+def train_step_split(config, steps: int = 10, warmup: int = 3) -> dict:
+    """Where a training step's time goes: each stage of `mal train`'s step timed apart, and the loader alone.
+
+    Built as `mal_cli.train.train` builds them (the same dataset checks, labeler, optimizer, dataset and
+    DataLoader). The loader alone: `warmup + steps` batches pulled with no compute, samples/s over the last
+    `steps`. The compute: the first batch kept on the device and run `warmup + steps` times through the
+    step's stages, with a device sync after each; the medians of the last `steps`. Serial, so the sum is the
+    step without any overlap of loading and compute; a real step overlaps them.
+    """
+    import torch
+
+    from mal_cli import train as training
+    from mal_cli.modeling.labeler import MaskLabeler
+    from mal_cli.predictor import resolve_device
+
+    device = resolve_device(config.device)
+    sync = _timer()
+
+    def mark() -> float:
+        sync(device)
+        return time.perf_counter()
+
+    document = training._load_training_dataset(config.annotations)
+    records = training.collect_training_boxes(document, config.images, config.min_box_area, config.min_box_side)
+    torch.manual_seed(config.seed)
+    student = training.build_labeler(config).to(device).train()
+    teacher = MaskLabeler(student.config).to(device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False).eval()
+    optimizer = training.build_optimizer(student, config)
+    data = training.BoxCropDataset(records, config.crop_size, student.mask_size, config.margin_max, config.seed)
+    workers = training.auto_train_workers(device) if config.workers is None else config.workers
+    sampler = training.StepSampler(len(data), config.batch_size, config.seed)
+    sampler.total_steps = warmup + steps
+    arrivals, first = [], None
+    for batch in training.make_loader(data, sampler, config.batch_size, workers, device):
+        arrivals.append(time.perf_counter())
+        if first is None:
+            first = batch
+    loader_rate = steps * config.batch_size / (arrivals[-1] - arrivals[warmup - 1]) if warmup >= 1 else None
+    amp_dtype = torch.bfloat16 if config.amp else None
+    batch = {k: v.to(device) for k, v in first.items()}
+    crops = batch["crop"]
+    stages = ("augment", "forward", "losses", "backward", "optimizer")
+    times: dict[str, list[float]] = {k: [] for k in stages}
+    for i in range(warmup + steps):
+        generator = torch.Generator().manual_seed(i)
+        marks = [mark()]
+        student_crops = training.augment_student(crops, config, generator)
+        marks.append(mark())
+        prob, teacher_prob = training.predict_maps(student, teacher, batch, student_crops, amp_dtype)
+        marks.append(mark())
+        loss = training.box_losses(prob, teacher_prob, batch, student_crops, i, config)["loss"]
+        marks.append(mark())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(mark())
+        training.apply_gradients(student, teacher, optimizer, config)
+        marks.append(mark())
+        if i >= warmup:
+            for k, (a, b) in zip(stages, zip(marks, marks[1:])):
+                times[k].append(b - a)
+    ms = {k: round(1e3 * float(np.median(v)), 3) for k, v in times.items()}
+    step_ms = sum(ms.values())
+    return {
+        "steps": steps,
+        "warmup": warmup,
+        "workers": workers,
+        "ms_per_step": ms,
+        "compute_samples_per_s": round(config.batch_size / step_ms * 1e3, 3) if step_ms > 0 else None,
+        "loader_samples_per_s": round(loader_rate, 3) if loader_rate else None,
+    }
+
+
 def _steady_rate(log: Sequence[dict], batch_size: int, warmup_steps: int, world_size: int = 1) -> dict:
     """Samples/s between the first logged step >= warmup_steps and the last logged step (None if they coincide)."""
     timed = sorted((row for row in log if "time" in row), key=lambda row: row["step"])
@@ -472,8 +546,9 @@ def _steady_rate(log: Sequence[dict], batch_size: int, warmup_steps: int, world_
     }
 
 
-def _train_child(config_json: str, result_json: str) -> None:
-    """The training subprocess of `train_benchmark`: `mal_cli.train.train` on a stored TrainConfig."""
+def _train_child(config_json: str, result_json: str, split_steps: int = 0) -> None:
+    """The training subprocess of `train_benchmark`: `mal_cli.train.train` on a stored TrainConfig, then
+    (`split_steps` > 0) `train_step_split`."""
     import logging
 
     import torch
@@ -495,6 +570,8 @@ def _train_child(config_json: str, result_json: str) -> None:
         info["gpu_name"] = torch.cuda.get_device_name(dev)
         info["gpu_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         info["gpu_peak_reserved_mib"] = round(torch.cuda.max_memory_reserved(dev) / 2**20, 1)
+    if split_steps > 0:
+        info["split"] = train_step_split(config, split_steps)
     Path(result_json).write_bytes(orjson.dumps(info, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
@@ -512,6 +589,7 @@ def train_benchmark(
     log_every: int = 5,
     folder: Optional[Path] = None,
     count_flops: bool = True,
+    split_steps: int = 10,
 ) -> dict:
     """Training throughput: `steps` steps of the `mal train` loop in a subprocess (see the module docstring, 5).
 
@@ -539,7 +617,7 @@ def train_benchmark(
         config.out = str(run_dir)
         config_path, info_path = Path(tmp) / "train_config.json", Path(tmp) / "train_result.json"
         config_path.write_bytes(orjson.dumps(config.to_dict()))
-        cmd = [sys.executable, "-m", "mal_cli.bench", "train-child", str(config_path), str(info_path)]
+        cmd = [sys.executable, "-m", "mal_cli.bench", "train-child", str(config_path), str(info_path), str(split_steps)]
         env = dict(os.environ)
         if not backbone_weights:
             env["HF_HUB_OFFLINE"] = "1"  # random backbone weights: the same cost, and no download in a benchmark
@@ -572,7 +650,7 @@ def train_benchmark(
         "world_size": 1,
         "steps": last["step"],
         "warmup_steps": warmup_steps,
-        "workers": config.workers,
+        "workers": final.get("workers", config.workers),
         "amp": config.amp,
         "crf_iterations": config.crf_iterations,
         **steady,
@@ -584,7 +662,7 @@ def train_benchmark(
         "skipped_nonfinite": final.get("skipped_nonfinite"),
         "log": log,
     }
-    for key in ("gpu_name", "gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "torch"):
+    for key in ("gpu_name", "gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "torch", "split"):
         if key in info:
             result[key] = info[key]
     if count_flops:
@@ -670,6 +748,7 @@ def run_bench(
     train_workers: Optional[int] = None,
     backbone_weights: Optional[str] = None,
     backbone: Optional[str] = None,
+    train_split_steps: int = 10,
 ) -> dict:
     """All measurements (see the module docstring) as one JSON-able dict. `methods` may be empty (e.g. only `train`)."""
     import torch
@@ -699,7 +778,8 @@ def run_bench(
             # Before anything below allocates device memory in this process: the training run gets the whole device.
             # On the whole DATASET (--limit applies to labelling only).
             result["train"] = train_benchmark(dataset, images, device, train_crop_size, train_batch_size, train_steps,
-                                              train_warmup, train_workers, backbone_weights, backbone, folder=folder)
+                                              train_warmup, train_workers, backbone_weights, backbone, folder=folder,
+                                              split_steps=train_split_steps)
         if stages:
             result["stages"] = {m: stage_benchmark(subset, images, checkpoint, device, batch_size, m,
                                                    stage_limit if m == "mal" else None, crop_sizes) for m in methods}
@@ -753,6 +833,12 @@ def bench_table(result: dict):
         if "gflop_per_sample" in t:
             table.add_row("train GFLOP/sample (student fwd + bwd + teacher fwd)", str(t["gflop_per_sample"]))
             table.add_row("train achieved TFLOP/s (steady)", str(t["tflop_per_s"]))
+        if "split" in t:
+            sp = t["split"]
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in sp["ms_per_step"].items())
+            table.add_row(f"train step split (ms/step, serial, median of {sp['steps']})", parts)
+            table.add_row(f"train: compute alone / loader alone ({sp['workers']} workers): samples/s",
+                          f"{sp['compute_samples_per_s']} / {sp['loader_samples_per_s']}")
         if t.get("skipped_nonfinite"):
             table.add_row("train: steps skipped (non-finite loss)", str(t["skipped_nonfinite"]))
     if "peak" in result:
@@ -769,7 +855,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-child"]:  # internal: the subprocess of train_benchmark
-        _train_child(argv[1], argv[2])
+        _train_child(argv[1], argv[2], int(argv[3]) if len(argv) > 3 else 0)
         return
     if argv[:1] == ["synthetic"]:
         parser = argparse.ArgumentParser(prog="python -m mal_cli.bench synthetic", description=synthetic_dataset.__doc__.split("\n")[0])
@@ -802,6 +888,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--train-warmup", type=int, default=20, help="Steps left out of the steady rate.")
     parser.add_argument("--train-workers", type=int, default=None, help="default: as mal train")
+    parser.add_argument("--train-split-steps", type=int, default=10,
+                        help="Steps of the per-stage training split after the run (0: none).")
     parser.add_argument("--backbone-weights", default=None, help="ViT weights file (default: random weights)")
     parser.add_argument("--backbone", default=None, help="timm ViT name (default: as mal train)")
     parser.add_argument("--json", default=None, help="Write the results here.")
@@ -814,7 +902,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                        crop_sizes=args.crop_sizes, train=args.train, train_crop_size=args.train_crop_size,
                        train_batch_size=args.train_batch_size, train_steps=args.train_steps,
                        train_warmup=args.train_warmup, train_workers=args.train_workers,
-                       backbone_weights=args.backbone_weights, backbone=args.backbone)
+                       backbone_weights=args.backbone_weights, backbone=args.backbone,
+                       train_split_steps=args.train_split_steps)
     from rich.console import Console
 
     Console(stderr=True).print(bench_table(result))

@@ -92,7 +92,8 @@ def train_command(
     crf_zeta: float = typer.Option(0.1, help="Colour bandwidth of the CRF affinity (image in [0, 1])."),
     ema_momentum: float = typer.Option(0.996, help="EMA teacher momentum."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    workers: int = typer.Option(2, help="Data-loading worker processes."),
+    workers: Optional[int] = typer.Option(
+        None, min=0, help="Data-loading worker processes [default: 2 on a CPU; on a GPU, the process's share of the cores less 2, 2 to 8]."),
     seed: int = typer.Option(0, help="Seed of every random draw (same seed, same run)."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast (CPU and GPU)."),
     checkpoint_every: int = typer.Option(500, help="Write RUN_DIR/checkpoint.pth every N steps."),
@@ -443,7 +444,9 @@ def bench_command(
     train_batch_size: int = typer.Option(64, help="Training boxes per step."),
     train_steps: int = typer.Option(60, help="Training steps to run."),
     train_warmup: int = typer.Option(20, help="Training steps left out of the steady rate (start-up, warm-up)."),
-    train_workers: Optional[int] = typer.Option(None, help="Data-loading workers of the training run (default: mal train's, 2)."),
+    train_workers: Optional[int] = typer.Option(None, help="Data-loading workers of the training run (default: mal train's)."),
+    train_split_steps: int = typer.Option(
+        10, min=0, help="After the run, time each stage of a training step apart and the loader alone over N steps (0: skip)."),
     backbone_weights: Optional[Path] = typer.Option(
         None, help="ViT weights file for the training run (as `mal train --backbone-weights`; default: random weights, the same cost)."
     ),
@@ -468,7 +471,8 @@ def bench_command(
                        limit, methods, stages=stages, model=model, peak=peak, crop_sizes=crop_sizes, train=train,
                        train_crop_size=train_crop_size, train_batch_size=train_batch_size, train_steps=train_steps,
                        train_warmup=train_warmup, train_workers=train_workers,
-                       backbone_weights=str(backbone_weights) if backbone_weights else None, backbone=backbone)
+                       backbone_weights=str(backbone_weights) if backbone_weights else None, backbone=backbone,
+                       train_split_steps=train_split_steps)
     Console(stderr=True).print(bench_table(result))
     if json_out:
         import orjson

@@ -71,7 +71,7 @@ def test_bench_train_only_json_fields(tmp_path):
     result = CliRunner().invoke(app, [
         "bench", MINI16, "--images", IMAGES, "--method", "none", "--train", "--device", "cpu", "--no-peak",
         "--train-crop-size", "48", "--train-batch-size", "4", "--train-steps", "10", "--train-warmup", "5",
-        "--train-workers", "0", "--backbone", "vit_tiny_patch16_224", "--json", str(out),
+        "--train-workers", "0", "--backbone", "vit_tiny_patch16_224", "--train-split-steps", "3", "--json", str(out),
     ])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -96,6 +96,13 @@ def test_bench_train_only_json_fields(tmp_path):
     # mini16's training boxes (area > 2048) route to x1 and x2 only
     routes = train["gflop_per_sample_by_route"]
     assert routes["x0.5"]["share"] == 0 and routes["x1"]["share"] + routes["x2"]["share"] == pytest.approx(1)
+    # the step split: every stage of the step timed, compute rate = batch / their sum, the loader apart
+    split = train["split"]
+    assert list(split["ms_per_step"]) == ["augment", "forward", "losses", "backward", "optimizer"]
+    assert all(v > 0 for v in split["ms_per_step"].values())
+    assert (split["steps"], split["workers"]) == (3, 0)
+    assert split["compute_samples_per_s"] == pytest.approx(4e3 / sum(split["ms_per_step"].values()), rel=1e-2)
+    assert split["loader_samples_per_s"] > 0
 
 
 def test_training_flops_grow_with_crop_size():

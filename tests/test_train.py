@@ -108,6 +108,18 @@ def test_step_sampler_splits_ranks_disjointly():
     assert resumed == per_rank[1][8:]
 
 
+def test_auto_train_workers(monkeypatch):
+    """2 on a CPU; on a GPU, the process's share of the cores less 2, between 2 and 8."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert train_mod.auto_train_workers(cpu) == 2
+    assert train_mod.auto_train_workers(gpu) == 8
+    assert train_mod.auto_train_workers(gpu, local_world_size=2) == 6  # 8 cores each
+    assert train_mod.auto_train_workers(gpu, local_world_size=8) == 2  # 2 cores each: never below 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert train_mod.auto_train_workers(gpu) == 8
+
+
 # --- the training loop ----------------------------------------------------------------------------------
 
 
@@ -119,6 +131,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     result = train(_config(straight), progress=False)
     assert result["step"] == 4 and not result["interrupted"]
+    assert result["workers"] == _config(straight).workers
     assert sorted(p.name for p in straight.iterdir()) == ["checkpoint.pth", "config.json", "labeler.pth", "metrics.jsonl"]
     assert [m["step"] for m in _metrics(straight)] == [1, 2, 3, 4]
 
