@@ -93,7 +93,7 @@ def train_command(
     ema_momentum: float = typer.Option(0.996, help="EMA teacher momentum."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     workers: Optional[int] = typer.Option(
-        None, min=0, help="Data-loading worker processes [default: 2 on a CPU; on a GPU, the process's share of the cores less 2, 2 to 8]."),
+        None, min=0, help="Data-loading worker processes (default: 2 on a CPU; on a GPU, the process's share of the cores less 2, 2 to 8)."),
     seed: int = typer.Option(0, help="Seed of every random draw (same seed, same run)."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast (CPU and GPU)."),
     checkpoint_every: int = typer.Option(500, help="Write RUN_DIR/checkpoint.pth every N steps."),
