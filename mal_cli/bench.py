@@ -26,7 +26,8 @@ Five measurements, all on the same code paths `mal label` (5: `mal train`) uses:
    and attention only, the CRF and the augmentation are elementwise and not counted) at that crop, weighted
    by the routes of the dataset's training boxes, give the achieved TFLOP/s and, with `peak`, the fraction
    of the bf16 peak. Without `--backbone-weights` the run uses random backbone weights (the same cost;
-   nothing is downloaded).
+   nothing is downloaded). Then, in the same subprocess, the step split (`--train-split-steps`,
+   `train_step_split`): each stage of a step timed apart, and the DataLoader alone.
 
 `--json FILE` writes everything as JSON; the table goes to stderr. No figure here is asserted anywhere:
 timings on a shared machine are noisy, repeat them.
