@@ -208,9 +208,9 @@ class StepSampler(Sampler[tuple[int, int]]):
 def auto_train_workers(device: torch.device, local_world_size: int = 1) -> int:
     """Default --workers of `mal train`: 2 on a CPU; on a GPU, this process's share of the cores less 2, 2 to 8.
 
-    A worker makes a 504 x 504 training crop in ~3 ms of one core (2.8 ms from its image cache, 3.8 ms
-    with the decode; 224: 0.8 / 2.6 ms), so 2 workers top out near 500 samples/s at 504 before collation,
-    which is about what one GPU can use; more feed it with room to spare. On a CPU the model needs the cores.
+    At 504 x 504 a worker makes ~270 samples/s here (2 workers: 440; 224: 690 / 1,060), and on the H100
+    machine a sample took 7-8 ms of a core: 2 workers would hold a GPU below the 300 samples/s it can train
+    at. On a CPU the model needs the cores.
     """
     if device.type != "cuda":
         return 2
