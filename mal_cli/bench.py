@@ -467,7 +467,6 @@ def train_step_split(config, steps: int = 10, warmup: int = 3) -> dict:
     import torch
 
     from mal_cli import train as training
-    from mal_cli.modeling.labeler import MaskLabeler
     from mal_cli.predictor import resolve_device
 
     device = resolve_device(config.device)
@@ -481,12 +480,10 @@ def train_step_split(config, steps: int = 10, warmup: int = 3) -> dict:
     records = training.collect_training_boxes(document, config.images, config.min_box_area, config.min_box_side)
     torch.manual_seed(config.seed)
     student = training.build_labeler(config).to(device).train()
-    teacher = MaskLabeler(student.config).to(device)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False).eval()
+    teacher = training.ema_teacher(student)
     optimizer = training.build_optimizer(student, config)
     data = training.BoxCropDataset(records, config.crop_size, student.mask_size, config.margin_max, config.seed)
-    workers = training.auto_train_workers(device) if config.workers is None else config.workers
+    workers = training.loader_workers(config, device)
     sampler = training.StepSampler(len(data), config.batch_size, config.seed)
     sampler.total_steps = warmup + steps
     arrivals, first = [], None

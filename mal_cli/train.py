@@ -218,6 +218,13 @@ def auto_train_workers(device: torch.device, local_world_size: int = 1) -> int:
     return max(2, min(8, cores - 2))
 
 
+def loader_workers(config: TrainConfig, device: torch.device) -> int:
+    """--workers, or `auto_train_workers` for this process (torchrun's LOCAL_WORLD_SIZE splits the cores)."""
+    if config.workers is not None:
+        return config.workers
+    return auto_train_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def make_loader(data: Dataset, sampler: Sampler, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     """The training DataLoader: batches in the sampler's order, pinned for the GPU, 4 batches ahead a worker."""
     return DataLoader(
@@ -262,6 +269,14 @@ def augment_student(crops: torch.Tensor, config: TrainConfig, generator: torch.G
 
 
 # --- the training step ----------------------------------------------------------------------------
+
+
+def ema_teacher(student: MaskLabeler, state: Optional[dict[str, torch.Tensor]] = None) -> MaskLabeler:
+    """The frozen EMA teacher beside `student` (same config and device): a copy of it, or `state` on resume."""
+    device = next(student.parameters()).device
+    teacher = MaskLabeler(student.config).to(device)
+    teacher.load_state_dict(state if state is not None else student.state_dict())
+    return teacher.requires_grad_(False).eval()
 
 
 @torch.no_grad()
@@ -572,9 +587,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if resume_state is not None:
         student.load_state_dict(resume_state["student"])
     student.to(device)
-    teacher = MaskLabeler(student.config).to(device)
-    teacher.load_state_dict(resume_state["teacher"] if resume_state is not None else student.state_dict())
-    teacher.requires_grad_(False).eval()
+    teacher = ema_teacher(student, resume_state["teacher"] if resume_state is not None else None)
 
     data = BoxCropDataset(records, config.crop_size, student.mask_size, config.margin_max, config.seed)
     sampler = StepSampler(len(data), config.batch_size, config.seed, dist_info.rank, dist_info.world_size)
@@ -595,8 +608,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
     amp_dtype = torch.bfloat16 if config.amp else None
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = auto_train_workers(device, local_world) if config.workers is None else config.workers
+    workers = loader_workers(config, device)
 
     metrics_file = out_dir / "metrics.jsonl"
     if dist_info.is_main:
