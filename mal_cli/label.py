@@ -335,58 +335,88 @@ def _box_xyxy(bbox: Sequence) -> Optional[tuple[float, float, float, float]]:
 
 @dataclass
 class LoadedImage:
-    job_index: int
+    job_index: int  # position of the image within its group
     hw: Optional[tuple[int, int]]
     error: Optional[str]
     model_boxes: list[int]  # indices into the job's boxes that go to the model
     regions: list[tuple[float, float, float, float]]
     crops: Any  # predictor.BoxCrops of the model boxes (uint8), or None
+    box_areas: list[float]  # areas of the model boxes (they pick the decoder's route)
 
 
-class _ImageCropDataset(torch.utils.data.Dataset):
+@dataclass
+class LoadedGroup:
+    """A group's images, and the crops of all their model boxes joined per crop size (image by image)."""
+
+    images: list[LoadedImage]  # their own `crops` are None: they moved into `crops`
+    crops: Any  # predictor.BoxCrops, or None when no box goes to the model
+    box_areas: torch.Tensor  # (len(crops),)
+
+
+def load_image_crops(job: ImageJob, index: int, need_pixels: bool, crop_plan, margins: geometry.Margins) -> LoadedImage:
     """Decodes one image and crops its labellable boxes; errors become a value, never an exception."""
+    from mal_cli.images import load_rgb  # PIL import stays out of `mal --help`
 
-    def __init__(self, jobs: Sequence[ImageJob], need_pixels: bool, crop_plan, margins: geometry.Margins):
-        self.jobs = jobs
+    hw, error, image = job.recorded_hw, None, None
+    if need_pixels or hw is None:
+        try:
+            image = load_rgb(job.path, expected_hw=job.recorded_hw)
+            decoded_hw = (int(image.shape[0]), int(image.shape[1]))
+            if hw is not None and decoded_hw != hw:
+                error = f"{job.path}: decoded size {decoded_hw[0]}x{decoded_hw[1]} differs from the recorded {hw[0]}x{hw[1]}"
+                image = None
+            hw = hw or decoded_hw
+        except Exception as err:  # noqa: BLE001 - any unreadable image is a fallback, not a crash
+            error = str(err)
+    model_boxes, regions, areas = [], [], []
+    if image is not None and need_pixels:
+        boxes = job.boxes_xywh.tolist()
+        for i, bbox in enumerate(boxes):
+            xyxy = _box_xyxy(bbox)
+            if xyxy is None:
+                continue
+            row0, row1, col0, col1 = geometry.box_pixel_bounds(xyxy, hw)
+            if row1 <= row0 or col1 <= col0:
+                continue
+            model_boxes.append(i)
+            regions.append(geometry.crop_region(xyxy, margins))
+            areas.append(geometry.box_area(bbox))
+    crops = None
+    if model_boxes:
+        chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
+        crops = crop_plan.crops(chw, regions, areas)
+    return LoadedImage(index, hw, error, model_boxes, regions, crops, areas)
+
+
+class _GroupCropDataset(torch.utils.data.Dataset):
+    """One group of images an item: decoded, cropped and joined in a DataLoader worker.
+
+    Joining there keeps per-image work out of the main process, which feeds the GPU: it receives one tensor
+    per crop size a group instead of ~2 an image (each shared tensor costs a socket round trip to its worker).
+    """
+
+    def __init__(self, groups: Sequence[Sequence[ImageJob]], need_pixels: bool, crop_plan, margins: geometry.Margins):
+        self.groups = groups
         self.need_pixels = need_pixels
         self.crop_plan = crop_plan  # predictor.CropPlan (None for --method box)
         self.margins = margins
 
     def __len__(self) -> int:
-        return len(self.jobs)
+        return len(self.groups)
 
-    def __getitem__(self, index: int) -> LoadedImage:
-        from mal_cli.images import load_rgb  # PIL import stays out of `mal --help`
-
-        job = self.jobs[index]
-        hw, error, image = job.recorded_hw, None, None
-        if self.need_pixels or hw is None:
-            try:
-                image = load_rgb(job.path, expected_hw=job.recorded_hw)
-                decoded_hw = (int(image.shape[0]), int(image.shape[1]))
-                if hw is not None and decoded_hw != hw:
-                    error = f"{job.path}: decoded size {decoded_hw[0]}x{decoded_hw[1]} differs from the recorded {hw[0]}x{hw[1]}"
-                    image = None
-                hw = hw or decoded_hw
-            except Exception as err:  # noqa: BLE001 - any unreadable image is a fallback, not a crash
-                error = str(err)
-        model_boxes, regions = [], []
-        if image is not None and self.need_pixels:
-            boxes = job.boxes_xywh.tolist()
-            for i, bbox in enumerate(boxes):
-                xyxy = _box_xyxy(bbox)
-                if xyxy is None:
-                    continue
-                row0, row1, col0, col1 = geometry.box_pixel_bounds(xyxy, hw)
-                if row1 <= row0 or col1 <= col0:
-                    continue
-                model_boxes.append(i)
-                regions.append(geometry.crop_region(xyxy, self.margins))
+    def __getitem__(self, index: int) -> LoadedGroup:
+        images = [load_image_crops(job, i, self.need_pixels, self.crop_plan, self.margins)
+                  for i, job in enumerate(self.groups[index])]
+        parts = [item.crops for item in images if item.crops is not None]
         crops = None
-        if model_boxes:
-            chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
-            crops = self.crop_plan.crops(chw, regions, [geometry.box_area(boxes[i]) for i in model_boxes])
-        return LoadedImage(index, hw, error, model_boxes, regions, crops)
+        if parts:
+            from mal_cli.predictor import BoxCrops
+
+            crops = parts[0] if len(parts) == 1 else BoxCrops.cat(parts)
+        areas = torch.tensor([a for item in images for a in item.box_areas])
+        for item in images:
+            item.crops = None
+        return LoadedGroup(images, crops, areas)
 
 
 def _identity(item):  # DataLoader collate for batch_size=None (a module-level function pickles)
@@ -824,14 +854,15 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
 
     need_pixels = predictor is not None
     margins = predictor.margins if predictor else geometry.Margins.uniform()
-    dataset = _ImageCropDataset(jobs, need_pixels, predictor.crop_plan if predictor else None, margins)
+    dataset = _GroupCropDataset(groups, need_pixels, predictor.crop_plan if predictor else None, margins)
     # Box method with recorded sizes decodes nothing: no worker processes worth starting.
     n_workers = auto_workers(predictor) if options.workers is None else options.workers
     workers = n_workers if (need_pixels or any(j.recorded_hw is None for j in jobs)) else 0
-    workers = min(workers, len(jobs))
+    workers = min(workers, len(groups))
+    # A group is ~batch_size boxes: two in flight a worker keep the model fed and bound the shared memory.
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-        prefetch_factor=4 if workers else None, persistent_workers=False,
+        prefetch_factor=2 if workers else None, persistent_workers=False,
     )
     total_boxes = sum(j.num_boxes for j in jobs)
     bar = tqdm(total=total_boxes, unit="box", file=sys.stderr, disable=not progress_bar or None, dynamic_ncols=True,
@@ -849,21 +880,16 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
     items = iter(loader)
     images_done = 0
     for group in groups:
-        loaded = [next(items) for _ in group]
+        batch: LoadedGroup = next(items)
+        loaded = batch.images
         # Fixed-order batching: the group's model boxes, image by image, in chunks of batch_size.
         probs_by_image: dict[int, np.ndarray] = {}
-        if predictor is not None:
-            crops = [item.crops for item in loaded if item.crops is not None]
-            if crops:
-                from mal_cli.predictor import BoxCrops
-
-                areas = torch.tensor([geometry.box_area(job.record_bbox[job.record_positions[i]].tolist())
-                                      for job, item in zip(group, loaded) for i in item.model_boxes])
-                probs_np = predictor.predict_crops(BoxCrops.cat(crops), areas, options.batch_size).numpy()
-                start = 0
-                for item in loaded:
-                    probs_by_image[item.job_index] = probs_np[start : start + len(item.model_boxes)]
-                    start += len(item.model_boxes)
+        if predictor is not None and batch.crops is not None:
+            probs_np = predictor.predict_crops(batch.crops, batch.box_areas, options.batch_size).numpy()
+            start = 0
+            for item in loaded:
+                probs_by_image[item.job_index] = probs_np[start : start + len(item.model_boxes)]
+                start += len(item.model_boxes)
         for job, item in zip(group, loaded):
             n_boxes = job.num_boxes
             if job.position in done:  # finished before a crash; its batch-mates needed it recomputed
