@@ -1,6 +1,6 @@
 """`mal bench`: how fast `mal label` (and `mal train`) is, where its time goes, how far the model is from the hardware.
 
-Five measurements, all on the same code paths `mal label` (5: `mal train`) uses:
+Six measurements, all on the same code paths `mal label` (5: `mal train`) uses:
 
 1. end to end: `mal label` runs in a fresh subprocess per method (`mal` = the labeler, `box` = filled boxes,
    the pipeline alone) on DATASET, or on its first whole images holding `--limit` boxes. Reported: boxes/s
@@ -16,6 +16,10 @@ Five measurements, all on the same code paths `mal label` (5: `mal train`) uses:
    FLOP/s, FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` (per box and route: encoder /
    decoder, at the route's crop size and at the full crop).
 4. peak: a bf16 matmul on the device, the ceiling the model's FLOP/s is compared with.
+4b. pipeline (with `mal`; `--no-pipeline` skips it): `mal label --method mal` in a fresh subprocess with the
+   model swapped for a zero-cost stand-in (a soft disc per box, after the same host-to-device and back
+   transfers): the pipeline's own boxes/s, and its CPU ms a box in the main process during the labelling loop
+   and in the worker processes. The main process is serial: 1000 / its ms a box bounds boxes/s on any device.
 5. train (`--train`, off by default): the training loop of `mal train` (`mal_cli.train.train`, no validation,
    no progress bar) in a fresh subprocess for `--train-steps` steps at `--train-crop-size` and
    `--train-batch-size`, on the whole DATASET. From its metrics.jsonl (a line every 5 steps: step, seconds
@@ -48,7 +52,8 @@ import numpy as np
 import orjson
 
 __all__ = [
-    "run_bench", "measure_peak_flops", "model_benchmark", "stage_benchmark", "end_to_end", "train_benchmark",
+    "run_bench", "measure_peak_flops", "model_benchmark", "stage_benchmark", "end_to_end", "pipeline_ceiling",
+    "train_benchmark",
     "training_flops_per_sample",
 ]
 
@@ -128,6 +133,103 @@ def end_to_end(
         # CPU seconds of the run and its reaped workers: on a shared machine, boxes per CPU-second is steadier than boxes/s.
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
         "boxes_per_cpu_s": round(boxes / (usage.ru_utime + usage.ru_stime), 2) if usage.ru_utime + usage.ru_stime else None,
+        "device": summary.get("device"),
+        "batch_size": batch_size,
+        "workers": workers,
+    }
+
+
+def _pipeline_child(args_json: str, result_json: str) -> None:
+    """The subprocess of `pipeline_ceiling`: `mal label --method mal` with the model swapped for a stand-in."""
+    import torch
+
+    from mal_cli import label as label_module
+    from mal_cli.label import LabelOptions, parse_crop_sizes
+    from mal_cli.predictor import BoxPredictor
+
+    args = orjson.loads(Path(args_json).read_bytes())
+    discs: dict = {}
+
+    def stand_in_probs(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
+        # The transfers of `BoxPredictor.predict_probs`, no model: a soft disc for every box, so paste,
+        # threshold, score and RLE do the work a real mask gives them.
+        if self.device.type == "cuda" and not crops.is_pinned():
+            crops = crops.pin_memory()
+        crops = crops.to(self.device, non_blocking=True)
+        m = self.model.mask_size
+        if m not in discs:
+            axis = torch.linspace(-1, 1, m)
+            radius = (axis[:, None] ** 2 + axis[None, :] ** 2).sqrt()
+            discs[m] = torch.sigmoid(8 * (0.8 - radius)).to(self.device)
+        return discs[m].expand(len(crops), m, m).contiguous().cpu()
+
+    BoxPredictor.predict_probs = stand_in_probs
+    loop = {"cpu": 0.0, "seconds": 0.0}
+    run_groups = label_module._run_groups
+
+    def timed_run_groups(*args, **kwargs):  # the labelling loop alone: no model load, input parse or output write
+        cpu, start = time.process_time(), time.perf_counter()
+        try:
+            return run_groups(*args, **kwargs)
+        finally:
+            loop["cpu"] += time.process_time() - cpu
+            loop["seconds"] += time.perf_counter() - start
+
+    label_module._run_groups = timed_run_groups
+    options = LabelOptions(method="mal", checkpoint=args["checkpoint"], device=args["device"],
+                           batch_size=args["batch_size"], workers=args["workers"],
+                           crop_sizes=parse_crop_sizes(args["crop_sizes"]) if args["crop_sizes"] else None)
+    summary = label_module.label_shard(args["dataset"], args["images"], args["out"], options, progress_bar=False)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the reaped DataLoader workers and paste/RLE pool
+    Path(result_json).write_bytes(orjson.dumps({"summary": summary.to_dict(), "loop_seconds": loop["seconds"],
+                                                "loop_main_cpu_seconds": loop["cpu"],
+                                                "workers_cpu_seconds": children.ru_utime + children.ru_stime}))
+
+
+def pipeline_ceiling(
+    dataset: str,
+    images: str,
+    checkpoint: Optional[str],
+    device: str,
+    batch_size: int,
+    workers: Optional[int],
+    folder: Path,
+    crop_sizes: Optional[str] = None,
+) -> dict:
+    """`mal label --method mal`'s whole path (decode, crop, transfers, paste, score, RLE, write) with the model
+    replaced by a stand-in that costs nothing: how fast the pipeline alone can feed and drain a model.
+
+    Reported: boxes/s in run (as `mal label` prints it: start-up included) and in the labelling loop alone,
+    and the CPU milliseconds a box costs in the main process during the loop and in the worker processes
+    (DataLoader and paste/RLE pool). The main process is serial, so 1000 / its ms a box bounds boxes/s
+    however fast the device; the workers' share divides over the cores.
+    """
+    out = folder / "bench_pipeline.json"
+    args_path, result_path = folder / "pipeline_args.json", folder / "pipeline_result.json"
+    args_path.write_bytes(orjson.dumps({"dataset": dataset, "images": images, "out": str(out), "checkpoint": checkpoint,
+                                        "device": device, "batch_size": batch_size, "workers": workers,
+                                        "crop_sizes": crop_sizes}))
+    cmd = [sys.executable, "-m", "mal_cli.bench", "pipeline-child", str(args_path), str(result_path)]
+    with tempfile.TemporaryFile() as err_file:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err_file)
+        err_file.seek(0)
+        err = err_file.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"mal label (pipeline stand-in) failed: {err.decode(errors='replace').strip()[-2000:]}")
+    info = orjson.loads(result_path.read_bytes())
+    out.unlink(missing_ok=True)
+    summary = info["summary"]
+    boxes = int(summary["boxes"])
+    main_ms = 1000 * info["loop_main_cpu_seconds"] / boxes if boxes else None
+    return {
+        "boxes": boxes,
+        "seconds_in_run": float(summary["seconds"]),
+        "boxes_per_s": round(boxes / summary["seconds"], 1) if summary["seconds"] else None,
+        "seconds_in_loop": round(info["loop_seconds"], 3),
+        "boxes_per_s_in_loop": round(boxes / info["loop_seconds"], 1) if info["loop_seconds"] else None,
+        "main_cpu_ms_per_box": round(main_ms, 4) if main_ms else None,
+        "workers_cpu_ms_per_box": round(1000 * info["workers_cpu_seconds"] / boxes, 4) if boxes else None,
+        "main_process_ceiling_boxes_per_s": round(1000 / main_ms, 1) if main_ms else None,
         "device": summary.get("device"),
         "batch_size": batch_size,
         "workers": workers,
@@ -747,6 +849,7 @@ def run_bench(
     backbone_weights: Optional[str] = None,
     backbone: Optional[str] = None,
     train_split_steps: int = 10,
+    pipeline: bool = True,
 ) -> dict:
     """All measurements (see the module docstring) as one JSON-able dict. `methods` may be empty (e.g. only `train`)."""
     import torch
@@ -772,6 +875,8 @@ def run_bench(
         for method in methods:
             result["end_to_end"][method] = end_to_end(subset, images, method, checkpoint, device, batch_size, workers, folder,
                                                       crop_sizes=crop_sizes)
+        if pipeline and "mal" in methods:
+            result["pipeline"] = pipeline_ceiling(subset, images, checkpoint, device, batch_size, workers, folder, crop_sizes)
         if train:
             # Before anything below allocates device memory in this process: the training run gets the whole device.
             # On the whole DATASET (--limit applies to labelling only).
@@ -804,6 +909,13 @@ def bench_table(result: dict):
         table.add_row(f"end to end --method {method}: boxes/s (in run / with start-up)",
                       f"{e2e['boxes_per_s']} / {e2e['boxes_per_s_wall']}")
         table.add_row(f"end to end --method {method}: peak RSS", f"{e2e['peak_rss_mib']} MiB")
+    if "pipeline" in result:
+        p = result["pipeline"]
+        table.add_row("pipeline alone (--method mal, zero-cost model stand-in): boxes/s (in run / in loop)",
+                      f"{p['boxes_per_s']} / {p['boxes_per_s_in_loop']}")
+        table.add_row("pipeline CPU ms/box: main process in loop (serial) / workers (divide over the cores)",
+                      f"{p['main_cpu_ms_per_box']} / {p['workers_cpu_ms_per_box']}")
+        table.add_row("  main-process ceiling: boxes/s on any device", str(p["main_process_ceiling_boxes_per_s"]))
     for method, st in result.get("stages", {}).items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in st["ms_per_box"].items() if v)
         table.add_row(f"stages --method {method} (ms/box, serial, {st['boxes']} boxes)", parts)
@@ -855,6 +967,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if argv[:1] == ["train-child"]:  # internal: the subprocess of train_benchmark
         _train_child(argv[1], argv[2], int(argv[3]) if len(argv) > 3 else 0)
         return
+    if argv[:1] == ["pipeline-child"]:  # internal: the subprocess of pipeline_ceiling
+        _pipeline_child(argv[1], argv[2])
+        return
     if argv[:1] == ["synthetic"]:
         parser = argparse.ArgumentParser(prog="python -m mal_cli.bench synthetic", description=synthetic_dataset.__doc__.split("\n")[0])
         parser.add_argument("out")
@@ -880,6 +995,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--no-stages", action="store_true")
     parser.add_argument("--no-model", action="store_true")
     parser.add_argument("--no-peak", action="store_true")
+    parser.add_argument("--no-pipeline", action="store_true", help="Skip the pipeline-alone run (model stand-in).")
     parser.add_argument("--train", action="store_true", help="Also measure training throughput (mal train's loop).")
     parser.add_argument("--train-crop-size", type=int, default=504, help="Training crop side (a multiple of the patch size).")
     parser.add_argument("--train-batch-size", type=int, default=64)
@@ -901,7 +1017,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                        train_batch_size=args.train_batch_size, train_steps=args.train_steps,
                        train_warmup=args.train_warmup, train_workers=args.train_workers,
                        backbone_weights=args.backbone_weights, backbone=args.backbone,
-                       train_split_steps=args.train_split_steps)
+                       train_split_steps=args.train_split_steps, pipeline=not args.no_pipeline)
     from rich.console import Console
 
     Console(stderr=True).print(bench_table(result))

@@ -435,6 +435,11 @@ def bench_command(
     stages: bool = typer.Option(True, "--stages/--no-stages", help="Time the pipeline's stages apart (serial pass)."),
     model: bool = typer.Option(True, "--model/--no-model", help="Time the model alone and count its FLOPs."),
     peak: bool = typer.Option(True, "--peak/--no-peak", help="Measure a bf16 matmul peak to compare the model with."),
+    pipeline: bool = typer.Option(
+        True, "--pipeline/--no-pipeline",
+        help="Also run `mal label --method mal` with the model swapped for a zero-cost stand-in: the pipeline's own "
+             "ceiling, and its CPU ms/box in the main process (serial: a limit however fast the device) and in the workers.",
+    ),
     train: bool = typer.Option(
         False, "--train/--no-train",
         help="Also measure training throughput: `mal train`'s loop in a subprocess on DATASET (no validation), "
@@ -472,7 +477,7 @@ def bench_command(
                        train_crop_size=train_crop_size, train_batch_size=train_batch_size, train_steps=train_steps,
                        train_warmup=train_warmup, train_workers=train_workers,
                        backbone_weights=str(backbone_weights) if backbone_weights else None, backbone=backbone,
-                       train_split_steps=train_split_steps)
+                       train_split_steps=train_split_steps, pipeline=pipeline)
     Console(stderr=True).print(bench_table(result))
     if json_out:
         import orjson

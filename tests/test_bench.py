@@ -35,6 +35,26 @@ def test_bench_box_method_json_fields(tmp_path, tiny_checkpoint):
     assert stages["boxes"] > 0
 
 
+def test_pipeline_ceiling_labels_every_box_with_the_stand_in_in_a_child(tmp_path, tiny_checkpoint):
+    from mal_cli.bench import pipeline_ceiling
+    from mal_cli.predictor import BoxPredictor
+
+    real_predict = BoxPredictor.predict_probs
+    n_boxes = len(json.loads(open(MINI16).read())["annotations"])
+    for workers in (0, 2):
+        p = pipeline_ceiling(MINI16, IMAGES, str(tiny_checkpoint), "cpu", 16, workers, tmp_path)
+        assert p["boxes"] == n_boxes and p["workers"] == workers
+        assert 0 < p["seconds_in_loop"] <= p["seconds_in_run"]
+        assert p["main_cpu_ms_per_box"] > 0
+        assert p["main_process_ceiling_boxes_per_s"] == pytest.approx(1000 / p["main_cpu_ms_per_box"], rel=1e-3)
+        if workers:  # decoding and cropping moved out of the main process
+            assert p["workers_cpu_ms_per_box"] > 0
+        else:
+            assert p["workers_cpu_ms_per_box"] < 0.2 * p["main_cpu_ms_per_box"]
+    assert BoxPredictor.predict_probs is real_predict  # the stand-in lives in the subprocess only
+    assert not (tmp_path / "bench_pipeline.json").exists()
+
+
 def test_bench_model_and_peak_fields(tiny_checkpoint):
     from mal_cli.bench import measure_peak_flops, model_benchmark
 
