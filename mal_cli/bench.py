@@ -1,26 +1,26 @@
 """`mal bench`: how fast `mal label` (and `mal train`) is, where its time goes, how far the model is from the hardware.
 
-Six measurements, all on the same code paths `mal label` (5: `mal train`) uses:
+Six measurements, all on the same code paths `mal label` (6: `mal train`) uses:
 
 1. end to end: `mal label` runs in a fresh subprocess per method (`mal` = the labeler, `box` = filled boxes,
    the pipeline alone) on DATASET, or on its first whole images holding `--limit` boxes. Reported: boxes/s
    in-run (the run's own clock, as `mal label` prints it) and with process start-up (the wall clock of the
    command), and the peak resident memory of the labelling process (its DataLoader workers are separate
    processes, each far smaller).
-2. stages: one serial pass in this process (no workers) over the same boxes, timing each stage of the
-   pipeline apart: decode -> crop -> model -> paste (+ threshold + score) -> RLE -> write (JSON line).
-   With workers, decode and crop overlap the model (and paste/RLE run in a pool), so the stage sum is an
-   upper bound of the end-to-end time.
-3. model: encoder + decoder alone, one batch of `--batch-size` random crops routed and sized like the
-   dataset's boxes (`--crop-sizes`, as `mal label`; bf16 autocast, as `BoxPredictor`), boxes/s and achieved
-   FLOP/s, FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` (per box and route: encoder /
-   decoder, at the route's crop size and at the full crop).
-4. peak: a bf16 matmul on the device, the ceiling the model's FLOP/s is compared with.
-4b. pipeline (with `mal`; `--no-pipeline` skips it): `mal label --method mal` in a fresh subprocess with the
+2. pipeline (with `mal`; `--no-pipeline` skips it): `mal label --method mal` in a fresh subprocess with the
    model swapped for a zero-cost stand-in (a soft disc per box, after the same host-to-device and back
    transfers): the pipeline's own boxes/s, and its CPU ms a box in the main process during the labelling loop
    and in the worker processes. The main process is serial: 1000 / its ms a box bounds boxes/s on any device.
-5. train (`--train`, off by default): the training loop of `mal train` (`mal_cli.train.train`, no validation,
+3. stages: one serial pass in this process (no workers) over the same boxes, timing each stage of the
+   pipeline apart: decode -> crop -> model -> paste (+ threshold + score) -> RLE -> write (JSON line).
+   With workers, decode and crop overlap the model (and paste/RLE run in a pool), so the stage sum is an
+   upper bound of the end-to-end time.
+4. model: encoder + decoder alone, one batch of `--batch-size` random crops routed and sized like the
+   dataset's boxes (`--crop-sizes`, as `mal label`; bf16 autocast, as `BoxPredictor`), boxes/s and achieved
+   FLOP/s, FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` (per box and route: encoder /
+   decoder, at the route's crop size and at the full crop).
+5. peak: a bf16 matmul on the device, the ceiling the model's FLOP/s is compared with.
+6. train (`--train`, off by default): the training loop of `mal train` (`mal_cli.train.train`, no validation,
    no progress bar) in a fresh subprocess for `--train-steps` steps at `--train-crop-size` and
    `--train-batch-size`, on the whole DATASET. From its metrics.jsonl (a line every 5 steps: step, seconds
    since the loop began): steady samples/s = samples between the first logged step >= `--train-warmup` and
@@ -691,7 +691,7 @@ def train_benchmark(
     count_flops: bool = True,
     split_steps: int = 10,
 ) -> dict:
-    """Training throughput: `steps` steps of the `mal train` loop in a subprocess (see the module docstring, 5).
+    """Training throughput: `steps` steps of the `mal train` loop in a subprocess (see the module docstring, 6).
 
     Returns steady and overall samples/s, the logged (step, time) points they come from, wall time, peak
     RSS (and GPU memory), and GFLOP per sample / achieved TFLOP/s (`count_flops`, counted in this process
