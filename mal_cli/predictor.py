@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mal_cli import geometry
+from mal_cli.errors import InputError
 from mal_cli.modeling.labeler import MaskLabeler
 
 
@@ -74,9 +75,23 @@ class BoxCrops:
 
 
 def resolve_device(device: str) -> torch.device:
+    """'auto' (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N' -> a device this machine has, else an InputError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device '{device}' is not a device: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
+                             f"use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1})")
+    elif resolved.type != "cpu":
+        raise InputError(f"--device {device}: mal runs on cpu or cuda")
+    return resolved
 
 
 class BoxPredictor:

@@ -215,6 +215,9 @@ CASES = [
     ("train-images-missing", lambda t: ["train", MINI16, "--images", t / "nope", "--out", t / "run", "--backbone-weights", MINI16], 2, "no such folder"),
     ("train-image-without-size", lambda t: ["train", write(t, "b.json", _without_size()), "--images", IMAGES, "--out", t / "run"], 2,
      "needs the size of every image"),
+    # devices
+    ("label-device-unknown", lambda t: label_args(MINI16, t / "o.json", "--method", "mal", "--device", "gpu"), 2, "--device 'gpu' is not a device"),
+    ("train-device-unknown", lambda t: ["train", MINI16, "--images", IMAGES, "--out", t / "run", "--device", "tpu"], 2, "--device 'tpu' is not a device"),
 ]
 
 

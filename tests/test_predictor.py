@@ -8,7 +8,7 @@ import torch
 from mal_cli import geometry
 from mal_cli.errors import InputError
 from mal_cli.modeling import LabelerConfig, MaskLabeler
-from mal_cli.predictor import BoxCrops, BoxPredictor, CropPlan, default_crop_sizes, make_crop_plan
+from mal_cli.predictor import BoxCrops, BoxPredictor, CropPlan, default_crop_sizes, make_crop_plan, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,24 @@ def test_full_plan_is_the_exact_model(model):
     assert not torch.allclose(fast_probs[0], direct[0], atol=1e-3)
     torch.testing.assert_close(fast_probs[1], direct[1])  # medium (7/8 of 64 rounds to 64) and large: unchanged
     torch.testing.assert_close(fast_probs[3], direct[3])
+
+
+@pytest.mark.parametrize("device, says", [
+    ("cuda", "no usable CUDA GPU"), ("cuda:1", "no usable CUDA GPU"), ("gpu", "is not a device"), ("mps", "cpu or cuda"),
+])
+def test_resolve_device_explains_a_device_this_machine_lacks(monkeypatch, device, says):
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match=says):
+        resolve_device(device)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_resolve_device_checks_the_cuda_index(monkeypatch):
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(InputError, match="2 CUDA devices"):
+        resolve_device("cuda:2")
