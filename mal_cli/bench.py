@@ -82,6 +82,24 @@ def _subset(dataset: str, limit: Optional[int], folder: Path) -> tuple[str, int,
     return str(path), len(images), len(kept)
 
 
+def _run_child(cmd: Sequence[str], what: str, env: Optional[dict] = None):
+    """Run a benchmark subprocess (stdout dropped); returns its own rusage and wall seconds, or raises with
+    the tail of its stderr.
+
+    wait4: this child's own rusage (peak RSS of that process; its reaped workers are included as a maximum,
+    never a sum), not the running maximum over all children that RUSAGE_CHILDREN gives.
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err_file.seek(0)
+            raise RuntimeError(f"{what} failed: {err_file.read().decode(errors='replace').strip()[-2000:]}")
+    return usage, wall
+
+
 def end_to_end(
     dataset: str,
     images: str,
@@ -105,19 +123,8 @@ def end_to_end(
         cmd += ["--crop-sizes", crop_sizes]
     if checkpoint and method == "mal":
         cmd += ["--checkpoint", checkpoint]
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as err_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file)
-        # wait4: this child's own rusage (peak RSS of the labelling process; its reaped workers are included
-        # as a maximum, never a sum), not the running maximum over all children RUSAGE_CHILDREN gives.
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-        err_file.seek(0)
-        err = err_file.read()
+    usage, wall = _run_child(cmd, f"mal label ({method})")
     peak_kib = usage.ru_maxrss
-    if proc.returncode != 0:
-        raise RuntimeError(f"mal label ({method}) failed: {err.decode(errors='replace').strip()[-2000:]}")
     summary = orjson.loads(summary_path.read_bytes())
     out.unlink(missing_ok=True)
     boxes = int(summary["boxes"])
@@ -153,9 +160,7 @@ def _pipeline_child(args_json: str, result_json: str) -> None:
     def stand_in_probs(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
         # The transfers of `BoxPredictor.predict_probs`, no model: a soft disc for every box, so paste,
         # threshold, score and RLE do the work a real mask gives them.
-        if self.device.type == "cuda" and not crops.is_pinned():
-            crops = crops.pin_memory()
-        crops = crops.to(self.device, non_blocking=True)
+        crops = self.to_device(crops)
         m = self.model.mask_size
         if m not in discs:
             axis = torch.linspace(-1, 1, m)
@@ -210,12 +215,7 @@ def pipeline_ceiling(
                                         "device": device, "batch_size": batch_size, "workers": workers,
                                         "crop_sizes": crop_sizes}))
     cmd = [sys.executable, "-m", "mal_cli.bench", "pipeline-child", str(args_path), str(result_path)]
-    with tempfile.TemporaryFile() as err_file:
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err_file)
-        err_file.seek(0)
-        err = err_file.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"mal label (pipeline stand-in) failed: {err.decode(errors='replace').strip()[-2000:]}")
+    _run_child(cmd, "mal label (pipeline stand-in)")
     info = orjson.loads(result_path.read_bytes())
     out.unlink(missing_ok=True)
     summary = info["summary"]
@@ -721,16 +721,7 @@ def train_benchmark(
         env = dict(os.environ)
         if not backbone_weights:
             env["HF_HUB_OFFLINE"] = "1"  # random backbone weights: the same cost, and no download in a benchmark
-        start = time.perf_counter()
-        with tempfile.TemporaryFile() as err_file:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, as in end_to_end
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            wall = time.perf_counter() - start
-            err_file.seek(0)
-            err = err_file.read()
-        if proc.returncode != 0:
-            raise RuntimeError(f"mal train (bench) failed: {err.decode(errors='replace').strip()[-2000:]}")
+        usage, wall = _run_child(cmd, "mal train (bench)", env)
         metrics_path = run_dir / "metrics.jsonl"
         rows = [orjson.loads(line) for line in metrics_path.read_bytes().splitlines() if line.strip()]
         info = orjson.loads(info_path.read_bytes()) if info_path.is_file() else {}

@@ -340,7 +340,6 @@ class LoadedImage:
     error: Optional[str]
     model_boxes: list[int]  # indices into the job's boxes that go to the model
     regions: list[tuple[float, float, float, float]]
-    crops: Any  # predictor.BoxCrops of the model boxes (uint8), or None
     box_areas: list[float]  # areas of the model boxes (they pick the decoder's route)
 
 
@@ -348,13 +347,15 @@ class LoadedImage:
 class LoadedGroup:
     """A group's images, and the crops of all their model boxes joined per crop size (image by image)."""
 
-    images: list[LoadedImage]  # their own `crops` are None: they moved into `crops`
+    images: list[LoadedImage]
     crops: Any  # predictor.BoxCrops, or None when no box goes to the model
     box_areas: torch.Tensor  # (len(crops),)
 
 
-def load_image_crops(job: ImageJob, index: int, need_pixels: bool, crop_plan, margins: geometry.Margins) -> LoadedImage:
-    """Decodes one image and crops its labellable boxes; errors become a value, never an exception."""
+def load_image_crops(job: ImageJob, index: int, need_pixels: bool, crop_plan,
+                     margins: geometry.Margins) -> tuple[LoadedImage, Any]:
+    """Decodes one image and crops its labellable boxes: the image's record and the uint8 crops of its model
+    boxes (predictor.BoxCrops, or None). Errors become a value, never an exception."""
     from mal_cli.images import load_rgb  # PIL import stays out of `mal --help`
 
     hw, error, image = job.recorded_hw, None, None
@@ -385,7 +386,7 @@ def load_image_crops(job: ImageJob, index: int, need_pixels: bool, crop_plan, ma
     if model_boxes:
         chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
         crops = crop_plan.crops(chw, regions, areas)
-    return LoadedImage(index, hw, error, model_boxes, regions, crops, areas)
+    return LoadedImage(index, hw, error, model_boxes, regions, areas), crops
 
 
 class _GroupCropDataset(torch.utils.data.Dataset):
@@ -405,17 +406,16 @@ class _GroupCropDataset(torch.utils.data.Dataset):
         return len(self.groups)
 
     def __getitem__(self, index: int) -> LoadedGroup:
-        images = [load_image_crops(job, i, self.need_pixels, self.crop_plan, self.margins)
+        loaded = [load_image_crops(job, i, self.need_pixels, self.crop_plan, self.margins)
                   for i, job in enumerate(self.groups[index])]
-        parts = [item.crops for item in images if item.crops is not None]
+        images = [item for item, _ in loaded]
+        parts = [crops for _, crops in loaded if crops is not None]
         crops = None
         if parts:
             from mal_cli.predictor import BoxCrops
 
             crops = parts[0] if len(parts) == 1 else BoxCrops.cat(parts)
         areas = torch.tensor([a for item in images for a in item.box_areas])
-        for item in images:
-            item.crops = None
         return LoadedGroup(images, crops, areas)
 
 

@@ -64,6 +64,11 @@ def colour_affinity(image: torch.Tensor, zeta: float = 0.1, kernel: int = 3) -> 
     image: (B, C, H, W) in [0, 1]. Returns (B, K, H, W) with K = kernel^2 - 1, neighbours in row-major
     window order, the centre left out; neighbours outside the image get affinity 0.
     """
+    return _affinity_by_offset(image, zeta, kernel).transpose(0, 1)
+
+
+def _affinity_by_offset(image: torch.Tensor, zeta: float, kernel: int) -> torch.Tensor:
+    """`colour_affinity` laid out (K, B, H, W): each neighbour's map contiguous, as `_neighbour_sum` reads it."""
     b, c, h, w = image.shape
     r = kernel // 2
     x = image.float()
@@ -73,7 +78,7 @@ def colour_affinity(image: torch.Tensor, zeta: float = 0.1, kernel: int = 3) -> 
     for dy, dx in _neighbour_offsets(kernel):
         dist2 = (_shifted(padded, dy, dx, r) - x).pow(2).sum(1)
         out.append(torch.exp(-dist2 / (2 * zeta * zeta)) * _shifted(inside, dy, dx, r))
-    return torch.stack(out, 1)
+    return torch.stack(out, 0)
 
 
 def _neighbour_sum(values: torch.Tensor, affinity_by_offset: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -111,7 +116,7 @@ def crf_pseudo_mask(
     lo, hi = math.log(config.q_min / (1 - config.q_min)), math.log(config.q_max / (1 - config.q_max))
     q = ((prob.float() + teacher_prob.float()) / 2 * box).clamp(config.q_min, config.q_max)
     z = torch.logit(q).clamp_(lo, hi)
-    affinity = colour_affinity(image, config.zeta, config.kernel).transpose(0, 1).contiguous()
+    affinity = _affinity_by_offset(image, config.zeta, config.kernel)
     outside = box < 0.5
     for _ in range(config.iterations):
         z = _neighbour_sum(z, affinity, config.kernel).clamp_(lo, hi).masked_fill_(outside, lo)

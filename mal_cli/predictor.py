@@ -121,12 +121,15 @@ class BoxPredictor:
     def regions(self, boxes_xyxy: Sequence[Sequence[float]]) -> list[tuple[float, float, float, float]]:
         return [geometry.crop_region(b, self.margins) for b in boxes_xyxy]
 
+    def to_device(self, crops: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and not crops.is_pinned():
+            crops = crops.pin_memory()  # uint8 crops: a quarter of the float bytes, copied asynchronously
+        return crops.to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def predict_probs(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
         """Crops (N, 3, S, S) in [0, 255] (uint8 or float) -> probabilities (N, M, M) float32 on the CPU."""
-        if self.device.type == "cuda" and not crops.is_pinned():
-            crops = crops.pin_memory()  # uint8 crops: a quarter of the float bytes, copied asynchronously
-        crops = crops.to(self.device, non_blocking=True).float()
+        crops = self.to_device(crops).float()
         areas = box_areas.to(self.device).float()
         dtype = torch.bfloat16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
