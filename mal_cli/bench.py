@@ -158,17 +158,18 @@ def _pipeline_child(args_json: str, result_json: str) -> None:
     discs: dict = {}
 
     def stand_in_probs(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
-        # The transfers of `BoxPredictor.predict_probs`, no model: a soft disc for every box, so paste,
-        # threshold, score and RLE do the work a real mask gives them.
+        # `BoxPredictor.device_probs` without the model: the crops still go to the device (and the
+        # probabilities back, in `submit_crops`); a soft disc for every box, so paste, threshold, score and
+        # RLE do the work a real mask gives them.
         crops = self.to_device(crops)
         m = self.model.mask_size
         if m not in discs:
             axis = torch.linspace(-1, 1, m)
             radius = (axis[:, None] ** 2 + axis[None, :] ** 2).sqrt()
             discs[m] = torch.sigmoid(8 * (0.8 - radius)).to(self.device)
-        return discs[m].expand(len(crops), m, m).contiguous().cpu()
+        return discs[m].expand(len(crops), m, m)
 
-    BoxPredictor.predict_probs = stand_in_probs
+    BoxPredictor.device_probs = stand_in_probs
     loop = {"cpu": 0.0, "seconds": 0.0}
     run_groups = label_module._run_groups
 

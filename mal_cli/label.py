@@ -351,6 +351,9 @@ class LoadedGroup:
     crops: Any  # predictor.BoxCrops, or None when no box goes to the model
     box_areas: torch.Tensor  # (len(crops),)
 
+    def pin_memory(self) -> "LoadedGroup":  # called by the DataLoader's pin thread (GPU runs)
+        return LoadedGroup(self.images, self.crops.pin_memory() if self.crops is not None else None, self.box_areas)
+
 
 def load_image_crops(job: ImageJob, index: int, need_pixels: bool, crop_plan,
                      margins: geometry.Margins) -> tuple[LoadedImage, Any]:
@@ -860,69 +863,111 @@ def _run_groups(groups, jobs, done, predictor, options, writer, summary, fallbac
     workers = n_workers if (need_pixels or any(j.recorded_hw is None for j in jobs)) else 0
     workers = min(workers, len(groups))
     # A group is ~batch_size boxes: two in flight a worker keep the model fed and bound the shared memory.
+    # For a GPU the loader's pin thread page-locks the crops, so their copy to the device is asynchronous.
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
         prefetch_factor=2 if workers else None, persistent_workers=False,
+        pin_memory=predictor is not None and predictor.device.type == "cuda",
     )
     total_boxes = sum(j.num_boxes for j in jobs)
     bar = tqdm(total=total_boxes, unit="box", file=sys.stderr, disable=not progress_bar or None, dynamic_ncols=True,
                desc="mal label")
-    threshold = predictor.threshold if predictor else 0.5
     # Post-processing pool (paste, threshold, score, RLE, JSON): only with the model; forked before the loader.
     pool = None
     if predictor is not None and n_workers > 0 and len(jobs) > 1:
         import multiprocessing
 
         pool = multiprocessing.get_context("fork").Pool(min(n_workers, len(jobs)))
-    pending: deque = deque()
-    pending_boxes = 0
-    max_pending_boxes = 4 * options.batch_size
+    results = _ResultDispatch(predictor, options, done, pool, writer, summary, fallbacks, bar)
+    # One group in flight on the device: group i is submitted before group i - 1's results are dispatched,
+    # so on a GPU the model runs while this process hands out the previous batch's paste/RLE.
+    in_flight = None
     items = iter(loader)
-    images_done = 0
     for group in groups:
         batch: LoadedGroup = next(items)
-        loaded = batch.images
-        # Fixed-order batching: the group's model boxes, image by image, in chunks of batch_size.
-        probs_by_image: dict[int, np.ndarray] = {}
+        probs = None
         if predictor is not None and batch.crops is not None:
-            probs_np = predictor.predict_crops(batch.crops, batch.box_areas, options.batch_size).numpy()
-            start = 0
-            for item in loaded:
-                probs_by_image[item.job_index] = probs_np[start : start + len(item.model_boxes)]
-                start += len(item.model_boxes)
-        for job, item in zip(group, loaded):
-            n_boxes = job.num_boxes
-            if job.position in done:  # finished before a crash; its batch-mates needed it recomputed
-                bar.update(n_boxes)
-                continue
-            if item.error:
-                if options.strict:
-                    raise InputError(
-                        f"{item.error} (--strict: stopped; the images before it are kept in {writer.path}: fix the "
-                        f"image and rerun with --resume, or drop --strict to label its boxes with flagged fallbacks)"
-                    )
-                summary.failed_images += 1
-                if len(summary.image_errors) < 10:
-                    summary.image_errors.append(item.error)
-                log.warning("image error, boxes get the filled-box fallback: %s", item.error)
-            task = (job.position, job.record_positions.tolist(), job.boxes_xywh.tolist(), item.hw, item.error, item.model_boxes, item.regions,
-                    probs_by_image.get(item.job_index), predictor is not None, threshold, options.format)
-            # Paste + RLE of an image run in the post-processing pool (if any), in parallel with the model;
-            # results are written strictly in order, so the progress file is the same either way.
-            pending.append((job.position, n_boxes, pool.apply_async(_image_results, task) if pool else _Done(_image_results(*task))))
-            pending_boxes += n_boxes
-            while pending and (pending_boxes > max_pending_boxes or pending[0][2].ready()):
-                pending_boxes -= _write_pending(pending.popleft(), writer, summary, fallbacks, bar)
-                images_done += 1
-        writer.flush()
-        bar.set_postfix(images=images_done, refresh=False)
-    while pending:
-        _write_pending(pending.popleft(), writer, summary, fallbacks, bar)
-    writer.flush()
+            probs = predictor.submit_crops(batch.crops, batch.box_areas, options.batch_size)
+        if in_flight is not None:
+            results.dispatch(*in_flight)
+        in_flight = (group, batch, probs)
+    if in_flight is not None:
+        results.dispatch(*in_flight)
+    results.drain()
     if pool is not None:
         pool.close()
         pool.join()
     bar.close()
+
+
+class _ResultDispatch:
+    """Turns a group's model output into per-image tasks (paste, threshold, score, RLE, JSON) and writes
+    their progress lines strictly in input order, so the progress file is the same with or without a pool."""
+
+    def __init__(self, predictor, options, done, pool, writer, summary, fallbacks, bar):
+        self.use_model = predictor is not None
+        self.threshold = predictor.threshold if predictor else 0.5
+        self.options, self.done, self.pool = options, done, pool
+        self.writer, self.summary, self.fallbacks, self.bar = writer, summary, fallbacks, bar
+        self.pending: deque = deque()
+        self.pending_boxes = 0
+        self.max_pending_boxes = 4 * options.batch_size
+        self.images_done = 0
+
+    def dispatch(self, group: Sequence[ImageJob], batch: LoadedGroup, probs) -> None:
+        """`probs`: the group's `PendingProbs` (None without model boxes); waited for here."""
+        probs_by_image: dict[int, np.ndarray] = {}
+        if probs is not None:
+            # Fixed-order batching: the group's model boxes, image by image.
+            probs_np = probs.result().numpy()
+            start = 0
+            for item in batch.images:
+                probs_by_image[item.job_index] = probs_np[start : start + len(item.model_boxes)]
+                start += len(item.model_boxes)
+        for job, item in zip(group, batch.images):
+            n_boxes = job.num_boxes
+            if job.position in self.done:  # finished before a crash; its batch-mates needed it recomputed
+                self.bar.update(n_boxes)
+                continue
+            if item.error:
+                self._image_error(item.error)
+            task = (job.position, job.record_positions.tolist(), job.boxes_xywh.tolist(), item.hw, item.error,
+                    item.model_boxes, item.regions, probs_by_image.get(item.job_index), self.use_model, self.threshold,
+                    self.options.format)
+            # Paste + RLE of an image run in the post-processing pool (if any), in parallel with the model.
+            result = self.pool.apply_async(_image_results, task) if self.pool else _Done(_image_results(*task))
+            self.pending.append((job.position, n_boxes, result))
+            self.pending_boxes += n_boxes
+            while self.pending and (self.pending_boxes > self.max_pending_boxes or self.pending[0][2].ready()):
+                self._write_next()
+        self.writer.flush()
+        self.bar.set_postfix(images=self.images_done, refresh=False)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._write_next()
+        self.writer.flush()
+
+    def _image_error(self, error: str) -> None:
+        if self.options.strict:
+            raise InputError(
+                f"{error} (--strict: stopped; the images before it are kept in {self.writer.path}: fix the "
+                f"image and rerun with --resume, or drop --strict to label its boxes with flagged fallbacks)"
+            )
+        self.summary.failed_images += 1
+        if len(self.summary.image_errors) < 10:
+            self.summary.image_errors.append(error)
+        log.warning("image error, boxes get the filled-box fallback: %s", error)
+
+    def _write_next(self) -> None:
+        _position, n_boxes, result = self.pending.popleft()
+        line, image_fallbacks = result.get()
+        self.writer.write_line(line)
+        self.fallbacks.update(image_fallbacks)
+        self.summary.boxes += n_boxes
+        self.bar.update(n_boxes)
+        self.pending_boxes -= n_boxes
+        self.images_done += 1
 
 
 class _Done:
@@ -936,16 +981,6 @@ class _Done:
 
     def get(self):
         return self.value
-
-
-def _write_pending(entry, writer, summary, fallbacks, bar) -> int:
-    position, n_boxes, result = entry
-    line, image_fallbacks = result.get()
-    writer.write_line(line)
-    fallbacks.update(image_fallbacks)
-    summary.boxes += n_boxes
-    bar.update(n_boxes)
-    return n_boxes
 
 
 def _image_results(position, record_positions, boxes_xywh, hw, error, model_boxes, regions, probs, use_model, threshold,

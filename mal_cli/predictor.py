@@ -73,6 +73,28 @@ class BoxCrops:
         }
         return BoxCrops(sizes, by_size)
 
+    def pin_memory(self) -> "BoxCrops":
+        """Page-locked copies (the DataLoader's pin thread calls this): the copy to the GPU is then asynchronous."""
+        return BoxCrops(self.sizes, {size: crops.pin_memory() for size, crops in self.by_size.items()})
+
+
+class PendingProbs:
+    """Probabilities (N, M, M) the device is still computing: `result()` waits for them, on the CPU.
+
+    On a GPU, `BoxPredictor.submit_crops` only queues the work, so the caller can post-process the previous
+    batch while the device runs this one.
+    """
+
+    def __init__(self, probs: torch.Tensor, ready: "torch.cuda.Event | None" = None):
+        self._probs = probs
+        self._ready = ready
+
+    def result(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self._probs
+
 
 def resolve_device(device: str) -> torch.device:
     """'auto' (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N' -> a device this machine has, else an InputError."""
@@ -121,44 +143,59 @@ class BoxPredictor:
     def regions(self, boxes_xyxy: Sequence[Sequence[float]]) -> list[tuple[float, float, float, float]]:
         return [geometry.crop_region(b, self.margins) for b in boxes_xyxy]
 
-    def to_device(self, crops: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" and not crops.is_pinned():
-            crops = crops.pin_memory()  # uint8 crops: a quarter of the float bytes, copied asynchronously
-        return crops.to(self.device, non_blocking=True)
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()  # page-locked: the copy is asynchronous (uint8 crops: a quarter of float's bytes)
+        return tensor.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def predict_probs(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
-        """Crops (N, 3, S, S) in [0, 255] (uint8 or float) -> probabilities (N, M, M) float32 on the CPU."""
+    def device_probs(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
+        """Crops (N, 3, S, S) in [0, 255] (uint8 or float) -> probabilities (N, M, M) float32 on the device.
+
+        `box_areas` stay on the CPU: the decoder routes boxes there, so nothing waits for the device.
+        """
         crops = self.to_device(crops).float()
-        areas = box_areas.to(self.device).float()
+        areas = box_areas.float()
         dtype = torch.bfloat16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
             logits = self.model(crops, areas).float()
             if self.flip:
                 flipped = self.model(crops.flip(-1), areas).float().flip(-1)
                 logits = (logits + flipped) / 2
-        return torch.sigmoid(logits[:, 0]).cpu()
+        return torch.sigmoid(logits[:, 0])
 
-    def predict_crops(self, crops: BoxCrops, box_areas: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Probabilities (N, M, M) of N boxes' crops (any mix of sizes), in box order.
+    def predict_probs(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
+        """Crops (N, 3, S, S) in [0, 255] (uint8 or float) -> probabilities (N, M, M) float32 on the CPU."""
+        return self.device_probs(crops, box_areas).cpu()
+
+    @torch.inference_mode()
+    def submit_crops(self, crops: BoxCrops, box_areas: torch.Tensor, batch_size: int = 64) -> PendingProbs:
+        """Queues the probabilities of N boxes' crops (any mix of sizes), in box order, and returns at once on
+        a GPU (at the end on a CPU, whose work is not queued).
 
         Boxes are batched per crop size, in order, `batch_size` at a time: the batches depend only on
         the input, so results are reproducible however the work is split.
         """
-        sizes = torch.tensor(crops.sizes)
-        out: torch.Tensor | None = None
+        sizes = torch.tensor(crops.sizes, dtype=torch.long)
+        m = self.model.mask_size
+        out = torch.empty((len(sizes), m, m), device=self.device)
         for size, size_crops in crops.by_size.items():
             idx = torch.nonzero(sizes == size).flatten()
-            size_areas = box_areas[idx]
             for s in range(0, len(idx), batch_size):
-                probs = self.predict_probs(size_crops[s : s + batch_size], size_areas[s : s + batch_size])
-                if out is None:
-                    out = probs.new_empty((len(sizes), *probs.shape[1:]))
-                out[idx[s : s + batch_size]] = probs
-        if out is None:
-            m = self.model.mask_size
-            return torch.empty((0, m, m))
-        return out
+                part = idx[s : s + batch_size]
+                probs = self.device_probs(size_crops[s : s + batch_size], box_areas[part])
+                out.index_copy_(0, self.to_device(part), probs)
+        if self.device.type != "cuda":
+            return PendingProbs(out)
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)  # page-locked destination: queued behind the model, not waited for
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingProbs(host, ready)
+
+    def predict_crops(self, crops: BoxCrops, box_areas: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Probabilities (N, M, M) of N boxes' crops (any mix of sizes), in box order, on the CPU."""
+        return self.submit_crops(crops, box_areas, batch_size).result()
 
     def paste(
         self,

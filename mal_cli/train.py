@@ -298,7 +298,7 @@ def predict_maps(
     """The student's mask probabilities on the augmented view (with grad) and the teacher's on the plain one."""
     device = student_crops.device
     crops = batch["crop"].to(device, non_blocking=True).float()
-    areas = batch["area"].to(device)
+    areas = batch["area"]  # stays on the CPU: the decoder routes boxes there without a device sync
     with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         logits = student(student_crops, areas)[:, 0].float()
         with torch.no_grad():

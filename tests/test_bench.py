@@ -39,7 +39,7 @@ def test_pipeline_ceiling_labels_every_box_with_the_stand_in_in_a_child(tmp_path
     from mal_cli.bench import pipeline_ceiling
     from mal_cli.predictor import BoxPredictor
 
-    real_predict = BoxPredictor.predict_probs
+    real_predict = BoxPredictor.device_probs
     n_boxes = len(json.loads(open(MINI16).read())["annotations"])
     for workers in (0, 2):
         p = pipeline_ceiling(MINI16, IMAGES, str(tiny_checkpoint), "cpu", 16, workers, tmp_path)
@@ -51,7 +51,7 @@ def test_pipeline_ceiling_labels_every_box_with_the_stand_in_in_a_child(tmp_path
             assert p["workers_cpu_ms_per_box"] > 0
         else:
             assert p["workers_cpu_ms_per_box"] < 0.2 * p["main_cpu_ms_per_box"]
-    assert BoxPredictor.predict_probs is real_predict  # the stand-in lives in the subprocess only
+    assert BoxPredictor.device_probs is real_predict  # the stand-in lives in the subprocess only
     assert not (tmp_path / "bench_pipeline.json").exists()
 
 

@@ -366,3 +366,34 @@ def test_boxes_changed_during_the_run_is_an_error(tmp_path, mini16_raw):
     boxes.write_bytes(orjson.dumps(mini16_raw))
     with pytest.raises(InputError, match="changed during the run"):
         inp.ensure_unchanged()
+
+
+def test_next_group_goes_to_the_model_before_the_last_results_are_used(tmp_path, monkeypatch, tiny_checkpoint, tiny_single_run):
+    # On a GPU `submit_crops` only queues the work: the loop must queue group i before it waits for group
+    # i - 1's probabilities and hands out their paste/RLE, or the device idles while this process works.
+    from mal_cli.predictor import BoxPredictor
+
+    events: list[tuple[str, int]] = []
+    submit = BoxPredictor.submit_crops
+
+    def logged_submit(self, crops, box_areas, batch_size=64):
+        group = sum(1 for kind, _ in events if kind == "submit")
+        events.append(("submit", group))
+        pending = submit(self, crops, box_areas, batch_size)
+        result = pending.result
+
+        def logged_result():
+            events.append(("result", group))
+            return result()
+
+        pending.result = logged_result
+        return pending
+
+    monkeypatch.setattr(BoxPredictor, "submit_crops", logged_submit)
+    out = tmp_path / "labels.json"
+    run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint))
+    assert out.read_bytes() == tiny_single_run
+    groups = sum(1 for kind, _ in events if kind == "submit")
+    assert groups > 3 and sorted(events) == sorted([(k, g) for g in range(groups) for k in ("submit", "result")])
+    for g in range(1, groups):
+        assert events.index(("submit", g)) < events.index(("result", g - 1)), events

@@ -238,3 +238,14 @@ def test_decoder_routes_a_half_size_grid_like_the_full_grid():
     with torch.no_grad():
         wrong = m.decoder(half, small)
     assert wrong.shape == (3, 1, 32, 32)
+
+
+def test_decoder_routes_boxes_where_their_areas_are(model):
+    # Areas on the CPU: routing never reads the features' device, so a GPU need not finish the encoder
+    # before the decoder is queued. The meta device has no data: any read of it (torch.nonzero) fails.
+    areas = torch.tensor([0.0, 32.0**2 - 1, 32.0**2, 96.0**2 - 1, 96.0**2, 1e7])
+    decoder = MaskLabeler(LabelerConfig(backbone=BACKBONE, crop_size=64, decoder_dim=32)).decoder.to("meta")
+    features = torch.empty(len(areas), model.encoder.embed_dim, 4, 4, device="meta")
+    assert decoder(features, areas).shape == (6, 1, 16, 16)
+    with pytest.raises(NotImplementedError):  # areas on the device: routed there, which reads its data
+        decoder(features, areas.to("meta"))

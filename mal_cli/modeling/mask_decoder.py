@@ -69,12 +69,15 @@ class MaskDecoder(nn.Module):
         grid = grid_size or h
         out_size = (grid * self.output_stride, grid * self.output_stride)
         instance = self.instance_mlp(features.mean(dim=(2, 3)))
-        routes = self.route(box_areas.to(features.device).float())
+        # Routed where the areas are: areas on the CPU make the split a CPU decision (torch.nonzero on a GPU
+        # tensor would wait for the encoder to finish before the decoder could be queued).
+        routes = self.route(box_areas.float())
         logits = features.new_empty((b, 1, *out_size))
         for r, scale in enumerate(self.route_scales):
             idx = torch.nonzero(routes == r).flatten()
             if idx.numel() == 0:
                 continue
+            idx = idx.to(features.device, non_blocking=True)
             pixels = self.pixel_features(features[idx], scale * grid / h)
             group = torch.einsum("bc,bchw->bhw", instance[idx], pixels).unsqueeze(1)
             if group.shape[-2:] != out_size:
