@@ -679,8 +679,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if dist_info.is_main and (step % config.log_every == 0 or step == total_steps):
                 elapsed = time.time() - t_start
                 last = {
-                    "step": step, "epoch": epoch, "loss": float(loss.detach()), "mil": float(out["mil"]),
-                    "crf": float(out["crf"]), "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
+                    "step": step, "epoch": epoch, "loss": float(loss.detach()), "mil": float(out["mil"].detach()),
+                    "crf": float(out["crf"].detach()), "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
                     "samples_per_s": samples_seen / max(elapsed, 1e-9), "skipped_nonfinite": counters["skipped_nonfinite"],
                     "time": elapsed,
                 }
@@ -688,7 +688,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     f.write(json.dumps(last) + "\n")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mil=f"{float(out['mil']):.3f}", crf=f"{float(out['crf']):.3f}",
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mil=f"{float(out['mil'].detach()):.3f}", crf=f"{float(out['crf'].detach()):.3f}",
                                 sps=f"{samples_seen / max(time.time() - t_start, 1e-9):.1f}")
             if config.val and dist_info.is_main and (step % config.val_every == 0 or step == total_steps):
                 val = validate(teacher, config, device)
