@@ -3,7 +3,8 @@
 Six measurements, all on the same code paths `mal label` (6: `mal train`) uses:
 
 1. end to end: `mal label` runs in a fresh subprocess per method (`mal` = the labeler, `box` = filled boxes,
-   the pipeline alone) on DATASET, or on its first whole images holding `--limit` boxes. Reported: boxes/s
+   the pipeline alone) on DATASET, or on its first whole images holding `--limit` boxes, `--repeat` times over
+   (new ids each copy: a run long enough for a fast GPU on a small set). Reported: boxes/s
    in-run (the run's own clock, as `mal label` prints it) and with process start-up (the wall clock of the
    command), and the peak resident memory of the labelling process (its DataLoader workers are separate
    processes, each far smaller).
@@ -51,6 +52,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import orjson
 
+from mal_cli.errors import InputError
+
 __all__ = [
     "run_bench", "measure_peak_flops", "model_benchmark", "stage_benchmark", "end_to_end", "pipeline_ceiling",
     "train_benchmark",
@@ -58,23 +61,33 @@ __all__ = [
 ]
 
 
-def _subset(dataset: str, limit: Optional[int], folder: Path) -> tuple[str, int, int]:
-    """DATASET, or a copy holding its first whole images with at least `limit` boxes in total."""
+def _subset(dataset: str, limit: Optional[int], folder: Path, repeat: int = 1) -> tuple[str, int, int]:
+    """DATASET, or a copy holding its first whole images with at least `limit` boxes in total, `repeat` times
+    over: each copy gets new image and annotation ids (offset by a multiple of the largest), the same files."""
     raw = orjson.loads(Path(dataset).read_bytes())
     anns = raw["annotations"]
-    if limit is None or limit >= len(anns):
+    if (limit is None or limit >= len(anns)) and repeat == 1:
         return dataset, len(raw["images"]), len(anns)
-    by_image: dict[Any, list] = {}
-    for ann in anns:
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    images, kept = [], []
-    for image in raw["images"]:
-        if len(kept) >= limit:
-            break
-        boxes = by_image.get(image["id"], [])
-        if boxes:
-            images.append(image)
-            kept.extend(boxes)
+    images, kept = raw["images"], anns
+    if limit is not None and limit < len(anns):
+        by_image: dict[Any, list] = {}
+        for ann in anns:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        images, kept = [], []
+        for image in raw["images"]:
+            if len(kept) >= limit:
+                break
+            boxes = by_image.get(image["id"], [])
+            if boxes:
+                images.append(image)
+                kept.extend(boxes)
+    if repeat > 1:
+        ids = [im["id"] for im in images] + [a["id"] for a in kept]
+        if not all(isinstance(i, int) for i in ids):
+            raise InputError(f"--repeat needs integer image and annotation ids ({dataset} has others)")
+        step = max(ids, default=0) + 1
+        images = [dict(im, id=im["id"] + r * step) for r in range(repeat) for im in images]
+        kept = [dict(a, id=a["id"] + r * step, image_id=a["image_id"] + r * step) for r in range(repeat) for a in kept]
     sub = dict(raw)
     sub["images"], sub["annotations"] = images, kept
     path = folder / "bench_subset.json"
@@ -842,6 +855,7 @@ def run_bench(
     backbone: Optional[str] = None,
     train_split_steps: int = 10,
     pipeline: bool = True,
+    repeat: int = 1,
 ) -> dict:
     """All measurements (see the module docstring) as one JSON-able dict. `methods` may be empty (e.g. only `train`)."""
     import torch
@@ -858,10 +872,11 @@ def run_bench(
         "workers": workers,
         "crop_sizes": crop_sizes,
         "limit": limit,
+        "repeat": repeat,
     }
     with tempfile.TemporaryDirectory(prefix="mal-bench-") as tmp:
         folder = Path(tmp)
-        subset, n_images, n_boxes = _subset(dataset, limit, folder)
+        subset, n_images, n_boxes = _subset(dataset, limit, folder, repeat)
         result["images"], result["boxes"] = n_images, n_boxes
         result["end_to_end"] = {}
         for method in methods:
@@ -982,6 +997,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="default: as mal label")
     parser.add_argument("--crop-sizes", default=None, help="as mal label (default: its default)")
     parser.add_argument("--limit", type=int, default=None, help="First whole images holding at least N boxes.")
+    parser.add_argument("--repeat", type=int, default=1, help="Label the (limited) dataset N times over, new ids each time.")
     parser.add_argument("--method", choices=("both", "mal", "box", "none"), default="both",
                         help="none: no labelling benchmark (e.g. with --train)")
     parser.add_argument("--no-stages", action="store_true")
@@ -1001,6 +1017,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--json", default=None, help="Write the results here.")
     args = parser.parse_args(argv)
     methods = {"both": ("mal", "box"), "none": ()}.get(args.method, (args.method,))
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.train and args.train_steps <= args.train_warmup:
         parser.error("--train-steps must exceed --train-warmup")
     result = run_bench(args.dataset, args.images, args.checkpoint, args.device, args.batch_size, args.workers,
@@ -1009,7 +1027,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                        train_batch_size=args.train_batch_size, train_steps=args.train_steps,
                        train_warmup=args.train_warmup, train_workers=args.train_workers,
                        backbone_weights=args.backbone_weights, backbone=args.backbone,
-                       train_split_steps=args.train_split_steps, pipeline=not args.no_pipeline)
+                       train_split_steps=args.train_split_steps, pipeline=not args.no_pipeline,
+                       repeat=args.repeat)
     from rich.console import Console
 
     Console(stderr=True).print(bench_table(result))

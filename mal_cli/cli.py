@@ -415,7 +415,7 @@ def export_yolo_command(
     epilog=(
         "Examples:\n\n"
         "  mal bench coco/annotations.json --images coco/images --limit 500 --json bench.json\n\n"
-        "  mal bench boxes.json --images imgs/ --device cuda --batch-size 256 --workers 14\n\n"
+        "  mal bench boxes.json --images imgs/ --device cuda --batch-size 256 --workers 8 --repeat 15\n\n"
         "  mal bench boxes.json --images imgs/ --device cuda --method none --train --train-crop-size 504 "
         "--train-batch-size 64 --backbone-weights models/dinov2_vits14_timm.pth"
     ),
@@ -429,6 +429,9 @@ def bench_command(
     workers: Optional[int] = typer.Option(None, help="Worker processes of `mal label` (default: its default)."),
     crop_sizes: Optional[str] = typer.Option(None, "--crop-sizes", metavar="S,M,L", help="As `mal label --crop-sizes` (default: its default)."),
     limit: Optional[int] = typer.Option(None, help="Use the first whole images holding at least N boxes."),
+    repeat: int = typer.Option(
+        1, min=1, help="Label the dataset (after --limit) N times over, with new ids each time: a run long enough "
+                       "to time a fast GPU on a small set (labelling only; --train uses DATASET)."),
     method: str = typer.Option(
         "both", help="both, mal, box or none (box: the pipeline alone, no model; none: no labelling benchmark, e.g. with --train)."
     ),
@@ -477,7 +480,7 @@ def bench_command(
                        train_crop_size=train_crop_size, train_batch_size=train_batch_size, train_steps=train_steps,
                        train_warmup=train_warmup, train_workers=train_workers,
                        backbone_weights=str(backbone_weights) if backbone_weights else None, backbone=backbone,
-                       train_split_steps=train_split_steps, pipeline=pipeline)
+                       train_split_steps=train_split_steps, pipeline=pipeline, repeat=repeat)
     Console(stderr=True).print(bench_table(result))
     if json_out:
         import orjson

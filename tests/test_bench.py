@@ -157,3 +157,25 @@ def test_train_benchmark_failure_reports_stderr(tmp_path):
     with pytest.raises(RuntimeError, match="mal train.*failed.*vit_no_such_model"):
         train_benchmark(MINI16, IMAGES, "cpu", crop_size=32, batch_size=2, steps=2, warmup_steps=1, workers=0,
                         backbone="vit_no_such_model", folder=tmp_path)
+
+
+def test_repeat_copies_the_limited_set_with_new_ids(tmp_path):
+    from mal_cli.bench import _subset
+
+    raw = json.loads(open(MINI16).read())
+    (tmp_path / "once").mkdir()
+    (tmp_path / "thrice").mkdir()
+    first = _subset(MINI16, 20, tmp_path / "once")
+    one = json.loads(open(first[0]).read())
+    path, n_images, n_boxes = _subset(MINI16, 20, tmp_path / "thrice", repeat=3)
+    sub = json.loads(open(path).read())
+    assert (n_images, n_boxes) == (3 * first[1], 3 * first[2]) and first[2] >= 20 and first[2] < len(raw["annotations"])
+    assert len({im["id"] for im in sub["images"]}) == n_images and len({a["id"] for a in sub["annotations"]}) == n_boxes
+    images = {im["id"]: im for im in sub["images"]}
+    file_of = {im["id"]: im["file_name"] for im in one["images"]}
+    original = [(file_of[a["image_id"]], a["bbox"]) for a in one["annotations"]]
+    # every copy: the same boxes on the same files, in the same order
+    assert [(images[a["image_id"]]["file_name"], a["bbox"]) for a in sub["annotations"]] == original * 3
+    assert _subset(MINI16, None, tmp_path, repeat=1)[0] == MINI16  # nothing to copy
+    result = CliRunner().invoke(app, ["bench", MINI16, "--images", IMAGES, "--repeat", "0"])
+    assert result.exit_code == 2 and "repeat" in result.output
