@@ -912,6 +912,7 @@ class _ResultDispatch:
         self.pending: deque = deque()
         self.pending_boxes = 0
         self.max_pending_boxes = 4 * options.batch_size
+        self.task_boxes = max(1, options.batch_size // 4)  # ~16 tasks in flight: work for every pool process
         self.images_done = 0
 
     def dispatch(self, group: Sequence[ImageJob], batch: LoadedGroup, probs) -> None:
@@ -924,24 +925,38 @@ class _ResultDispatch:
             for item in batch.images:
                 probs_by_image[item.job_index] = probs_np[start : start + len(item.model_boxes)]
                 start += len(item.model_boxes)
+        tasks, task_boxes = [], 0
         for job, item in zip(group, batch.images):
             n_boxes = job.num_boxes
             if job.position in self.done:  # finished before a crash; its batch-mates needed it recomputed
                 self.bar.update(n_boxes)
                 continue
             if item.error:
+                if self.options.strict:  # keep every image before it in the progress file
+                    if tasks:
+                        self._submit(tasks, task_boxes)
+                    self.drain()
                 self._image_error(item.error)
-            task = (job.position, job.record_positions.tolist(), job.boxes_xywh.tolist(), item.hw, item.error,
-                    item.model_boxes, item.regions, probs_by_image.get(item.job_index), self.use_model, self.threshold,
-                    self.options.format)
-            # Paste + RLE of an image run in the post-processing pool (if any), in parallel with the model.
-            result = self.pool.apply_async(_image_results, task) if self.pool else _Done(_image_results(*task))
-            self.pending.append((job.position, n_boxes, result))
-            self.pending_boxes += n_boxes
-            while self.pending and (self.pending_boxes > self.max_pending_boxes or self.pending[0][2].ready()):
-                self._write_next()
+            tasks.append((job.position, job.record_positions.tolist(), job.boxes_xywh.tolist(), item.hw, item.error,
+                          item.model_boxes, item.regions, probs_by_image.get(item.job_index), self.use_model,
+                          self.threshold, self.options.format))
+            task_boxes += n_boxes
+            # Paste + RLE run in the post-processing pool (if any), in parallel with the model, a few images
+            # a task: a task per image cost this process ~0.4 ms more of pickling and pipe work (0.19 -> 0.14 ms a box).
+            if task_boxes >= self.task_boxes:
+                self._submit(tasks, task_boxes)
+                tasks, task_boxes = [], 0
+        if tasks:
+            self._submit(tasks, task_boxes)
         self.writer.flush()
         self.bar.set_postfix(images=self.images_done, refresh=False)
+
+    def _submit(self, tasks: list, n_boxes: int) -> None:
+        result = self.pool.apply_async(_images_results, (tasks,)) if self.pool else _Done(_images_results(tasks))
+        self.pending.append((n_boxes, result))
+        self.pending_boxes += n_boxes
+        while self.pending and (self.pending_boxes > self.max_pending_boxes or self.pending[0][1].ready()):
+            self._write_next()
 
     def drain(self) -> None:
         while self.pending:
@@ -960,14 +975,14 @@ class _ResultDispatch:
         log.warning("image error, boxes get the filled-box fallback: %s", error)
 
     def _write_next(self) -> None:
-        _position, n_boxes, result = self.pending.popleft()
-        line, image_fallbacks = result.get()
-        self.writer.write_line(line)
-        self.fallbacks.update(image_fallbacks)
+        n_boxes, result = self.pending.popleft()
+        for line, image_fallbacks in result.get():
+            self.writer.write_line(line)
+            self.fallbacks.update(image_fallbacks)
+            self.images_done += 1
         self.summary.boxes += n_boxes
         self.bar.update(n_boxes)
         self.pending_boxes -= n_boxes
-        self.images_done += 1
 
 
 class _Done:
@@ -981,6 +996,10 @@ class _Done:
 
     def get(self):
         return self.value
+
+
+def _images_results(tasks: list) -> list[tuple[bytes, dict]]:
+    return [_image_results(*task) for task in tasks]
 
 
 def _image_results(position, record_positions, boxes_xywh, hw, error, model_boxes, regions, probs, use_model, threshold,

@@ -353,6 +353,12 @@ def test_unreadable_images_are_skipped_flagged_and_counted(tmp_path, tiny_checkp
     assert strict.code == 2 and "--strict" in strict.err and "missing.jpg" in strict.err
     one_line_error(strict)
     assert not strict_out.exists() and progress_path_for(strict_out).exists()
+    for workers in ("0", "2"):  # inline and through the post-processing pool: the image before it is kept
+        progress_path_for(strict_out).unlink()
+        strict = mal(*[strict_out if a == out else workers if a == "0" else a for a in args], "--strict")
+        assert strict.code == 2
+        lines = progress_path_for(strict_out).read_bytes().splitlines()
+        assert [orjson.loads(line)["image"] for line in lines[1:]] == [0], workers  # good.jpg, then the stop
 
 
 def test_check_reports_every_problem_grouped(tmp_path, mal):
