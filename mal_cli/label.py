@@ -714,7 +714,13 @@ def _load_predictor(options: LabelOptions, checkpoint: Path):
     from mal_cli.predictor import BoxPredictor
 
     model = load_labeler(checkpoint, use_teacher=options.teacher)
-    return BoxPredictor(model, device=options.device, threshold=options.threshold, flip=options.flip, crop_sizes=options.crop_sizes)
+    predictor = BoxPredictor(model, device=options.device, threshold=options.threshold, flip=options.flip,
+                             crop_sizes=options.crop_sizes)
+    if predictor.device.type == "cuda" and predictor.device.index is not None:
+        # cuda:N (a torchrun rank, or --device cuda:1) becomes this process's current device: page-locked
+        # buffers and the loader's pin thread then use it, instead of opening a context on cuda:0.
+        torch.cuda.set_device(predictor.device)
+    return predictor
 
 
 def label_shard(

@@ -190,7 +190,7 @@ class BoxPredictor:
         host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
         host.copy_(out, non_blocking=True)  # page-locked destination: queued behind the model, not waited for
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(self.device))  # this device's stream (cuda:1 is not the current device)
         return PendingProbs(host, ready)
 
     def predict_crops(self, crops: BoxCrops, box_areas: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -397,3 +397,19 @@ def test_next_group_goes_to_the_model_before_the_last_results_are_used(tmp_path,
     assert groups > 3 and sorted(events) == sorted([(k, g) for g in range(groups) for k in ("submit", "result")])
     for g in range(1, groups):
         assert events.index(("submit", g)) < events.index(("result", g - 1)), events
+
+
+@pytest.mark.parametrize("device, current", [("cuda:1", [torch.device("cuda:1")]), ("cuda", []), ("cpu", [])])
+def test_a_numbered_gpu_becomes_the_current_device(monkeypatch, tiny_checkpoint, device, current):
+    # A torchrun rank on cuda:1 (or --device cuda:1) must not pin memory or record events against cuda:0.
+    from mal_cli import label as label_module
+
+    class FakePredictor:
+        def __init__(self, model, device, **_):
+            self.device = torch.device(device)
+
+    calls = []
+    monkeypatch.setattr("mal_cli.predictor.BoxPredictor", FakePredictor)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    predictor = label_module._load_predictor(tiny_options(tiny_checkpoint, device=device), tiny_checkpoint)
+    assert predictor.device == torch.device(device) and calls == current
