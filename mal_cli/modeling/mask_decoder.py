@@ -77,6 +77,8 @@ class MaskDecoder(nn.Module):
             idx = torch.nonzero(routes == r).flatten()
             if idx.numel() == 0:
                 continue
+            if features.is_cuda and not idx.is_cuda:
+                idx = idx.pin_memory()  # a copy from pageable memory may wait for the stream
             idx = idx.to(features.device, non_blocking=True)
             pixels = self.pixel_features(features[idx], scale * grid / h)
             group = torch.einsum("bc,bchw->bhw", instance[idx], pixels).unsqueeze(1)
