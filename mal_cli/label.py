@@ -937,12 +937,16 @@ class _ResultDispatch:
             if job.position in self.done:  # finished before a crash; its batch-mates needed it recomputed
                 self.bar.update(n_boxes)
                 continue
+            if item.error and self.options.strict:  # every image before it is written first, to resume from
+                if tasks:
+                    self._submit(tasks, task_boxes)
+                self.drain()
+                raise InputError(
+                    f"{item.error} (--strict: stopped; the images before it are kept in {self.writer.path}: fix the "
+                    f"image and rerun with --resume, or drop --strict to label its boxes with flagged fallbacks)"
+                )
             if item.error:
-                if self.options.strict:  # keep every image before it in the progress file
-                    if tasks:
-                        self._submit(tasks, task_boxes)
-                    self.drain()
-                self._image_error(item.error)
+                self._count_image_error(item.error)
             tasks.append((job.position, job.record_positions.tolist(), job.boxes_xywh.tolist(), item.hw, item.error,
                           item.model_boxes, item.regions, probs_by_image.get(item.job_index), self.use_model,
                           self.threshold, self.options.format))
@@ -969,12 +973,7 @@ class _ResultDispatch:
             self._write_next()
         self.writer.flush()
 
-    def _image_error(self, error: str) -> None:
-        if self.options.strict:
-            raise InputError(
-                f"{error} (--strict: stopped; the images before it are kept in {self.writer.path}: fix the "
-                f"image and rerun with --resume, or drop --strict to label its boxes with flagged fallbacks)"
-            )
+    def _count_image_error(self, error: str) -> None:
         self.summary.failed_images += 1
         if len(self.summary.image_errors) < 10:
             self.summary.image_errors.append(error)
