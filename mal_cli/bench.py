@@ -377,14 +377,16 @@ def _route_areas(dataset: str, n: int) -> np.ndarray:
 
 
 def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, areas: np.ndarray, iterations: int = 3,
-                    crop_sizes: Optional[str] = None) -> dict:
+                    crop_sizes: Optional[str] = None, compile: bool = False) -> dict:
     """Encoder + decoder alone on one batch of random uint8 crops sized and routed like `areas`: boxes/s and
-    FLOP/s (FlopCounterMode)."""
+    FLOP/s (FlopCounterMode). With `compile`, FLOPs are counted on the eager model, then its blocks are
+    compiled (in the warm-up call, timed apart) and timed."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from mal_cli.label import default_checkpoint, parse_crop_sizes
     from mal_cli.modeling.labeler import load_labeler
+    from mal_cli.modeling.labeler import compile_encoder_blocks
     from mal_cli.predictor import BoxCrops, BoxPredictor
 
     predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device,
@@ -435,9 +437,13 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
         for s in (model.decoder.route_scales[r] for r in routes)
     )
 
+    if compile:
+        compile_encoder_blocks(model)
     sync = _timer()
-    predictor.predict_crops(crops, area_t, batch_size)  # warm-up
+    warmup = time.perf_counter()
+    predictor.predict_crops(crops, area_t, batch_size)  # warm-up (and, with `compile`, the compile)
     sync(dev)
+    warmup = time.perf_counter() - warmup
     times = []
     for _ in range(iterations):
         s = time.perf_counter()
@@ -454,6 +460,8 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
         "gflop_per_box": round(batch_flops / batch_size / 1e9, 3),
         "gflop_per_box_full_crop": round(full_flops / batch_size, 3),
         "gflop_per_box_by_route": per_route,
+        "compile": compile,
+        "seconds_warmup": round(warmup, 3),
         "seconds_per_batch": [round(x, 4) for x in times],
         "boxes_per_s": round(batch_size / best, 1),
         "tflop_per_s": round(batch_flops / best / 1e12, 4),
@@ -583,6 +591,7 @@ def train_step_split(config, steps: int = 10, warmup: int = 3) -> dict:
     import torch
 
     from mal_cli import train as training
+    from mal_cli.modeling.labeler import compile_encoder_blocks
     from mal_cli.predictor import resolve_device
 
     device = resolve_device(config.device)
@@ -597,6 +606,9 @@ def train_step_split(config, steps: int = 10, warmup: int = 3) -> dict:
     torch.manual_seed(config.seed)
     student = training.build_labeler(config).to(device).train()
     teacher = training.ema_teacher(student)
+    if config.compile:
+        for model in (student, teacher):
+            compile_encoder_blocks(model)
     optimizer = training.build_optimizer(student, config)
     data = training.BoxCropDataset(records, config.crop_size, student.mask_size, config.margin_max, config.seed)
     workers = training.loader_workers(config, device)
@@ -704,6 +716,7 @@ def train_benchmark(
     folder: Optional[Path] = None,
     count_flops: bool = True,
     split_steps: int = 10,
+    compile: bool = False,
 ) -> dict:
     """Training throughput: `steps` steps of the `mal train` loop in a subprocess (see the module docstring, 6).
 
@@ -724,7 +737,7 @@ def train_benchmark(
         batch_size=batch_size, max_steps=steps, device=device,
         workers=defaults.workers if workers is None else workers, log_every=log_every,
         checkpoint_every=steps,  # one checkpoint, after the last logged step (outside the timed window)
-        val=None,
+        val=None, compile=compile,
     )
     with tempfile.TemporaryDirectory(prefix="mal-bench-train-", dir=folder) as tmp:
         run_dir = Path(tmp) / "run"
@@ -856,6 +869,7 @@ def run_bench(
     train_split_steps: int = 10,
     pipeline: bool = True,
     repeat: int = 1,
+    compile: bool = False,
 ) -> dict:
     """All measurements (see the module docstring) as one JSON-able dict. `methods` may be empty (e.g. only `train`)."""
     import torch
@@ -873,6 +887,7 @@ def run_bench(
         "crop_sizes": crop_sizes,
         "limit": limit,
         "repeat": repeat,
+        "compile": compile,
     }
     with tempfile.TemporaryDirectory(prefix="mal-bench-") as tmp:
         folder = Path(tmp)
@@ -881,6 +896,7 @@ def run_bench(
         result["end_to_end"] = {}
         for method in methods:
             result["end_to_end"][method] = end_to_end(subset, images, method, checkpoint, device, batch_size, workers, folder,
+                                                      extra=["--compile"] if compile and method == "mal" else [],
                                                       crop_sizes=crop_sizes)
         if pipeline and "mal" in methods:
             result["pipeline"] = pipeline_ceiling(subset, images, checkpoint, device, batch_size, workers, folder, crop_sizes)
@@ -889,13 +905,13 @@ def run_bench(
             # On the whole DATASET (--limit applies to labelling only).
             result["train"] = train_benchmark(dataset, images, device, train_crop_size, train_batch_size, train_steps,
                                               train_warmup, train_workers, backbone_weights, backbone, folder=folder,
-                                              split_steps=train_split_steps)
+                                              split_steps=train_split_steps, compile=compile)
         if stages:
             result["stages"] = {m: stage_benchmark(subset, images, checkpoint, device, batch_size, m,
                                                    stage_limit if m == "mal" else None, crop_sizes) for m in methods}
     if model and "mal" in methods:
         result["model"] = model_benchmark(checkpoint, device, batch_size, _route_areas(dataset, batch_size),
-                                          crop_sizes=crop_sizes)
+                                          crop_sizes=crop_sizes, compile=compile)
     if peak:
         result["peak"] = measure_peak_flops(device)
         if "model" in result and result["peak"]["tflop_per_s"]:
@@ -929,7 +945,8 @@ def bench_table(result: dict):
     if "model" in result:
         m = result["model"]
         sizes = ",".join(str(v) for v in m["crop_sizes"])
-        table.add_row(f"model alone (crops {sizes}, batch {m['batch_size']}): boxes/s", str(m["boxes_per_s"]))
+        compiled = f", compiled in {m['seconds_warmup']:.1f} s" if m.get("compile") else ""
+        table.add_row(f"model alone (crops {sizes}, batch {m['batch_size']}{compiled}): boxes/s", str(m["boxes_per_s"]))
         table.add_row("model GFLOP/box (batch mix; at the full crop)", f"{m['gflop_per_box']} ({m['gflop_per_box_full_crop']})")
         for route, f in m["gflop_per_box_by_route"].items():
             table.add_row(f"  route {route}, crop {f['crop_size']}: encoder + decoder GFLOP/box",

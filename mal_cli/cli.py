@@ -96,6 +96,9 @@ def train_command(
         None, min=0, help="Data-loading worker processes (default: 2 on a CPU; on a GPU, the process's share of the cores less 2, 2 to 8)."),
     seed: int = typer.Option(0, help="Seed of every random draw (same seed, same run)."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast (CPU and GPU)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder's transformer blocks (student and teacher; "
+                                 "a one-off compile of forward and backward). Meant for GPUs, not yet measured there "
+                                 "(`mal bench --train --compile`); on a 2-core CPU, steady steps within noise of eager."),
     checkpoint_every: int = typer.Option(500, help="Write RUN_DIR/checkpoint.pth every N steps."),
     val: Optional[Path] = typer.Option(None, help="A dataset JSON with masks: log mIoU of the teacher every --val-every steps."),
     val_images: Optional[Path] = typer.Option(None, help="Images of --val (default: --images)."),
@@ -117,7 +120,7 @@ def train_command(
         min_box_area=min_box_area, margin_max=margin_max, color_jitter=color_jitter, grayscale_prob=grayscale_prob,
         blur_prob=blur_prob, grad_clip=grad_clip, mil_weight=mil_weight, mil_ramp_steps=mil_ramp_steps, crf_weight=crf_weight,
         crf_ramp_steps=crf_ramp_steps, crf_iterations=crf_iterations, crf_zeta=crf_zeta, ema_momentum=ema_momentum,
-        device=device, workers=workers, seed=seed, amp=amp, checkpoint_every=checkpoint_every,
+        device=device, workers=workers, seed=seed, amp=amp, compile=compile, checkpoint_every=checkpoint_every,
         val=str(val) if val else None, val_images=str(val_images) if val_images else None, val_every=val_every,
         val_limit=val_limit, resume=resume,
     )
@@ -223,6 +226,10 @@ def label_command(
     summary_json: Optional[str] = typer.Option(None, "--summary-json", help="Write the run summary (images, boxes, fallbacks, boxes/s) as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first missing/corrupt image instead of labelling its boxes with a flagged fallback."),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the encoder's transformer blocks (a one-off compile: ~30 s on a CPU; masks "
+        "within bf16 rounding of eager). Meant for GPUs, where it is not yet measured: compare with `mal bench --compile`. "
+        "On a 2-core CPU it did not pay (README 'Performance')."),
 ) -> None:
     """Turn every box into an instance mask (batched, streaming, resumable, shardable)."""
     import logging
@@ -237,7 +244,7 @@ def label_command(
     options = LabelOptions(
         method=method, checkpoint=str(checkpoint) if checkpoint else None, teacher=teacher, threshold=threshold,
         flip=flip, format=fmt, only_missing=only_missing, batch_size=batch_size, device=device, workers=workers,
-        strict=strict, crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None,
+        strict=strict, crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None, compile=compile,
     )
     summary = label(
         boxes, str(images), out, options, image_info=image_info, shard=parse_shard(shard) if shard else None,
@@ -428,6 +435,7 @@ def bench_command(
     batch_size: int = typer.Option(64, help="Boxes per model batch."),
     workers: Optional[int] = typer.Option(None, help="Worker processes of `mal label` (default: its default)."),
     crop_sizes: Optional[str] = typer.Option(None, "--crop-sizes", metavar="S,M,L", help="As `mal label --crop-sizes` (default: its default)."),
+    compile: bool = typer.Option(False, "--compile", help="As `mal label --compile` / `mal train --compile`: for the end-to-end, model and training rows (the compile time is in the end-to-end time and the training warm-up)."),
     limit: Optional[int] = typer.Option(None, help="Use the first whole images holding at least N boxes."),
     repeat: int = typer.Option(
         1, min=1, help="Label the dataset (after --limit) N times over, with new ids each time: a run long enough "
@@ -480,7 +488,7 @@ def bench_command(
                        train_crop_size=train_crop_size, train_batch_size=train_batch_size, train_steps=train_steps,
                        train_warmup=train_warmup, train_workers=train_workers,
                        backbone_weights=str(backbone_weights) if backbone_weights else None, backbone=backbone,
-                       train_split_steps=train_split_steps, pipeline=pipeline, repeat=repeat)
+                       train_split_steps=train_split_steps, pipeline=pipeline, repeat=repeat, compile=compile)
     Console(stderr=True).print(bench_table(result))
     if json_out:
         import orjson

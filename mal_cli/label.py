@@ -85,6 +85,7 @@ class LabelOptions:
     device: str = "auto"
     workers: Optional[int] = None  # None: `auto_workers`
     strict: bool = False  # an unreadable image stops the run instead of becoming a flagged fallback
+    compile: bool = False  # torch.compile the encoder's blocks (`predictor.compile_encoder_blocks`)
 
     def validate(self) -> None:
         if self.method not in ("mal", "box"):
@@ -654,7 +655,7 @@ def write_output(out: str, inp: LabelInput, labelled_records, shard_info: Option
 def _fingerprint(inp: LabelInput, options: LabelOptions, shard: tuple[int, int], checkpoint: Optional[Path]) -> str:
     digest = hashlib.sha256()
     digest.update(inp.digest.encode())
-    labels = {k: v for k, v in asdict(options).items() if k not in ("device", "workers", "checkpoint", "strict")}
+    labels = {k: v for k, v in asdict(options).items() if k not in ("device", "workers", "checkpoint", "strict", "compile")}
     if checkpoint is not None:
         stat = checkpoint.stat()
         labels["checkpoint"] = [checkpoint.name, stat.st_size]
@@ -715,7 +716,7 @@ def _load_predictor(options: LabelOptions, checkpoint: Path):
 
     model = load_labeler(checkpoint, use_teacher=options.teacher)
     predictor = BoxPredictor(model, device=options.device, threshold=options.threshold, flip=options.flip,
-                             crop_sizes=options.crop_sizes)
+                             crop_sizes=options.crop_sizes, compile=options.compile)
     if predictor.device.type == "cuda" and predictor.device.index is not None:
         # cuda:N (a torchrun rank, or --device cuda:1) becomes this process's current device: page-locked
         # buffers and the loader's pin thread then use it, instead of opening a context on cuda:0.

@@ -15,7 +15,7 @@ import torch
 
 from mal_cli import geometry
 from mal_cli.errors import InputError
-from mal_cli.modeling.labeler import MaskLabeler
+from mal_cli.modeling.labeler import MaskLabeler, compile_encoder_blocks
 
 
 @dataclass
@@ -128,11 +128,14 @@ class BoxPredictor:
         flip: bool = False,
         amp: bool = True,
         crop_sizes: Sequence[int] | str | None = None,
+        compile: bool = False,
     ):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         # NHWC for the decoder's 3x3 convs: faster with oneDNN (CPU) and cuDNN (GPU), same math.
         self.model.decoder.to(memory_format=torch.channels_last)
+        if compile:
+            compile_encoder_blocks(self.model)
         self.crop_size = model.config.crop_size
         self.crop_plan = make_crop_plan(model, crop_sizes)
         self.margins = geometry.Margins.uniform(model.config.label_margin if margin is None else margin)

@@ -36,6 +36,7 @@ from mal_cli.modeling.labeler import (
     LabelerConfig,
     MaskLabeler,
     atomic_torch_save,
+    compile_encoder_blocks,
     export_labeler,
     read_checkpoint,
 )
@@ -87,6 +88,7 @@ class TrainConfig:
     workers: Optional[int] = None  # None: auto_train_workers
     seed: int = 0
     amp: bool = True
+    compile: bool = False  # torch.compile the student's and teacher's encoder blocks
     checkpoint_every: int = 500
     log_every: int = 10
     val: Optional[str] = None
@@ -588,6 +590,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         student.load_state_dict(resume_state["student"])
     student.to(device)
     teacher = ema_teacher(student, resume_state["teacher"] if resume_state is not None else None)
+    if config.compile:
+        for labeler in (student, teacher):
+            compile_encoder_blocks(labeler)
 
     data = BoxCropDataset(records, config.crop_size, student.mask_size, config.margin_max, config.seed)
     sampler = StepSampler(len(data), config.batch_size, config.seed, dist_info.rank, dist_info.world_size)

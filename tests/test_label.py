@@ -339,6 +339,22 @@ def test_crop_sizes_change_small_boxes_only_and_are_part_of_resume(tmp_path, tin
         run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint, crop_sizes=(32, 64, 64)), resume=True)
 
 
+def test_compile_reaches_the_model_and_is_not_part_of_resume(tmp_path, tiny_checkpoint, tiny_single_run, monkeypatch):
+    """--compile changes speed, not the labels' options: it compiles the labeler's blocks, and a progress file
+    from a run without it is resumed, not refused (as with --device)."""
+    from mal_cli import predictor as predictor_module
+
+    compiled = []
+    monkeypatch.setattr(predictor_module, "compile_encoder_blocks", compiled.append)  # what is compiled, not the compile
+    out = tmp_path / "labels.json"
+    run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint, compile=True))
+    assert len(compiled) == 1 and compiled[0].encoder.patch_size == 16
+    assert out.read_bytes() == tiny_single_run  # the stand-in compiled nothing: the same bytes
+    run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint), keep_progress=True)
+    run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint, compile=True), resume=True)
+    assert out.read_bytes() == tiny_single_run
+
+
 def test_auto_workers(monkeypatch, tiny_checkpoint):
     from mal_cli.label import auto_workers
     from mal_cli.modeling.labeler import load_labeler

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -105,3 +107,23 @@ def test_resolve_device_checks_the_cuda_index(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(InputError, match="2 CUDA devices"):
         resolve_device("cuda:2")
+
+
+def test_compiled_blocks_are_one_graph_with_the_eager_probabilities(model):
+    from torch._dynamo.utils import counters
+
+    regions = BoxPredictor(model).regions(BOXES)
+    eager = BoxPredictor(copy.deepcopy(model), crop_sizes=(32, 48, 64))
+    crops = eager.crop_plan.crops(_image(), regions * 2, AREAS * 2)  # 4, 2 and 2 crops of 32, 48 and 64 px
+    areas = torch.tensor(AREAS * 2)
+    compiled_model = copy.deepcopy(model)
+    names = list(compiled_model.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = BoxPredictor(compiled_model, crop_sizes=(32, 48, 64), compile=True)
+    assert list(compiled_model.state_dict()) == names  # checkpoints written from it keep their keys
+    for batch_size in (64, 2):  # three crop sizes, batches of 4 and 2: four (batch, tokens) shapes
+        torch.testing.assert_close(compiled.predict_crops(crops, areas, batch_size),
+                                   eager.predict_crops(crops, areas, batch_size), atol=2e-2, rtol=0)
+    # Dynamic shapes: no compile per crop size or batch (a batch of 1 would get one more: torch specialises size 1).
+    assert counters["stats"]["unique_graphs"] == 1

@@ -161,6 +161,21 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert oa.keys() == ob.keys() and all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
 
 
+def test_compiled_training_follows_the_eager_run_and_keeps_checkpoint_keys(tmp_path):
+    from mal_cli.modeling.labeler import load_labeler
+
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    train(_config(eager, max_steps=2), progress=False)
+    torch._dynamo.reset()
+    train(_config(compiled, max_steps=2, compile=True), progress=False)
+    for ma, mb in zip(_metrics(eager), _metrics(compiled), strict=True):
+        for key in ("loss", "mil", "crf"):  # the same steps, up to bf16 rounding of fused kernels
+            assert mb[key] == pytest.approx(ma[key], rel=2e-2, abs=1e-3), (ma["step"], key)
+    for key in ("student", "teacher"):  # compiled in place: no `_orig_mod.` prefixes in what resume and export read
+        assert _weights(compiled / "checkpoint.pth", key).keys() == _weights(eager / "checkpoint.pth", key).keys()
+    load_labeler(compiled / "labeler.pth")
+
+
 def test_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     real = train_mod.compute_losses
     calls = {"n": 0}
