@@ -1015,6 +1015,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--crop-sizes", default=None, help="as mal label (default: its default)")
     parser.add_argument("--limit", type=int, default=None, help="First whole images holding at least N boxes.")
     parser.add_argument("--repeat", type=int, default=1, help="Label the (limited) dataset N times over, new ids each time.")
+    parser.add_argument("--compile", action="store_true", help="As mal label / mal train --compile.")
     parser.add_argument("--method", choices=("both", "mal", "box", "none"), default="both",
                         help="none: no labelling benchmark (e.g. with --train)")
     parser.add_argument("--no-stages", action="store_true")
@@ -1045,7 +1046,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                        train_warmup=args.train_warmup, train_workers=args.train_workers,
                        backbone_weights=args.backbone_weights, backbone=args.backbone,
                        train_split_steps=args.train_split_steps, pipeline=not args.no_pipeline,
-                       repeat=args.repeat)
+                       repeat=args.repeat, compile=args.compile)
     from rich.console import Console
 
     Console(stderr=True).print(bench_table(result))

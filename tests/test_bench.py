@@ -67,6 +67,31 @@ def test_bench_model_and_peak_fields(tiny_checkpoint):
     assert peak["tflop_per_s"] > 0
 
 
+def test_compile_reaches_the_mal_run_and_the_model_row_counts_eager_flops(tiny_checkpoint, monkeypatch):
+    from mal_cli import bench
+    from mal_cli.modeling import labeler
+
+    commands = []
+
+    def capture(cmd, what, env=None):
+        commands.append(cmd)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(bench, "_run_child", capture)
+    for method in ("box", "mal"):
+        with pytest.raises(RuntimeError, match="captured"):
+            bench.run_bench(MINI16, IMAGES, str(tiny_checkpoint), "cpu", methods=(method,), compile=True)
+    assert "--compile" not in commands[0] and "--compile" in commands[1]  # --method box has no model to compile
+
+    compiled = []
+    monkeypatch.setattr(labeler, "compile_encoder_blocks", compiled.append)
+    areas = np.array([100.0, 5000.0, 20000.0, 50.0])
+    eager = bench.model_benchmark(str(tiny_checkpoint), "cpu", 4, areas, iterations=1)
+    timed = bench.model_benchmark(str(tiny_checkpoint), "cpu", 4, areas, iterations=1, compile=True)
+    assert len(compiled) == 1 and timed["compile"] and not eager["compile"]
+    assert timed["gflop_per_box"] == eager["gflop_per_box"]  # counted on the eager model, before the compile
+
+
 def test_fast_paste_matches_grid_sample():
     """The numpy separable paste that `mal label` uses equals `geometry.paste_window` up to float rounding."""
     rng = np.random.default_rng(0)
