@@ -385,8 +385,7 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
     from torch.utils.flop_counter import FlopCounterMode
 
     from mal_cli.label import default_checkpoint, parse_crop_sizes
-    from mal_cli.modeling.labeler import load_labeler
-    from mal_cli.modeling.labeler import compile_encoder_blocks
+    from mal_cli.modeling.labeler import compile_encoder_blocks, load_labeler
     from mal_cli.predictor import BoxCrops, BoxPredictor
 
     predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device,
@@ -607,8 +606,8 @@ def train_step_split(config, steps: int = 10, warmup: int = 3) -> dict:
     student = training.build_labeler(config).to(device).train()
     teacher = training.ema_teacher(student)
     if config.compile:
-        for model in (student, teacher):
-            compile_encoder_blocks(model)
+        for labeler in (student, teacher):
+            compile_encoder_blocks(labeler)
     optimizer = training.build_optimizer(student, config)
     data = training.BoxCropDataset(records, config.crop_size, student.mask_size, config.margin_max, config.seed)
     workers = training.loader_workers(config, device)

@@ -85,7 +85,7 @@ class LabelOptions:
     device: str = "auto"
     workers: Optional[int] = None  # None: `auto_workers`
     strict: bool = False  # an unreadable image stops the run instead of becoming a flagged fallback
-    compile: bool = False  # torch.compile the encoder's blocks (`predictor.compile_encoder_blocks`)
+    compile: bool = False  # torch.compile the encoder's blocks (`modeling.labeler.compile_encoder_blocks`)
 
     def validate(self) -> None:
         if self.method not in ("mal", "box"):
