@@ -87,10 +87,10 @@ def compile_encoder_blocks(model: MaskLabeler) -> None:
     """torch.compile the ViT's transformer blocks in place (their weights and state-dict keys unchanged).
 
     The blocks hold most of a box's FLOPs (~70 % over the dev set's routes; the rest is mostly the decoder's
-    convs) and take any (batch, tokens) shape as one graph, so the crop
-    sizes and the uneven batches of a run share it (dynamic shapes, compiled on the first call; in training,
-    forward and backward). What it buys is the fusion of the blocks' elementwise work (LayerNorm, GELU,
-    residual adds, scales) around the matmuls; README "Performance" has what it measured.
+    convs) and take any (batch, tokens) shape as one graph, so the crop sizes and the uneven batches of a
+    run share it (dynamic shapes, compiled on the first call; in training, forward and backward). What it
+    buys is the fusion of the blocks' elementwise work (LayerNorm, GELU, residual adds, scales) around the
+    matmuls; README "Performance" has what it measured.
     """
     model.encoder.vit.blocks.compile(dynamic=True)
 
