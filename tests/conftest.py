@@ -29,6 +29,18 @@ def mini16_raw() -> dict:
     return copy.deepcopy(_MINI16_CACHE["raw"])
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests need a CUDA GPU: skipped without one (CI), run with `pytest -m cuda` on one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (on one: pytest -m cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random ViT-Tiny labeler at 64 px crops: exercises the model path without the shipped weights."""

@@ -204,3 +204,30 @@ def test_repeat_copies_the_limited_set_with_new_ids(tmp_path):
     assert _subset(MINI16, None, tmp_path, repeat=1)[0] == MINI16  # nothing to copy
     result = CliRunner().invoke(app, ["bench", MINI16, "--images", IMAGES, "--repeat", "0"])
     assert result.exit_code == 2 and "repeat" in result.output
+
+
+@pytest.mark.cuda
+def test_bench_on_a_gpu_reports_every_row_and_the_gpu(tmp_path, tiny_checkpoint):
+    """The GPU rows' command, small: labelling end to end (both methods), the pipeline, stages, the model
+    against the device's matmul peak, and training with the GPU's memory."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench", MINI16, "--images", IMAGES, "--checkpoint", str(tiny_checkpoint), "--device", "cuda",
+        "--batch-size", "32", "--workers", "2", "--repeat", "2", "--json", str(out),
+        "--train", "--train-crop-size", "48", "--train-batch-size", "8", "--train-steps", "10", "--train-warmup", "5",
+        "--backbone", "vit_tiny_patch16_224", "--train-split-steps", "3",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    n_boxes = 2 * len(json.loads(open(MINI16).read())["annotations"])
+    assert report["device"].startswith("cuda") and report["boxes"] == n_boxes
+    for method in ("mal", "box"):
+        assert report["end_to_end"][method]["boxes"] == n_boxes and report["end_to_end"][method]["boxes_per_s"] > 0
+    assert report["end_to_end"]["mal"]["device"].startswith("cuda")
+    assert report["pipeline"]["boxes"] == n_boxes
+    assert report["peak"]["tflop_per_s"] > 1  # any CUDA GPU's bf16 matmul does more than a TFLOP/s
+    assert 0 < report["model"]["fraction_of_peak"] < 1
+    train = report["train"]
+    assert train["device"].startswith("cuda") and train["gpu_name"] and train["gpu_peak_allocated_mib"] > 0
+    assert train["samples_per_s_steady"] > 0 and 0 < train["fraction_of_peak"] < 1
+    assert train["split"]["compute_samples_per_s"] > 0

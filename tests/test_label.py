@@ -429,3 +429,36 @@ def test_a_numbered_gpu_becomes_the_current_device(monkeypatch, tiny_checkpoint,
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
     predictor = label_module._load_predictor(tiny_options(tiny_checkpoint, device=device), tiny_checkpoint)
     assert predictor.device == torch.device(device) and calls == current
+
+
+def _mask_ious(a: dict, b: dict) -> np.ndarray:
+    """Per-annotation IoU of two labellings of the same boxes (two empty masks agree: 1)."""
+    images = {im["id"]: im for im in a["images"]}
+    ious = []
+    for x, y in zip(a["annotations"], b["annotations"], strict=True):
+        assert x["id"] == y["id"]
+        im = images[x["image_id"]]
+        mx = masks.decode(x["segmentation"], im["height"], im["width"]).astype(bool)
+        my = masks.decode(y["segmentation"], im["height"], im["width"]).astype(bool)
+        union = (mx | my).sum()
+        ious.append((mx & my).sum() / union if union else 1.0)
+    return np.array(ious)
+
+
+@pytest.fixture(scope="module")
+def shipped_cpu_labels(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("shipped_cpu") / "labels.json"
+    run_label(MINI16_JSON, out, LabelOptions(method="mal", workers=0, device="cpu"))
+    return orjson.loads(out.read_bytes())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_gpu_labels_like_the_cpu(tmp_path, mini16_raw, shipped_cpu_labels, compile):
+    """The shipped model on a GPU, through the loader's pin thread, several groups in flight: valid output whose
+    masks are the CPU's up to bf16 rounding at their edges."""
+    out = tmp_path / "labels.json"
+    summary = run_label(MINI16_JSON, out, LabelOptions(method="mal", workers=2, batch_size=16, device="cuda", compile=compile))
+    assert summary.device.startswith("cuda")
+    ious = _mask_ious(check_labelled(out, mini16_raw, expect_nonempty=True), shipped_cpu_labels)
+    assert ious.mean() > 0.97 and np.quantile(ious, 0.05) > 0.85, (ious.mean(), np.sort(ious)[:10])

@@ -58,8 +58,12 @@ def test_crops_are_grouped_by_size_in_box_order():
     assert both.sizes == [16, 32, 16, 48, 16] and both.by_size[16].shape[0] == 3
 
 
-def test_predict_crops_returns_box_order_whatever_the_batching(model):
-    predictor = BoxPredictor(model, crop_sizes=(32, 48, 64))
+ON_CPU_AND_GPU = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+
+
+@ON_CPU_AND_GPU
+def test_predict_crops_returns_box_order_whatever_the_batching(model, device):
+    predictor = BoxPredictor(copy.deepcopy(model), device, crop_sizes=(32, 48, 64))
     regions = predictor.regions(BOXES)
     crops = predictor.crop_plan.crops(_image(), regions, AREAS)
     areas = torch.tensor(AREAS)
@@ -109,21 +113,40 @@ def test_resolve_device_checks_the_cuda_index(monkeypatch):
         resolve_device("cuda:2")
 
 
-def test_compiled_blocks_are_one_graph_with_the_eager_probabilities(model):
+@ON_CPU_AND_GPU
+def test_compiled_blocks_are_one_graph_with_the_eager_probabilities(model, device):
     from torch._dynamo.utils import counters
 
     regions = BoxPredictor(model).regions(BOXES)
-    eager = BoxPredictor(copy.deepcopy(model), crop_sizes=(32, 48, 64))
+    eager = BoxPredictor(copy.deepcopy(model), device, crop_sizes=(32, 48, 64))
     crops = eager.crop_plan.crops(_image(), regions * 2, AREAS * 2)  # 4, 2 and 2 crops of 32, 48 and 64 px
     areas = torch.tensor(AREAS * 2)
     compiled_model = copy.deepcopy(model)
     names = list(compiled_model.state_dict())
     torch._dynamo.reset()
     counters.clear()
-    compiled = BoxPredictor(compiled_model, crop_sizes=(32, 48, 64), compile=True)
+    compiled = BoxPredictor(compiled_model, device, crop_sizes=(32, 48, 64), compile=True)
     assert list(compiled_model.state_dict()) == names  # checkpoints written from it keep their keys
     for batch_size in (64, 2):  # three crop sizes, batches of 4 and 2: four (batch, tokens) shapes
         torch.testing.assert_close(compiled.predict_crops(crops, areas, batch_size),
                                    eager.predict_crops(crops, areas, batch_size), atol=2e-2, rtol=0)
     # Dynamic shapes: no compile per crop size or batch (a batch of 1 would get one more: torch specialises size 1).
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.cuda
+def test_a_gpu_queues_the_work_and_gives_the_cpus_probabilities(model):
+    """On a GPU, `submit_crops` returns before the model has run (an event to wait on); the result lands in
+    page-locked CPU memory and agrees with the CPU's probabilities: bf16 to rounding, fp32 closely."""
+    cpu = BoxPredictor(copy.deepcopy(model), crop_sizes=(32, 48, 64))
+    gpu = BoxPredictor(copy.deepcopy(model), "cuda", crop_sizes=(32, 48, 64))
+    crops = cpu.crop_plan.crops(_image(), cpu.regions(BOXES) * 3, AREAS * 3)
+    areas = torch.tensor(AREAS * 3)
+    pending = gpu.submit_crops(crops.pin_memory(), areas, batch_size=2)  # pinned, as the label loader's pin thread does
+    assert pending._ready is not None
+    probs = pending.result()
+    assert probs.device.type == "cpu" and probs.is_pinned()
+    torch.testing.assert_close(probs, cpu.predict_crops(crops, areas, batch_size=2), atol=3e-2, rtol=0)
+    cpu32 = BoxPredictor(copy.deepcopy(model), crop_sizes=(32, 48, 64), amp=False)
+    gpu32 = BoxPredictor(copy.deepcopy(model), "cuda", crop_sizes=(32, 48, 64), amp=False)
+    torch.testing.assert_close(gpu32.predict_crops(crops, areas), cpu32.predict_crops(crops, areas), atol=5e-3, rtol=0)

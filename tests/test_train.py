@@ -176,6 +176,29 @@ def test_compiled_training_follows_the_eager_run_and_keeps_checkpoint_keys(tmp_p
     load_labeler(compiled / "labeler.pth")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_gpu_trains_like_the_cpu_and_writes_cpu_loadable_checkpoints(tmp_path, compile):
+    """The same seeded steps on a GPU (pinned loader, 2 workers): the first step's losses are the CPU's up to bf16
+    rounding, and what it writes loads on a machine without a GPU and resumes there."""
+    from mal_cli.modeling.labeler import load_labeler
+
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    train(_config(cpu, max_steps=2), progress=False)
+    result = train(_config(gpu, max_steps=2, device="cuda", workers=2, compile=compile), progress=False)
+    assert result["step"] == 2 and result["workers"] == 2
+    first_cpu, first_gpu = _metrics(cpu)[0], _metrics(gpu)[0]
+    for key in ("loss", "mil", "crf"):
+        assert first_gpu[key] == pytest.approx(first_cpu[key], rel=5e-2, abs=1e-3), key
+    assert all(np.isfinite(m["loss"]) for m in _metrics(gpu))
+    for key in ("student", "teacher"):
+        weights = _weights(gpu / "checkpoint.pth", key)
+        assert weights.keys() == _weights(cpu / "checkpoint.pth", key).keys()
+    load_labeler(gpu / "labeler.pth")
+    train(_config(gpu, max_steps=4, resume=True), progress=False)  # the GPU's checkpoint resumes on the CPU
+    assert read_checkpoint(gpu / "checkpoint.pth")["step"] == 4
+
+
 def test_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     real = train_mod.compute_losses
     calls = {"n": 0}
