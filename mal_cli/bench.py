@@ -19,7 +19,7 @@ Six measurements, all on the same code paths `mal label` (6: `mal train`) uses:
 4. model: encoder + decoder alone, one batch of `--batch-size` random crops routed and sized like the
    dataset's boxes (`--crop-sizes`, as `mal label`; bf16 autocast, as `BoxPredictor`), boxes/s and achieved
    FLOP/s, FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` (per box and route: encoder /
-   decoder, at the route's crop size and at the full crop).
+   decoder, with `mal label`'s plan and as the exact model: full crop, trained decoder scale).
 5. peak: a bf16 matmul on the device, the ceiling the model's FLOP/s is compared with.
 6. train (`--train`, off by default): the training loop of `mal train` (`mal_cli.train.train`, no validation,
    no progress bar) in a fresh subprocess for `--train-steps` steps at `--train-crop-size` and
@@ -406,21 +406,23 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
             fn()
         return counter.get_total_flops()
 
-    # FLOPs per box and route (counted at batch 2, fp32 shapes are what count): at the route's crop size
-    # and at the full crop, so the saving of smaller crops is visible.
+    # FLOPs per box and route (counted at batch 2, fp32 shapes are what count): with the plan (its crop size
+    # and decoder scale) and as the exact model (full crop, trained scale), so the plan's saving is visible.
+    # Routes are named by their trained decoder scale.
     per_route = {}
     bins = model.decoder.area_bins
     route_areas = _route_probe_areas(bins)
+    label_scales = plan.decoder_scales or model.decoder.route_scales
     with torch.inference_mode():
-        for scale, area, size in zip(model.decoder.route_scales, route_areas, plan.sizes):
-            entry = {"crop_size": size}
-            for key, crop in (("", size), ("full_crop_", model.config.crop_size)):
+        for scale, label_scale, area, size in zip(model.decoder.route_scales, label_scales, route_areas, plan.sizes):
+            entry = {"crop_size": size, "decoder_scale": label_scale}
+            for key, crop, scales in (("", size, plan.decoder_scales), ("full_crop_", model.config.crop_size, None)):
                 probe = torch.rand(2, 3, crop, crop, device=dev) * 255
                 out: dict = {}
                 enc = count(lambda: out.setdefault("features", model.encoder((probe - model.pixel_mean) / model.pixel_std))) / 2
                 feats = out["features"]
                 dec = count(lambda: model.decoder(feats, torch.full((2,), float(area), device=dev),
-                                                  grid_size=model.encoder.grid_size)) / 2
+                                                  grid_size=model.encoder.grid_size, route_scales=scales)) / 2
                 entry[f"{key}encoder_gflop"] = round(enc / 1e9, 3)
                 entry[f"{key}decoder_gflop"] = round(dec / 1e9, 3)
             per_route[f"x{scale:g}"] = entry
@@ -428,7 +430,7 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
         for size, size_crops in crops.by_size.items():
             idx = [i for i, s in enumerate(sizes) if s == size]
             with torch.autocast(dev.type, dtype=torch.bfloat16):
-                batch_flops += count(lambda: model(size_crops.to(dev).float(), area_t[idx].to(dev)))
+                batch_flops += count(lambda: model(size_crops.to(dev).float(), area_t[idx].to(dev), plan.decoder_scales))
     routes = model.decoder.route(area_t).tolist()
     route_counts = {f"x{s:g}": routes.count(r) for r, s in enumerate(model.decoder.route_scales)}
     full_flops = sum(
@@ -946,9 +948,10 @@ def bench_table(result: dict):
         sizes = ",".join(str(v) for v in m["crop_sizes"])
         compiled = f", compiled in {m['seconds_warmup']:.1f} s" if m.get("compile") else ""
         table.add_row(f"model alone (crops {sizes}, batch {m['batch_size']}{compiled}): boxes/s", str(m["boxes_per_s"]))
-        table.add_row("model GFLOP/box (batch mix; at the full crop)", f"{m['gflop_per_box']} ({m['gflop_per_box_full_crop']})")
+        table.add_row("model GFLOP/box (batch mix; the exact model: full crop, trained decoder)",
+                      f"{m['gflop_per_box']} ({m['gflop_per_box_full_crop']})")
         for route, f in m["gflop_per_box_by_route"].items():
-            table.add_row(f"  route {route}, crop {f['crop_size']}: encoder + decoder GFLOP/box",
+            table.add_row(f"  route {route}, crop {f['crop_size']}, decoder x{f['decoder_scale']:g}: encoder + decoder GFLOP/box",
                           f"{f['encoder_gflop']} + {f['decoder_gflop']}")
         table.add_row("model achieved TFLOP/s", str(m["tflop_per_s"]))
     if "train" in result:

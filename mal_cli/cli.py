@@ -212,8 +212,10 @@ def label_command(
     crop_sizes: Optional[str] = typer.Option(
         None, "--crop-sizes", metavar="S,M,L",
         help="Crop size for small, medium and large boxes (box area limits 32², 96²; multiples of the patch size), "
-        "or 'full' (the model's crop size for all: the exact model, slower). Default: 3/4, 7/8 and all of the "
-        "model's crop (168,196,224 for the shipped model: 1.4x faster on a CPU for 0.3 mIoU less; see README 'Performance').",
+        "or 'full' (the model's crop size for all and its trained decoder resolution: the exact model, slower). "
+        "Default: 3/4, 7/8 and all of the model's crop (168,196,224 for the shipped model: 1.4x faster on a CPU for "
+        "0.3 mIoU less). Any choice but 'full' also runs large boxes' decoder at 3/4 of its trained resolution "
+        "(1.07x faster on a CPU, 0.1 AP less). See README 'Performance'.",
     ),
     threshold: Optional[float] = typer.Option(None, help="Mask probability threshold (default: the checkpoint's, 0.5)."),
     flip: bool = typer.Option(False, "--flip", help="Average with the horizontally flipped crop (2x compute)."),

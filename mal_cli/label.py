@@ -652,13 +652,16 @@ def write_output(out: str, inp: LabelInput, labelled_records, shard_info: Option
 # --- the run ------------------------------------------------------------------------------------------
 
 
-def _fingerprint(inp: LabelInput, options: LabelOptions, shard: tuple[int, int], checkpoint: Optional[Path]) -> str:
+def _fingerprint(inp: LabelInput, options: LabelOptions, shard: tuple[int, int], checkpoint: Optional[Path],
+                 crop_plan=None) -> str:
     digest = hashlib.sha256()
     digest.update(inp.digest.encode())
     labels = {k: v for k, v in asdict(options).items() if k not in ("device", "workers", "checkpoint", "strict", "compile")}
     if checkpoint is not None:
         stat = checkpoint.stat()
         labels["checkpoint"] = [checkpoint.name, stat.st_size]
+    if crop_plan is not None:  # the resolved plan, not only --crop-sizes: a default that changes between versions
+        labels["plan"] = [crop_plan.sizes, crop_plan.decoder_scales]
     digest.update(orjson.dumps([labels, list(shard)], option=orjson.OPT_SORT_KEYS))
     return digest.hexdigest()
 
@@ -766,7 +769,8 @@ def _label_input(inp: LabelInput, images_dir: str, out: str, options: LabelOptio
     groups = group_jobs(jobs, options.batch_size)
     k, n = shard
     my_groups = [g for gi, g in enumerate(groups) if gi % n == k]
-    fingerprint = _fingerprint(inp, options, shard, checkpoint)
+    crop_plan = predictor.crop_plan if predictor else None
+    fingerprint = _fingerprint(inp, options, shard, checkpoint, crop_plan)
 
     # Progress file: beside OUT, or a temp file when writing to stdout.
     if out == "-":
@@ -820,7 +824,7 @@ def _label_input(inp: LabelInput, images_dir: str, out: str, options: LabelOptio
             for j in g:
                 image_shard[j.position] = gi % n
         keep = image_shard[inp.record_image] == k
-        shard_info = {"index": k, "count": n, "fingerprint": _fingerprint(inp, options, (0, 1), checkpoint),
+        shard_info = {"index": k, "count": n, "fingerprint": _fingerprint(inp, options, (0, 1), checkpoint, crop_plan),
                       "records": inp.num_records, "positions": np.flatnonzero(keep).tolist()}
     if not my_positions_set <= set(offsets):  # cannot happen unless the progress file was edited meanwhile
         raise OutputError(f"{progress_path}: images missing after the run; rerun with --resume")

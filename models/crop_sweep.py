@@ -1,18 +1,21 @@
 """Per-route crop-size sweep: how much mask quality each route loses when its boxes are encoded at a smaller crop.
 
     python models/crop_sweep.py small 224,168,140,112      # also: medium, large
-    python models/crop_sweep.py large 224 --route-scales 0.5,1,1.5
+    python models/crop_sweep.py large 224 --route-scales 0.5,1,2      # the trained decoder scales
 
 For the boxes of one area route (box w*h: small < 32², medium < 96², large), labels the dataset's boxes at
 each crop size (the decoder rescales the features to its usual conv grid, as `mal label --crop-sizes` does)
-and prints the mean IoU with the ground-truth masks and the model's ms per box. Needs a dataset with masks
-(default: ../shared/data/coco_dev_train2017); the masks are only compared with, never learnt from.
-This is how `predictor.DEFAULT_CROP_FRACTIONS` was chosen (README "Performance").
+and prints the mean IoU with the ground-truth masks and the model's ms per box. The decoder runs at
+`mal label`'s scales (`predictor.default_decoder_scales`) unless `--route-scales` says otherwise. Needs a
+dataset with masks (default: ../shared/data/coco_dev_train2017); the masks are only compared with, never
+learnt from. This is how `predictor.DEFAULT_CROP_FRACTIONS` and `DEFAULT_DECODER_FRACTIONS` were chosen
+(README "Performance").
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -36,7 +39,7 @@ def main() -> None:
     parser.add_argument("sizes", help="comma-separated crop sizes, e.g. 224,168")
     parser.add_argument("--dataset", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/coco_dev_train2017"))
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--route-scales", default=None, help="override the decoder's route scales, e.g. 0.5,1,1.5")
+    parser.add_argument("--route-scales", default=None, help="the decoder's scale per route, e.g. 0.5,1,2 (default: mal label's)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -45,7 +48,8 @@ def main() -> None:
     coco = COCO(f"{args.dataset}/annotations.json")
     predictor = BoxPredictor(load_labeler(args.checkpoint or default_checkpoint()), device="cpu")
     if args.route_scales:
-        predictor.model.decoder.route_scales = tuple(float(v) for v in args.route_scales.split(","))
+        scales = tuple(float(v) for v in args.route_scales.split(","))
+        predictor.crop_plan = dataclasses.replace(predictor.crop_plan, decoder_scales=scales)
     lo, hi = ROUTES[args.route]
     ious: dict[int, list[float]] = {s: [] for s in sizes}
     seconds = dict.fromkeys(sizes, 0.0)
@@ -76,7 +80,8 @@ def main() -> None:
                "model_ms_per_box": round(1000 * seconds[size] / max(len(ious[size]), 1), 1)}
         for size in sizes
     }
-    print(json.dumps({"route": args.route, "route_scales": list(predictor.model.decoder.route_scales), "by_crop_size": result}))
+    scales = predictor.crop_plan.decoder_scales or predictor.model.decoder.route_scales
+    print(json.dumps({"route": args.route, "route_scales": list(scales), "by_crop_size": result}))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ def test_bench_model_and_peak_fields(tiny_checkpoint):
         assert key in model
     assert model["gflop_per_box"] > 0
     assert sum(model["route_counts"].values()) == 4
+    routes = model["gflop_per_box_by_route"]  # named by the trained scales; run as `mal label`'s plan
+    assert [routes[r]["decoder_scale"] for r in ("x0.5", "x1", "x2")] == [0.5, 1.0, 1.5]
+    assert routes["x2"]["decoder_gflop"] < 0.7 * routes["x2"]["full_crop_decoder_gflop"]  # (3/4)² of the convs' pixels
+    assert routes["x1"]["decoder_gflop"] == routes["x1"]["full_crop_decoder_gflop"]
     peak = measure_peak_flops("cpu", size=128, iterations=1)
     assert peak["tflop_per_s"] > 0
 

@@ -325,20 +325,31 @@ def test_help_has_examples():
         assert "Examples" in done.stdout and "--out" in done.stdout
 
 
-def test_crop_sizes_change_small_boxes_only_and_are_part_of_resume(tmp_path, tiny_checkpoint, mini16_raw, tiny_single_run):
-    """The default plan (48,64,64 for the 64 px tiny model) vs the exact model: only small boxes differ,
-    and a progress file made with other crop sizes is refused instead of mixed into the output."""
+def test_crop_plan_changes_small_and_large_boxes_only_and_is_part_of_resume(tmp_path, tiny_checkpoint, mini16_raw,
+                                                                             tiny_single_run, monkeypatch):
+    """The default plan (crops 48,64,64 for the 64 px tiny model, large boxes' decoder at x1.5) vs the exact
+    model: small and large boxes differ, medium ones do not; a progress file made with another plan (other
+    crop sizes, or another version's default decoder scales) is refused instead of mixed into the output."""
+    from mal_cli import predictor as predictor_module
+
     out = tmp_path / "full.json"
     run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint, crop_sizes="full"), keep_progress=True)
     full = orjson.loads(out.read_bytes())["annotations"]
     default = orjson.loads(tiny_single_run)["annotations"]
-    small = [a["bbox"][2] * a["bbox"][3] < 32**2 for a in mini16_raw["annotations"]]
-    assert any(small) and not all(small)
-    changed = [f["segmentation"] != d["segmentation"] for f, d in zip(full, default)]
-    assert any(c for c, s in zip(changed, small) if s), "the default plan should re-crop small boxes"
-    assert not any(c for c, s in zip(changed, small) if not s), "medium/large boxes must be untouched"
+    areas = [a["bbox"][2] * a["bbox"][3] for a in mini16_raw["annotations"]]
+    route = ["small" if a < 32**2 else "medium" if a < 96**2 else "large" for a in areas]
+    assert {"small", "medium", "large"} <= set(route)
+    changed = {r: [f["segmentation"] != d["segmentation"] for f, d, rr in zip(full, default, route) if rr == r] for r in set(route)}
+    assert any(changed["small"]), "the default plan should re-crop small boxes"
+    assert any(changed["large"]), "the default plan should run large boxes' decoder coarser"
+    assert not any(changed["medium"]), "medium boxes must be untouched"
     with pytest.raises(InputError, match="other input or options"):
         run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint, crop_sizes=(32, 64, 64)), resume=True)
+    default_out = tmp_path / "default.json"
+    run_label(MINI16_JSON, default_out, tiny_options(tiny_checkpoint), keep_progress=True)
+    monkeypatch.setattr(predictor_module, "DEFAULT_DECODER_FRACTIONS", (1.0, 1.0, 1.0))  # a version with another default
+    with pytest.raises(InputError, match="other input or options"):
+        run_label(MINI16_JSON, default_out, tiny_options(tiny_checkpoint), resume=True)
 
 
 def test_compile_reaches_the_model_and_is_not_part_of_resume(tmp_path, tiny_checkpoint, tiny_single_run, monkeypatch):

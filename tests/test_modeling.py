@@ -240,6 +240,22 @@ def test_decoder_routes_a_half_size_grid_like_the_full_grid():
     assert wrong.shape == (3, 1, 32, 32)
 
 
+def test_route_scales_given_at_call_time_are_a_decoder_built_with_them(model):
+    """Labelling's plan runs a route's convs at another scale with the trained weights: the same as a model
+    whose decoder was built with those scales, and the same output size."""
+    crops, areas = _crops(3, seed=5), torch.tensor([100.0, 2000.0, 50000.0])
+    config = dict(backbone=BACKBONE, crop_size=64, decoder_dim=32)
+    coarser = MaskLabeler(LabelerConfig(**config, route_scales=(0.5, 1.0, 1.5))).eval()
+    coarser.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        given = model(crops, areas, (0.5, 1.0, 1.5))
+        torch.testing.assert_close(given, coarser(crops, areas))
+        trained = model(crops, areas)
+    assert given.shape == trained.shape == (3, 1, 16, 16)
+    torch.testing.assert_close(given[:2], trained[:2])  # small and medium: their scales did not change
+    assert not torch.allclose(given[2], trained[2], atol=1e-4)
+
+
 def test_decoder_routes_boxes_where_their_areas_are(model):
     # Areas on the CPU: routing never reads the features' device, so a GPU need not finish the encoder
     # before the decoder is queued. The meta device has no data: any read of it (torch.nonzero) fails.

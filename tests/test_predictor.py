@@ -38,7 +38,10 @@ def test_plan_routes_like_the_decoder(model):
 def test_default_and_full_plans(model):
     assert default_crop_sizes(model) == (48, 64, 64)  # 3/4, 7/8 (rounded to the 16 px patch), 1 of 64
     assert make_crop_plan(model).sizes == (48, 64, 64)
-    assert make_crop_plan(model, "full").sizes == (64, 64, 64)
+    assert make_crop_plan(model).decoder_scales == (0.5, 1.0, 1.5)  # large boxes' convs at 3/4 of x2
+    assert make_crop_plan(model, (32, 48, 64)).decoder_scales == (0.5, 1.0, 1.5)
+    full = make_crop_plan(model, "full")
+    assert full.sizes == (64, 64, 64) and full.decoder_scales is None  # the trained scales: the exact model
     with pytest.raises(InputError, match="multiples of the backbone's patch size 16"):
         make_crop_plan(model, (40, 64, 64))
     with pytest.raises(InputError, match="needs 3 sizes"):
@@ -84,12 +87,16 @@ def test_full_plan_is_the_exact_model(model):
     with torch.no_grad():
         direct = torch.sigmoid(model(crops.by_size[64].float(), torch.tensor(AREAS))[:, 0])
     torch.testing.assert_close(predictor.predict_crops(crops, torch.tensor(AREAS)), direct)
-    # and the default plan really encodes small boxes at a smaller crop, giving another answer for them only
+    # and the default plan really encodes small boxes at a smaller crop and runs large boxes' decoder coarser,
+    # giving another answer for them only
     fast = BoxPredictor(model, amp=False)
     fast_probs = fast.predict_crops(fast.crop_plan.crops(_image(), regions, AREAS), torch.tensor(AREAS))
     assert not torch.allclose(fast_probs[0], direct[0], atol=1e-3)
-    torch.testing.assert_close(fast_probs[1], direct[1])  # medium (7/8 of 64 rounds to 64) and large: unchanged
-    torch.testing.assert_close(fast_probs[3], direct[3])
+    torch.testing.assert_close(fast_probs[1], direct[1])  # medium (7/8 of 64 rounds to 64): unchanged
+    assert not torch.allclose(fast_probs[3], direct[3], atol=1e-3)
+    with torch.no_grad():  # large: the same crop, the decoder at x1.5
+        large = torch.sigmoid(model(crops.by_size[64][3:].float(), torch.tensor(AREAS[3:]), (0.5, 1.0, 1.5))[:, 0])
+    torch.testing.assert_close(fast_probs[3:], large)
 
 
 @pytest.mark.parametrize("device, says", [

@@ -73,14 +73,15 @@ class MaskLabeler(nn.Module):
     def mask_size(self) -> int:
         return self.encoder.grid_size * self.config.output_stride
 
-    def forward(self, crops: torch.Tensor, box_areas: torch.Tensor) -> torch.Tensor:
+    def forward(self, crops: torch.Tensor, box_areas: torch.Tensor, route_scales: Sequence[float] | None = None) -> torch.Tensor:
         """Returns mask logits (B, 1, M, M), M = output_stride x the token grid of `config.crop_size`.
 
         Crops may be smaller than `config.crop_size` (a multiple of the patch size): the decoder then
         routes the coarser feature map to the same conv resolution and output size (see `MaskDecoder`).
+        `route_scales` overrides the decoder's trained per-route scales (labelling's plan, `predictor.CropPlan`).
         """
         images = (crops - self.pixel_mean) / self.pixel_std
-        return self.decoder(self.encoder(images), box_areas, grid_size=self.encoder.grid_size)
+        return self.decoder(self.encoder(images), box_areas, grid_size=self.encoder.grid_size, route_scales=route_scales)
 
 
 def compile_encoder_blocks(model: MaskLabeler) -> None:

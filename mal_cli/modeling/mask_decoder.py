@@ -58,12 +58,20 @@ class MaskDecoder(nn.Module):
             x = F.relu(conv(x), inplace=True)
         return x
 
-    def forward(self, features: torch.Tensor, box_areas: torch.Tensor, grid_size: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        box_areas: torch.Tensor,
+        grid_size: int | None = None,
+        route_scales: Sequence[float] | None = None,
+    ) -> torch.Tensor:
         """features (B, D, h, w), box_areas (B,) in original image pixels -> logits (B, 1, 4g, 4g).
 
         g = `grid_size`, the token grid the model was trained at (default h). Features from a smaller crop
         (h < g) are routed as if they came from a g x g grid: a small box's x0.5 route on a 16x16 grid and
-        x1 on an 8x8 grid (a crop half the size) both run the convs at 8x8.
+        x1 on an 8x8 grid (a crop half the size) both run the convs at 8x8. `route_scales` (default: the
+        trained `self.route_scales`) lets labelling run a route's convs at another resolution; the output
+        size is the same.
         """
         b, _, h, w = features.shape
         grid = grid_size or h
@@ -73,7 +81,7 @@ class MaskDecoder(nn.Module):
         # tensor would wait for the encoder to finish before the decoder could be queued).
         routes = self.route(box_areas.float())
         logits = features.new_empty((b, 1, *out_size))
-        for r, scale in enumerate(self.route_scales):
+        for r, scale in enumerate(self.route_scales if route_scales is None else route_scales):
             idx = torch.nonzero(routes == r).flatten()
             if idx.numel() == 0:
                 continue
