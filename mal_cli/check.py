@@ -20,15 +20,14 @@ from __future__ import annotations
 import math
 import os
 from array import array
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from mal_cli.errors import InputError, OutputError
-from mal_cli.geometry import boxes_pixel_bounds
+from mal_cli.errors import InputError
+from mal_cli.pixels import boxes_pixel_bounds
 
 EXAMPLES = 5
 
@@ -80,6 +79,8 @@ class CheckReport:
     annotations: int = 0
     kind: str = "dataset"  # dataset | results
     images_checked_on_disk: int = 0
+    # (image id, file name, recorded (h, w) or None) of every image with a usable id: what `check_image_files` checks
+    image_files: list = field(default_factory=list)
 
     def add(self, code: str, where: str) -> None:
         if where.startswith(self.source + ": "):  # the report names its file once
@@ -105,9 +106,6 @@ class CheckReport:
     @property
     def clean(self) -> bool:
         return not self.groups
-
-    def codes(self, severity: Optional[str] = None) -> list[str]:
-        return [c for c, g in self.groups.items() if severity is None or g.severity == severity]
 
     def summary(self, severity: Optional[str] = None) -> str:
         """One line: every group of `severity` with its count and first examples."""
@@ -414,7 +412,7 @@ class DocumentCheck:
         self.record_image = image_of
         self.record_bbox = bbox
         self.record_has_segmentation = np.frombuffer(bytes(self.record_flags), dtype=np.uint8) & 2 > 0 if n else np.zeros(0, bool)
-        report.image_files = [  # type: ignore[attr-defined]  (`check_image_files`)
+        report.image_files = [
             (image_id, self.image_names[p], self._recorded_hw(p))
             for p, image_id in enumerate(self.image_ids) if image_id is not None
         ]
@@ -612,7 +610,7 @@ def finish_results(check: DocumentCheck, info: DocumentCheck, records: Optional[
 
 def check_image_files(report: CheckReport, images_dir: Union[str, Path], decode: bool = False) -> None:
     """Stat (or with `decode`, decode) every image file of the checked document under `images_dir`."""
-    for image_id, file_name, recorded in getattr(report, "image_files", []):
+    for image_id, file_name, recorded in report.image_files:
         if file_name is None:
             continue  # reported as image_no_file when it matters
         path = Path(images_dir) / file_name
@@ -668,24 +666,3 @@ def check_paths(dataset: str, images: Optional[str] = None, image_info: Optional
             raise InputError(f"--images {images}: no such folder")
         check_image_files(report, images, decode)
     return report
-
-
-# --- the output location --------------------------------------------------------------------------------
-
-
-def ensure_writable(path: Union[str, Path], what: str = "--out") -> None:
-    """Fail now, before any work, when OUT's folder is missing, not a folder or not writable ('-' = stdout)."""
-    if str(path) == "-":
-        return
-    target = Path(path)
-    folder = target.parent
-    if target.is_dir():
-        raise OutputError(f"{what} {target}: is a folder; give a file path")
-    if not folder.is_dir():
-        raise OutputError(f"{what} {target}: the folder {folder} does not exist; create it first")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".write-test", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise OutputError(f"{what} {target}: cannot write to {folder} ({err.strerror or err}); choose a writable location") from None

@@ -10,10 +10,15 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import re
+
 import typer
+import typer.core
 
 from mal_cli import __version__
+from mal_cli.bench import BENCH_METHODS, BenchConfig
 from mal_cli.errors import MalError
+from mal_cli.labeling.options import FORMATS, METHODS, LabelOptions
 
 app = typer.Typer(
     name="mal",
@@ -27,8 +32,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: flags without a type, choices as choices, one line per short option
+    context_settings={"max_content_width": 120},
 )
+
+
+class MalCommand(typer.core.TyperCommand):
+    """A command whose usage line names its arguments plainly (`BOXES`, not Typer's `{BOXES}`)."""
+
+    def collect_usage_pieces(self, ctx):
+        return [re.sub(r"^\{(.*)\}((?:\.\.\.)?)$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
 
 _state = {"debug": False}
 
@@ -162,7 +175,7 @@ def eval_command(
     if reference_ap is not None and not reference_ap > 0:
         raise InputError(f"--reference-ap must be a positive percentage such as 38.6, got {reference_ap}")
     if json_out:
-        from mal_cli.check import ensure_writable
+        from mal_cli.probes import ensure_writable
 
         ensure_writable(json_out, "--json")  # before the (long) evaluation
     ground_truth = load_dataset(gt)
@@ -177,68 +190,56 @@ def eval_command(
 
 # --- label ----------------------------------------------------------------------------------------
 
+_LABEL = LabelOptions
+
 
 @app.command(
     "label",
+    cls=MalCommand,
     epilog=(
-        "Output: the input with `segmentation`, `area` (mask pixels) and `mal_score` (0..1, low = check first) "
-        "on every annotation; ids, order and other fields kept. Boxes that cannot be labelled get the filled box "
-        "and `mal_fallback`: degenerate_box | image_error.\n\n"
-        "Progress is appended to OUT.progress.jsonl as it goes; after a crash rerun with --resume "
-        "(same output bytes as an uninterrupted run).\n\n"
+        "Output: the input with `segmentation`, `area` and `mal_score` (0..1, low = check first) on every "
+        "annotation. Boxes that cannot be labelled get the filled box and `mal_fallback` (degenerate_box | "
+        "image_error). After a crash, rerun with --resume: same bytes as an uninterrupted run.\n\n"
         "Examples:\n\n"
         "  mal label instances_val2017.json --images val2017/ --out labels.json\n\n"
         "  mal label detections.json --image-info instances_val2017.json --images val2017/ --out labels.json\n\n"
-        "  mal label boxes.json --images imgs/ --out labels.json --resume\n\n"
-        "  mal label boxes.json --images imgs/ --out part0.json --shard 0/2   (then: mal merge part*.json --out labels.json)\n\n"
-        "  torchrun --nproc-per-node 8 -m mal_cli label boxes.json --images imgs/ --out labels.json\n\n"
-        "  mal label boxes.json --images imgs/ --method box --out - | mal eval - --gt gt.json"
+        "  mal label boxes.json --images imgs/ --out part0.json --shard 0/2   (then: mal merge part*.json)\n\n"
+        "  torchrun --nproc-per-node 8 -m mal_cli label boxes.json --images imgs/ --out labels.json"
     ),
 )
 def label_command(
-    boxes: str = typer.Argument(..., help="COCO/LVIS dataset JSON, or a detector results list [{image_id, bbox, category_id, score}]; - = stdin."),
+    boxes: str = typer.Argument(..., metavar="BOXES", help="COCO/LVIS dataset JSON or detector results list; - = stdin."),
     images: Path = typer.Option(..., "--images", "-i", help="Folder with the images."),
-    out: str = typer.Option(..., "--out", "-o", help="Labelled JSON to write (atomically); - = stdout (logs go to stderr)."),
-    image_info: Optional[str] = typer.Option(None, "--image-info", help="Dataset JSON with the images' file names and sizes (needed for a results list)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Labeler checkpoint (default: $MAL_CHECKPOINT or the shipped models/mal_vits14_coco343.pth)."),
-    method: str = typer.Option("mal", help="mal: the labeler; box: the filled box (baseline, needs no model)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(64, help="Boxes per model batch (across images). Part of the result: keep it when resuming."),
-    workers: Optional[int] = typer.Option(
-        None, help="Image decoding + cropping processes, and as many for pasting + RLE (0 = all in the main process). "
-        "Default: 0 when the model runs on a CPU of at most 4 cores (it uses them all), about half the cores "
-        "(at most 8) with a GPU, else 2.",
-    ),
+    out: str = typer.Option(..., "--out", "-o", help="Labelled JSON to write (atomically); - = stdout."),
+    image_info: Optional[str] = typer.Option(None, "--image-info", help="Dataset JSON with the images' names and sizes (for a results list)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Labeler checkpoint [default: $MAL_CHECKPOINT, else the shipped one]."),
+    method: str = typer.Option(_LABEL.method, metavar="|".join(METHODS), help="mal: the labeler; box: the filled box (no model)."),
+    device: str = typer.Option(_LABEL.device, metavar="auto|cpu|cuda|cuda:N", help="Where the model runs."),
+    batch_size: int = typer.Option(_LABEL.batch_size, help="Boxes per model batch; part of the result (keep it when resuming)."),
+    workers: Optional[int] = typer.Option(_LABEL.workers, help="Loading and post-processing processes [default: by device and cores]."),
     crop_sizes: Optional[str] = typer.Option(
-        None, "--crop-sizes", metavar="S,M,L",
-        help="Crop size for small, medium and large boxes (box area limits 32², 96²; multiples of the patch size), "
-        "or 'full' (the model's crop size for all and its trained decoder resolution: the exact model, slower). "
-        "Default: 3/4, 7/8 and all of the model's crop (168,196,224 for the shipped model: 1.4x faster on a CPU for "
-        "0.3 mIoU less). Any choice but 'full' also runs large boxes' decoder at 3/4 of its trained resolution "
-        "(1.07x faster on a CPU, 0.1 AP less). See README 'Performance'.",
+        None, "--crop-sizes", metavar="S,M,L|full",
+        help="Crop size for small, medium, large boxes, or 'full' (the exact model) [default: 3/4, 7/8, 1 of the model's].",
     ),
-    threshold: Optional[float] = typer.Option(None, help="Mask probability threshold (default: the checkpoint's, 0.5)."),
-    flip: bool = typer.Option(False, "--flip", help="Average with the horizontally flipped crop (2x compute)."),
-    teacher: bool = typer.Option(False, "--teacher", help="Use the EMA teacher weights of a training checkpoint."),
-    fmt: str = typer.Option("rle", "--format", help="rle (compressed, counts as str) or polygon (holes are filled)."),
-    only_missing: bool = typer.Option(False, "--only-missing", help="Keep existing segmentations; label only annotations without one."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: label the K-th of N disjoint parts (whole images); join with `mal merge`."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.progress.jsonl (starts fresh if there is none)."),
+    threshold: Optional[float] = typer.Option(_LABEL.threshold, help="Mask probability threshold [default: the checkpoint's]."),
+    flip: bool = typer.Option(_LABEL.flip, "--flip", help="Average with the horizontally flipped crop (2x compute)."),
+    teacher: bool = typer.Option(_LABEL.teacher, "--teacher", help="Use the EMA teacher weights of a training checkpoint."),
+    fmt: str = typer.Option(_LABEL.format, "--format", metavar="|".join(FORMATS), help="Compressed RLE, or polygons (holes filled)."),
+    only_missing: bool = typer.Option(_LABEL.only_missing, "--only-missing", help="Keep existing segmentations; label the others."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N", help="Label the K-th of N parts (whole images); join with `mal merge`."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.progress.jsonl (starts fresh without one)."),
     keep_progress: bool = typer.Option(False, "--keep-progress", help="Keep OUT.progress.jsonl after OUT is written."),
-    summary_json: Optional[str] = typer.Option(None, "--summary-json", help="Write the run summary (images, boxes, fallbacks, boxes/s) as JSON here."),
+    summary_json: Optional[str] = typer.Option(None, "--summary-json", help="Write the run summary as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first missing/corrupt image instead of labelling its boxes with a flagged fallback."),
-    compile: bool = typer.Option(
-        False, "--compile", help="torch.compile the encoder's transformer blocks (a one-off compile: ~30 s on a CPU; masks "
-        "within bf16 rounding of eager). Meant for GPUs, where it is not yet measured: compare with `mal bench --compile`. "
-        "On a 2-core CPU it did not pay (README 'Performance')."),
+    strict: bool = typer.Option(_LABEL.strict, "--strict", help="Stop at the first unreadable image instead of a flagged fallback."),
+    compile: bool = typer.Option(_LABEL.compile, "--compile", help="torch.compile the encoder's blocks (a one-off compile; meant for GPUs)."),
 ) -> None:
     """Turn every box into an instance mask (batched, streaming, resumable, shardable)."""
     import logging
 
-    from mal_cli.check import ensure_writable
     from mal_cli.dataset import write_json_atomic
-    from mal_cli.label import LabelOptions, label, parse_crop_sizes, parse_shard
+    from mal_cli.labeling import label, parse_crop_sizes, parse_shard
+    from mal_cli.probes import ensure_writable
 
     if summary_json:
         ensure_writable(summary_json, "--summary-json")
@@ -281,7 +282,7 @@ def merge_command(
     prefer: Optional[str] = typer.Option(None, "--prefer", help="first or last: which copy wins when one annotation id differs between parts (default: error)."),
 ) -> None:
     """Merge `mal label` shards or label files into one dataset (same images and categories required)."""
-    from mal_cli.check import ensure_writable
+    from mal_cli.probes import ensure_writable
     from mal_cli.merge import merge_files
 
     ensure_writable(out)
@@ -314,7 +315,8 @@ def check_command(
     """Validate a dataset and its images up front; report every problem at once (grouped, counted, with examples)."""
     import orjson
 
-    from mal_cli.check import check_paths, ensure_writable
+    from mal_cli.check import check_paths
+    from mal_cli.probes import ensure_writable
     from mal_cli.dataset import write_json_atomic
 
     if decode and images is None:
@@ -418,79 +420,61 @@ def export_yolo_command(
 
 # --- bench ----------------------------------------------------------------------------------------
 
+_BENCH = BenchConfig
+
 
 @app.command(
     "bench",
+    cls=MalCommand,
     epilog=(
         "Examples:\n\n"
         "  mal bench coco/annotations.json --images coco/images --limit 500 --json bench.json\n\n"
         "  mal bench boxes.json --images imgs/ --device cuda --batch-size 256 --workers 8 --repeat 15\n\n"
-        "  mal bench boxes.json --images imgs/ --device cuda --method none --train --train-crop-size 504 "
-        "--train-batch-size 64 --backbone-weights models/dinov2_vits14_timm.pth"
+        "  mal bench boxes.json --images imgs/ --device cuda --method none --train --train-crop-size 504"
     ),
 )
 def bench_command(
-    dataset: str = typer.Argument(..., help="COCO/LVIS dataset JSON whose boxes are labelled."),
+    dataset: str = typer.Argument(..., metavar="DATASET", help="COCO/LVIS dataset JSON whose boxes are labelled."),
     images: Path = typer.Option(..., "--images", "-i", help="Folder with the images."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Labeler checkpoint (default: the shipped one)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(64, help="Boxes per model batch."),
-    workers: Optional[int] = typer.Option(None, help="Worker processes of `mal label` (default: its default)."),
-    crop_sizes: Optional[str] = typer.Option(None, "--crop-sizes", metavar="S,M,L", help="As `mal label --crop-sizes` (default: its default)."),
-    compile: bool = typer.Option(False, "--compile", help="As `mal label --compile` / `mal train --compile`: for the end-to-end, model and training rows (the compile time is in the end-to-end time and the training warm-up)."),
-    limit: Optional[int] = typer.Option(None, help="Use the first whole images holding at least N boxes."),
-    repeat: int = typer.Option(
-        1, min=1, help="Label the dataset (after --limit) N times over, with new ids each time: a run long enough "
-                       "to time a fast GPU on a small set (labelling only; --train uses DATASET)."),
-    method: str = typer.Option(
-        "both", help="both, mal, box or none (box: the pipeline alone, no model; none: no labelling benchmark, e.g. with --train)."
-    ),
-    stages: bool = typer.Option(True, "--stages/--no-stages", help="Time the pipeline's stages apart (serial pass)."),
-    model: bool = typer.Option(True, "--model/--no-model", help="Time the model alone and count its FLOPs."),
-    peak: bool = typer.Option(True, "--peak/--no-peak", help="Measure a bf16 matmul peak to compare the model with."),
-    pipeline: bool = typer.Option(
-        True, "--pipeline/--no-pipeline",
-        help="Also run `mal label --method mal` with the model swapped for a zero-cost stand-in: the pipeline's own "
-             "ceiling, and its CPU ms/box in the main process (serial: a limit however fast the device) and in the workers.",
-    ),
-    train: bool = typer.Option(
-        False, "--train/--no-train",
-        help="Also measure training throughput: `mal train`'s loop in a subprocess on DATASET (no validation), "
-             "steady samples/s after --train-warmup steps, GFLOP/sample and TFLOP/s.",
-    ),
-    train_crop_size: int = typer.Option(504, help="Training crop side (a multiple of the patch size; 504 = 36 x 14 for ViT-S/14, about 512)."),
-    train_batch_size: int = typer.Option(64, help="Training boxes per step."),
-    train_steps: int = typer.Option(60, help="Training steps to run."),
-    train_warmup: int = typer.Option(20, help="Training steps left out of the steady rate (start-up, warm-up)."),
-    train_workers: Optional[int] = typer.Option(None, help="Data-loading workers of the training run (default: mal train's)."),
-    train_split_steps: int = typer.Option(
-        10, min=0, help="After the run, time each stage of a training step apart and the loader alone over N steps (0: skip)."),
-    backbone_weights: Optional[Path] = typer.Option(
-        None, help="ViT weights file for the training run (as `mal train --backbone-weights`; default: random weights, the same cost)."
-    ),
-    backbone: Optional[str] = typer.Option(None, help="timm ViT name for the training run (default: mal train's, vit_small_patch14_dinov2)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Labeler checkpoint [default: the shipped one]."),
+    device: str = typer.Option(_BENCH.device, metavar="auto|cpu|cuda|cuda:N", help="Where the model runs."),
+    batch_size: int = typer.Option(_BENCH.batch_size, help="Boxes per model batch."),
+    workers: Optional[int] = typer.Option(_BENCH.workers, help="As `mal label --workers`."),
+    crop_sizes: Optional[str] = typer.Option(_BENCH.crop_sizes, "--crop-sizes", metavar="S,M,L|full", help="As `mal label --crop-sizes`."),
+    compile: bool = typer.Option(_BENCH.compile, "--compile", help="torch.compile for the end-to-end, model and training rows."),
+    limit: Optional[int] = typer.Option(_BENCH.limit, help="Use the first whole images holding at least N boxes."),
+    repeat: int = typer.Option(_BENCH.repeat, min=1, help="Label the (limited) dataset N times over, new ids each time."),
+    method: str = typer.Option(_BENCH.method, metavar="|".join(BENCH_METHODS), help="Labelling runs (box: no model; none: no labelling)."),
+    stages: bool = typer.Option(_BENCH.stages, "--stages/--no-stages", help="Time the pipeline's stages apart (serial pass)."),
+    model: bool = typer.Option(_BENCH.model, "--model/--no-model", help="Time the model alone and count its FLOPs."),
+    peak: bool = typer.Option(_BENCH.peak, "--peak/--no-peak", help="Measure a bf16 matmul peak to compare with."),
+    pipeline: bool = typer.Option(_BENCH.pipeline, "--pipeline/--no-pipeline", help="Run `mal label` with a zero-cost model: the pipeline's ceiling."),
+    train: bool = typer.Option(_BENCH.train, "--train/--no-train", help="Also measure `mal train`'s loop: samples/s and TFLOP/s."),
+    train_crop_size: int = typer.Option(_BENCH.train_crop_size, help="Training crop side (a multiple of the patch size)."),
+    train_batch_size: int = typer.Option(_BENCH.train_batch_size, help="Training boxes per step."),
+    train_steps: int = typer.Option(_BENCH.train_steps, help="Training steps to run."),
+    train_warmup: int = typer.Option(_BENCH.train_warmup, help="Training steps left out of the steady rate."),
+    train_workers: Optional[int] = typer.Option(_BENCH.train_workers, help="Training data-loading workers [default: mal train's]."),
+    train_split_steps: int = typer.Option(_BENCH.train_split_steps, min=0, help="Steps of the per-stage training split after the run (0: skip)."),
+    backbone_weights: Optional[Path] = typer.Option(None, help="ViT weights file for the training run [default: random, same cost]."),
+    backbone: Optional[str] = typer.Option(_BENCH.backbone, help="timm ViT name for the training run [default: mal train's]."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all figures as JSON here."),
 ) -> None:
-    """Benchmark `mal label` and, with --train, `mal train`: throughput, memory, FLOP/s vs the device peak.
-
-    Labelling: boxes/s end to end, time per stage, peak memory, the model alone. Training (--train): steady and
-    overall samples/s of `mal train`'s loop, GFLOP per sample and achieved TFLOP/s.
-    """
+    """Benchmark `mal label` (and with --train, `mal train`): throughput, memory, FLOP/s vs the device peak."""
     from rich.console import Console
 
-    from mal_cli.bench import bench_table, run_bench
+    from mal_cli.bench import run_bench
+    from mal_cli.bench.report import bench_table
 
-    if method not in ("both", "mal", "box", "none"):
-        raise typer.BadParameter("--method must be both, mal, box or none")
-    if train and train_steps <= train_warmup:
-        raise typer.BadParameter("--train-steps must exceed --train-warmup")
-    methods = {"both": ("mal", "box"), "none": ()}.get(method, (method,))
-    result = run_bench(dataset, str(images), str(checkpoint) if checkpoint else None, device, batch_size, workers,
-                       limit, methods, stages=stages, model=model, peak=peak, crop_sizes=crop_sizes, train=train,
-                       train_crop_size=train_crop_size, train_batch_size=train_batch_size, train_steps=train_steps,
-                       train_warmup=train_warmup, train_workers=train_workers,
-                       backbone_weights=str(backbone_weights) if backbone_weights else None, backbone=backbone,
-                       train_split_steps=train_split_steps, pipeline=pipeline, repeat=repeat, compile=compile)
+    config = BenchConfig(
+        dataset=dataset, images=str(images), checkpoint=str(checkpoint) if checkpoint else None, device=device,
+        batch_size=batch_size, workers=workers, crop_sizes=crop_sizes, compile=compile, limit=limit, repeat=repeat,
+        method=method, stages=stages, model=model, peak=peak, pipeline=pipeline, train=train,
+        train_crop_size=train_crop_size, train_batch_size=train_batch_size, train_steps=train_steps,
+        train_warmup=train_warmup, train_workers=train_workers, train_split_steps=train_split_steps,
+        backbone_weights=str(backbone_weights) if backbone_weights else None, backbone=backbone,
+    )
+    result = run_bench(config)
     Console(stderr=True).print(bench_table(result))
     if json_out:
         import orjson

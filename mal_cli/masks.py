@@ -12,39 +12,27 @@ floor(x1 - 0.5) inclusive, exactly what pycocotools' polygon rasteriser gives fo
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_utils
 
 __all__ = [
-    "encode",
     "encode_window",
     "decode",
     "area",
     "to_rle",
     "to_polygons",
-    "box_to_pixel_bounds",
     "box_polygon",
 ]
 
 Segmentation = Any  # list[list[float]] | {"counts": str | bytes | list[int], "size": [h, w]}
 
 
-def encode(binary_mask: np.ndarray) -> dict:
-    """Compressed RLE of an [H, W] mask (nonzero = inside), `counts` as str."""
-    mask = np.asarray(binary_mask)
-    if mask.ndim != 2:
-        raise ValueError(f"encode expects an [H, W] mask, got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask != 0, dtype=np.uint8))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
 def encode_window(window_mask: np.ndarray, top: int, left: int, height: int, width: int) -> dict:
     """Compressed RLE of a full `height` x `width` image that is zero except for `window_mask` at (top, left).
 
-    Equals `encode(full)` where `full[top:top+h, left:left+w] = window_mask`, but never allocates the
+    Equals pycocotools' encode of `full` where `full[top:top+h, left:left+w] = window_mask`, but never allocates the
     full image: the column-major runs are computed from the window alone. Parts of the window that
     fall outside the image are clipped.
     """
@@ -136,20 +124,6 @@ def decode(segmentation: Segmentation, height: int, width: int) -> np.ndarray:
 def area(segmentation: Segmentation, height: int, width: int) -> int:
     """Number of pixels inside a COCO segmentation."""
     return int(mask_utils.area(to_rle(segmentation, height, width)))
-
-
-def box_to_pixel_bounds(bbox_xywh: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
-    """Pixel rows/columns whose centres lie inside a COCO box: (row0, row1_exclusive, col0, col1_exclusive).
-
-    Clipped to the image; an empty range (row1 <= row0 or col1 <= col0) means no pixel is covered.
-    """
-    x, y, w, h = (float(v) for v in bbox_xywh)
-    col0 = math.floor(x - 0.5) + 1
-    col1 = math.floor(x + w - 0.5) + 1
-    row0 = math.floor(y - 0.5) + 1
-    row1 = math.floor(y + h - 0.5) + 1
-    clip = lambda v, hi: min(max(v, 0), hi)  # noqa: E731
-    return clip(row0, height), clip(row1, height), clip(col0, width), clip(col1, width)
 
 
 def box_polygon(bbox_xywh: Sequence[float]) -> list[list[float]]:

@@ -15,43 +15,12 @@ DATASET keep it; the parts fill the others (and add annotations DATASET lacks, a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Sequence
-
-import orjson
 
 from mal_cli.dataset import read_json, write_json_atomic
 from mal_cli.errors import InputError
-
-PROGRESS_SUFFIX = ".progress.jsonl"
-
-
-def _is_progress_file(path: str) -> bool:
-    return str(path).endswith(".jsonl")
-
-
-def read_progress_results(path: str) -> tuple[dict, dict[int, dict]]:
-    """A progress file's header and {record position: result}; a torn last line is ignored."""
-    header: dict = {}
-    results: dict[int, dict] = {}
-    lines = Path(path).read_bytes().split(b"\n")
-    for number, line in enumerate(lines):
-        if not line:
-            continue
-        try:
-            entry = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            if number == len(lines) - 1:  # torn last line of a killed run
-                break
-            raise InputError(f"{path}: line {number + 1} is not valid JSON") from None
-        if number == 0:
-            if entry.get("mal_progress") is None:
-                raise InputError(f"{path} is not a mal label progress file")
-            header = entry
-        else:
-            for pos, result in entry["results"]:
-                results[int(pos)] = result
-    return header, results
+from mal_cli.labeling.progress import is_progress_file as _is_progress_file
+from mal_cli.labeling.progress import read_progress_results
 
 
 def _records_key(doc: Any) -> str:

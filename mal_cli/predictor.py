@@ -1,12 +1,11 @@
 """Box -> mask prediction with a trained labeler: crop at 1.3x, predict, keep inside the box, paste back.
 
 `BoxPredictor` is the one labelling path, used by `mal label`, by validation during training and by
-the benchmark, so what is measured is what users get.
+the benchmark, so what is measured is what users get. The paste back (numpy) is `labeling.postprocess`.
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -14,17 +13,25 @@ import numpy as np
 import torch
 
 from mal_cli import geometry
+from mal_cli.device import resolve_device
 from mal_cli.errors import InputError
+from mal_cli.labeling.postprocess import BoxPrediction, paste_prob, window_to_full
 from mal_cli.modeling.labeler import MaskLabeler, compile_encoder_blocks
+from mal_cli.routes import area_route
 
-
-@dataclass
-class BoxPrediction:
-    """One box's result: a binary window of the image and where it sits, plus the probability window."""
-
-    window_mask: np.ndarray  # (row1 - row0, col1 - col0) uint8
-    window: tuple[int, int, int, int]  # row0, row1, col0, col1 (ends exclusive)
-    window_prob: np.ndarray  # same shape, float32 probabilities
+__all__ = [
+    "BoxCrops",
+    "BoxPrediction",
+    "BoxPredictor",
+    "CropPlan",
+    "PendingProbs",
+    "default_crop_sizes",
+    "default_decoder_scales",
+    "make_crop_plan",
+    "paste_prob",
+    "resolve_device",
+    "window_to_full",
+]
 
 
 @dataclass(frozen=True)
@@ -44,16 +51,18 @@ class CropPlan:
     decoder_scales: tuple[float, ...] | None = None
 
     def size_for(self, area: float) -> int:
-        # bisect_right == torch.bucketize(right=True): an area equal to a limit goes up, as in the decoder.
-        return self.sizes[bisect.bisect_right(self.area_bins, area)]
+        return self.sizes[area_route(area, self.area_bins)]
 
-    def crops(self, image_chw: torch.Tensor, regions_xyxy: Sequence[Sequence[float]], box_areas: Sequence[float]) -> "BoxCrops":
+    def crops(
+        self, image_chw: torch.Tensor, regions_xyxy: Sequence[Sequence[float]], box_areas: Sequence[float]
+    ) -> "BoxCrops":
         """uint8 crops of one image's boxes, one tensor per crop size (boxes in order within each)."""
         sizes = [self.size_for(float(a)) for a in box_areas]
         by_size = {}
         for size in sorted(set(sizes)):
             regions = [r for r, s in zip(regions_xyxy, sizes) if s == size]
-            # Rounded to uint8: a quarter of float32's bytes between processes and to the device (an image's own precision).
+            # Rounded to uint8: a quarter of float32's bytes between processes and to the device
+            # (an image's own precision).
             by_size[size] = geometry.crop_images(image_chw, regions, size).round_().clamp_(0, 255).to(torch.uint8)
         return BoxCrops(sizes, by_size)
 
@@ -99,26 +108,6 @@ class PendingProbs:
         return self._probs
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N' -> a device this machine has, else an InputError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device '{device}' is not a device: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
-                             f"use --device cpu or auto")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 to "
-                             f"cuda:{torch.cuda.device_count() - 1})")
-    elif resolved.type != "cpu":
-        raise InputError(f"--device {device}: mal runs on cpu or cuda")
-    return resolved
-
-
 class BoxPredictor:
     """Runs a `MaskLabeler` on box crops. Options mirror `mal label`'s."""
 
@@ -151,7 +140,9 @@ class BoxPredictor:
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and not tensor.is_pinned():
-            tensor = tensor.pin_memory()  # page-locked: the copy is asynchronous (uint8 crops: a quarter of float's bytes)
+            tensor = (
+                tensor.pin_memory()
+            )  # page-locked: the copy is asynchronous (uint8 crops: a quarter of float's bytes)
         return tensor.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
@@ -204,15 +195,6 @@ class BoxPredictor:
         """Probabilities (N, M, M) of N boxes' crops (any mix of sizes), in box order, on the CPU."""
         return self.submit_crops(crops, box_areas, batch_size).result()
 
-    def paste(
-        self,
-        prob: torch.Tensor,
-        box_xyxy: Sequence[float],
-        region_xyxy: Sequence[float],
-        image_hw: tuple[int, int],
-    ) -> BoxPrediction:
-        return paste_prob(prob, box_xyxy, region_xyxy, image_hw, self.threshold)
-
     def predict_image(self, image_hwc: np.ndarray, boxes_xywh: Sequence[Sequence[float]]) -> list[BoxPrediction]:
         """All boxes of one image (H, W, 3) uint8 -> one `BoxPrediction` per box, in order."""
         if len(boxes_xywh) == 0:
@@ -223,17 +205,15 @@ class BoxPredictor:
         areas = torch.tensor([geometry.box_area(b) for b in boxes_xywh])
         probs = self.predict_crops(self.crop_plan.crops(image, regions, areas.tolist()), areas, batch_size=len(boxes))
         hw = (image_hwc.shape[0], image_hwc.shape[1])
-        return [self.paste(p, b, r, hw) for p, b, r in zip(probs, boxes, regions)]
+        return [paste_prob(p, b, r, hw, self.threshold) for p, b, r in zip(probs, boxes, regions)]
 
 
 # Default crop size per route, as a fraction of the model's crop: small boxes at 3/4, medium at 7/8, large
-# at the full crop. Measured with the shipped model on the dev set (README "Performance"): 1.23x fewer
-# FLOPs per box than the full crop for all, 1.4x faster on a 2-core CPU, mIoU 75.0 instead of 75.3.
-# `--crop-sizes full` is the exact model.
+# at the full crop (fewer encoder FLOPs for a small accuracy cost: docs/performance.md). `--crop-sizes full`
+# is the exact model.
 DEFAULT_CROP_FRACTIONS = (0.75, 0.875, 1.0)
 # Default decoder scale per route, as a fraction of the trained one: large boxes' convs at 3/4 of their
-# trained resolution (x1.5 instead of x2 for the shipped model): its decoder 9.06 -> 5.10 GFLOP a box,
-# large-box mIoU 74.2 -> 74.1, 1.07x faster end to end on the CPU (README "Performance"); the mask keeps its size.
+# trained resolution (docs/performance.md); the mask keeps its size.
 DEFAULT_DECODER_FRACTIONS = (1.0, 1.0, 0.75)
 
 
@@ -246,7 +226,8 @@ def default_crop_sizes(model: MaskLabeler) -> tuple[int, ...]:
 
 
 def default_decoder_scales(model: MaskLabeler) -> tuple[float, ...] | None:
-    """`DEFAULT_DECODER_FRACTIONS` of the model's trained route scales (None: a model with other routes keeps its own)."""
+    """`DEFAULT_DECODER_FRACTIONS` of the model's trained route scales (None: a model with other routes keeps
+    its own)."""
     scales = model.decoder.route_scales
     if len(scales) != len(DEFAULT_DECODER_FRACTIONS):
         return None
@@ -257,7 +238,6 @@ def make_crop_plan(model: MaskLabeler, crop_sizes: Sequence[int] | str | None = 
     """The model's routes with `crop_sizes`: one size per route, "full" (the model's crop size for every
     route and its trained decoder scales: the exact model) or None (`default_crop_sizes`). Any plan but
     "full" runs the decoder at `default_decoder_scales`."""
-    from mal_cli.errors import InputError
 
     bins = model.decoder.area_bins
     decoder_scales = default_decoder_scales(model)
@@ -269,24 +249,10 @@ def make_crop_plan(model: MaskLabeler, crop_sizes: Sequence[int] | str | None = 
     crop_sizes = tuple(int(s) for s in crop_sizes)
     patch = model.encoder.patch_size
     if len(crop_sizes) != len(bins) + 1:
-        raise InputError(f"--crop-sizes needs {len(bins) + 1} sizes (small, medium, large boxes), got {len(crop_sizes)}")
+        raise InputError(
+            f"--crop-sizes needs {len(bins) + 1} sizes (small, medium, large boxes), got {len(crop_sizes)}"
+        )
     bad = [s for s in crop_sizes if s < patch or s % patch]
     if bad:
         raise InputError(f"--crop-sizes must be multiples of the backbone's patch size {patch}, got {bad[0]}")
     return CropPlan(tuple(bins), crop_sizes, decoder_scales)
-
-
-def paste_prob(prob, box_xyxy: Sequence[float], region_xyxy: Sequence[float], image_hw: tuple[int, int],
-               threshold: float) -> BoxPrediction:
-    """`BoxPredictor.paste` without the model (numpy only: runs in `mal label`'s post-processing processes)."""
-    window_prob, window = geometry.paste_box_prob(prob, box_xyxy, region_xyxy, image_hw)
-    window_mask = (window_prob >= threshold).view(np.uint8)
-    return BoxPrediction(window_mask, window, window_prob)
-
-
-def window_to_full(prediction: BoxPrediction, image_hw: tuple[int, int]) -> np.ndarray:
-    """Full-image uint8 mask of a prediction (for evaluation and tests; labelling avoids this)."""
-    full = np.zeros(image_hw, dtype=np.uint8)
-    row0, row1, col0, col1 = prediction.window
-    full[row0:row1, col0:col1] = prediction.window_mask
-    return full

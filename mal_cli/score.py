@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mal_cli.metrics import spearman_with_iou  # noqa: F401  (it lives with the metrics it uses)
+
 STABILITY_DELTA = 0.1
 BOX_METHOD_SCORE = 0.5
 FALLBACK_SCORE = 0.0
@@ -42,17 +44,3 @@ def mask_quality(window_prob: np.ndarray, threshold: float = 0.5, delta: float =
     stability = high / low if low else 0.0
     return round(min(max((confidence + stability) / 2, 0.0), 1.0), 4)
 
-
-def spearman_with_iou(labelled, ground_truth) -> tuple[float, int]:
-    """Spearman correlation of `mal_score` with the true mask IoU, over the instances `mal eval` pairs.
-
-    `labelled`: what `mal label` wrote (a Dataset or results list with mal_score); `ground_truth`: the
-    same boxes' dataset with real masks. Returns (rho, number of instances).
-    """
-    from mal_cli.evaluate import evaluate, spearman
-
-    report = evaluate(labelled, ground_truth, compute_ap=False)
-    records = labelled.annotations if hasattr(labelled, "annotations") else labelled
-    score = {r["id"]: r["mal_score"] for r in records if "id" in r and "mal_score" in r}
-    ids = [i for i in report.ious if i in score]
-    return spearman([score[i] for i in ids], [report.ious[i] for i in ids]), len(ids)

@@ -26,9 +26,9 @@ from pycocotools.coco import COCO
 
 from mal_cli import geometry
 from mal_cli.images import load_rgb
-from mal_cli.label import default_checkpoint
+from mal_cli.labeling import default_checkpoint
 from mal_cli.modeling.labeler import load_labeler
-from mal_cli.predictor import BoxPredictor, window_to_full
+from mal_cli.predictor import BoxPredictor, paste_prob, window_to_full
 
 ROUTES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, float("inf"))}
 
@@ -72,7 +72,7 @@ def main() -> None:
             probs = predictor.predict_probs(crops, areas)
             seconds[size] += time.perf_counter() - start
             for prob, box, region, truth in zip(probs, boxes, regions, truths):
-                mask = window_to_full(predictor.paste(prob, box, region, hw), hw)
+                mask = window_to_full(paste_prob(prob, box, region, hw, predictor.threshold), hw)
                 union = np.logical_or(mask, truth).sum()
                 ious[size].append(float(np.logical_and(mask, truth).sum() / union) if union else 1.0)
     result = {

@@ -30,7 +30,8 @@ from mal_cli import masks
 from mal_cli.check import check_paths
 from mal_cli.cli import main
 from mal_cli.images import MAX_IMAGE_PIXELS, load_rgb
-from mal_cli.label import LabelOptions, label, progress_path_for
+from mal_cli.labeling import LabelOptions, label, progress_path_for
+import oracles  # slow references (tests/oracles.py)
 
 DATA = Path(__file__).parent / "data"
 MINI16 = DATA / "annotations_mini16.json"
@@ -510,7 +511,7 @@ def test_every_image_mode_labels_without_fallbacks(tmp_path, tiny_checkpoint):
     for ann in labelled["annotations"]:
         h, w = images[ann["image_id"]]["height"], images[ann["image_id"]]["width"]
         mask = masks.decode(ann["segmentation"], h, w)
-        r0, r1, c0, c1 = masks.box_to_pixel_bounds(ann["bbox"], h, w)
+        r0, r1, c0, c1 = oracles.box_to_pixel_bounds(ann["bbox"], h, w)
         assert mask.sum() == ann["area"] and mask[r0:r1, c0:c1].sum() == mask.sum()
     # The same dataset, images recorded with the stored (un-rotated) size of the EXIF image: also fine.
     exif = next(im for im in doc["images"] if im["file_name"] == "exif.jpg")
@@ -576,7 +577,7 @@ def test_label_pipeline_property(tiny_checkpoint, height, width, boxes, polygon)
                 if not real:
                     assert ann["mal_fallback"] == "degenerate_box" and mask.sum() == 0
                     continue
-                r0, r1, c0, c1 = masks.box_to_pixel_bounds([x, y, w, h], height, width)
+                r0, r1, c0, c1 = oracles.box_to_pixel_bounds([x, y, w, h], height, width)
                 assert mask[r0:r1, c0:c1].sum() == mask.sum(), "mask leaves its clipped box"
                 if not polygon:
                     assert ann["area"] == int(mask.sum())

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from mal_cli import geometry
 from mal_cli.cli import app
+import oracles  # slow references (tests/oracles.py)
 
 MINI16 = "tests/data/annotations_mini16.json"
 IMAGES = "tests/data/images"
@@ -36,7 +37,7 @@ def test_bench_box_method_json_fields(tmp_path, tiny_checkpoint):
 
 
 def test_pipeline_ceiling_labels_every_box_with_the_stand_in_in_a_child(tmp_path, tiny_checkpoint):
-    from mal_cli.bench import pipeline_ceiling
+    from mal_cli.bench.labelling import pipeline_ceiling
     from mal_cli.predictor import BoxPredictor
 
     real_predict = BoxPredictor.device_probs
@@ -56,7 +57,7 @@ def test_pipeline_ceiling_labels_every_box_with_the_stand_in_in_a_child(tmp_path
 
 
 def test_bench_model_and_peak_fields(tiny_checkpoint):
-    from mal_cli.bench import measure_peak_flops, model_benchmark
+    from mal_cli.bench.model import measure_peak_flops, model_benchmark
 
     model = model_benchmark(str(tiny_checkpoint), "cpu", 4, np.array([100.0, 5000.0, 20000.0, 50.0]), iterations=1)
     for key in ("boxes_per_s", "tflop_per_s", "gflop_per_box", "gflop_per_box_by_route", "route_counts"):
@@ -73,6 +74,7 @@ def test_bench_model_and_peak_fields(tiny_checkpoint):
 
 def test_compile_reaches_the_mal_run_and_the_model_row_counts_eager_flops(tiny_checkpoint, monkeypatch):
     from mal_cli import bench
+    from mal_cli.bench import labelling, model
     from mal_cli.modeling import labeler
 
     commands = []
@@ -81,23 +83,23 @@ def test_compile_reaches_the_mal_run_and_the_model_row_counts_eager_flops(tiny_c
         commands.append(cmd)
         raise RuntimeError("captured")
 
-    monkeypatch.setattr(bench, "_run_child", capture)
+    monkeypatch.setattr(labelling, "run_child", capture)
     for method in ("box", "mal"):
         with pytest.raises(RuntimeError, match="captured"):
-            bench.run_bench(MINI16, IMAGES, str(tiny_checkpoint), "cpu", methods=(method,), compile=True)
+            bench.run_bench(bench.BenchConfig(MINI16, IMAGES, str(tiny_checkpoint), "cpu", method=method, compile=True))
     assert "--compile" not in commands[0] and "--compile" in commands[1]  # --method box has no model to compile
 
     compiled = []
     monkeypatch.setattr(labeler, "compile_encoder_blocks", compiled.append)
     areas = np.array([100.0, 5000.0, 20000.0, 50.0])
-    eager = bench.model_benchmark(str(tiny_checkpoint), "cpu", 4, areas, iterations=1)
-    timed = bench.model_benchmark(str(tiny_checkpoint), "cpu", 4, areas, iterations=1, compile=True)
+    eager = model.model_benchmark(str(tiny_checkpoint), "cpu", 4, areas, iterations=1)
+    timed = model.model_benchmark(str(tiny_checkpoint), "cpu", 4, areas, iterations=1, compile=True)
     assert len(compiled) == 1 and timed["compile"] and not eager["compile"]
     assert timed["gflop_per_box"] == eager["gflop_per_box"]  # counted on the eager model, before the compile
 
 
 def test_fast_paste_matches_grid_sample():
-    """The numpy separable paste that `mal label` uses equals `geometry.paste_window` up to float rounding."""
+    """The numpy separable paste that `mal label` uses equals the grid_sample oracle up to float rounding."""
     rng = np.random.default_rng(0)
     for _ in range(200):
         height, width = (int(v) for v in rng.integers(5, 300, 2))
@@ -107,7 +109,7 @@ def test_fast_paste_matches_grid_sample():
         region = geometry.crop_region(box, geometry.Margins.uniform())
         window = geometry.box_pixel_bounds(box, (height, width))
         crop = torch.rand(16, 16, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))))
-        slow = geometry.paste_window(crop, region, window).numpy()
+        slow = oracles.paste_window(crop, region, window).numpy()
         fast = geometry.paste_window_np(crop.numpy(), region, window)
         assert fast.shape == slow.shape and fast.dtype == np.float32
         if slow.size:
@@ -155,7 +157,7 @@ def test_bench_train_only_json_fields(tmp_path):
 
 
 def test_training_flops_grow_with_crop_size():
-    from mal_cli.bench import training_flops_per_sample
+    from mal_cli.bench.training import training_flops_per_sample
 
     small = training_flops_per_sample(32, "vit_tiny_patch16_224", "cpu")
     large = training_flops_per_sample(64, "vit_tiny_patch16_224", "cpu")
@@ -170,7 +172,7 @@ def test_training_flops_grow_with_crop_size():
 
 
 def test_steady_rate_window():
-    from mal_cli.bench import _steady_rate
+    from mal_cli.bench.training import _steady_rate
 
     log = [{"step": s, "time": 1.0 + 0.5 * s} for s in (5, 10, 15, 20)]
     steady = _steady_rate(log, batch_size=8, warmup_steps=7)
@@ -181,7 +183,7 @@ def test_steady_rate_window():
 
 
 def test_train_benchmark_failure_reports_stderr(tmp_path):
-    from mal_cli.bench import train_benchmark
+    from mal_cli.bench.training import train_benchmark
 
     with pytest.raises(RuntimeError, match="mal train.*failed.*vit_no_such_model"):
         train_benchmark(MINI16, IMAGES, "cpu", crop_size=32, batch_size=2, steps=2, warmup_steps=1, workers=0,
@@ -189,7 +191,7 @@ def test_train_benchmark_failure_reports_stderr(tmp_path):
 
 
 def test_repeat_copies_the_limited_set_with_new_ids(tmp_path):
-    from mal_cli.bench import _subset
+    from mal_cli.bench.labelling import subset_dataset as _subset
 
     raw = json.loads(open(MINI16).read())
     (tmp_path / "once").mkdir()

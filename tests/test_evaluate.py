@@ -15,6 +15,7 @@ from mal_cli import masks
 from mal_cli.dataset import Dataset
 from mal_cli.errors import InputError
 from mal_cli.evaluate import evaluate, pair_predictions, spearman
+import oracles  # slow references (tests/oracles.py)
 
 H = W = 40
 
@@ -22,7 +23,7 @@ H = W = 40
 def _square(top: int, left: int, size: int = 10) -> dict:
     mask = np.zeros((H, W), np.uint8)
     mask[top : top + size, left : left + size] = 1
-    return masks.encode(mask)
+    return oracles.encode(mask)
 
 
 def _gt(annotations: list[dict]) -> Dataset:
@@ -123,7 +124,7 @@ def test_detection_size_range_comes_from_the_mask_not_the_bbox(mini16_raw):
     tiny = np.zeros((image["height"], image["width"]), np.uint8)
     tiny[:2, :2] = 1
     results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": 1.0,
-                    "bbox": [0.0, 0.0, float(image["width"]), float(image["height"])], "segmentation": masks.encode(tiny)})
+                    "bbox": [0.0, 0.0, float(image["width"]), float(image["height"])], "segmentation": oracles.encode(tiny)})
     report = evaluate(results, gt)
     assert report.num_matched == len(gt.annotations) and report.num_unmatched_predictions == 1
     assert report.ap["APl"] == pytest.approx(1.0)

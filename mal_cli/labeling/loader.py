@@ -1,0 +1,162 @@
+"""Image loading and cropping, in DataLoader workers (in parallel with the model): each group's images are
+decoded once, each box's pixel window decided once (it is carried to the post-processing), and the crops
+of the model boxes joined per crop size.
+
+torch is imported only where crops are made: `--method box` runs this module without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from mal_cli.labeling.plan import ImageJob
+from mal_cli.pixels import Margins, box_area, box_pixel_bounds, box_xyxy, crop_region, window_is_empty
+
+
+@dataclass
+class LoadedImage:
+    job_index: int  # position of the image within its group
+    hw: Optional[tuple[int, int]]
+    error: Optional[str]
+    model_index: list[int]  # per box: its row among the image's labellable boxes, -1 when it covers no pixel
+    regions: list[tuple[float, float, float, float]]  # per labellable box: its crop region (model runs only)
+    box_areas: list[float]  # per labellable box: its area (picks its route; model runs only)
+
+    @property
+    def num_model_boxes(self) -> int:
+        return len(self.regions)
+
+
+@dataclass
+class LoadedGroup:
+    """A group's images, and the crops of all their model boxes joined per crop size (image by image)."""
+
+    images: list[LoadedImage]
+    crops: Any  # predictor.BoxCrops, or None when no box goes to the model
+    box_areas: Any  # torch (len(crops),) float32, or None without crops
+
+    def pin_memory(self) -> "LoadedGroup":  # called by the DataLoader's pin thread (GPU runs)
+        return LoadedGroup(self.images, self.crops.pin_memory() if self.crops is not None else None, self.box_areas)
+
+
+def _decode(job: ImageJob) -> tuple[Optional[tuple[int, int]], Optional[str], Optional[np.ndarray]]:
+    """The image, its size and an error message (errors become a value, never an exception)."""
+    from mal_cli.images import load_rgb  # PIL import stays out of `mal --help`
+
+    hw = job.recorded_hw
+    try:
+        image = load_rgb(job.path, expected_hw=job.recorded_hw)
+    except Exception as err:  # noqa: BLE001 - any unreadable image is a fallback, not a crash
+        return hw, str(err), None
+    decoded_hw = (int(image.shape[0]), int(image.shape[1]))
+    if hw is not None and decoded_hw != hw:
+        error = f"{job.path}: decoded size {decoded_hw[0]}x{decoded_hw[1]} differs from the recorded {hw[0]}x{hw[1]}"
+        return hw, error, None
+    return decoded_hw, None, image
+
+
+def load_image(job: ImageJob, index: int, need_pixels: bool, margins: Margins) -> tuple[LoadedImage, Any]:
+    """Decodes one image (when its pixels or its size are needed) and decides which of its boxes are labellable:
+    those covering a pixel centre (pycocotools' rule). Returns the image's record and its pixels (or None)."""
+    hw, error, image = job.recorded_hw, None, None
+    if need_pixels or hw is None:
+        hw, error, image = _decode(job)
+    model_index, regions, areas = [], [], []
+    for bbox in job.boxes_xywh.tolist() if not error else ():
+        xyxy = box_xyxy(bbox)
+        if xyxy is None or window_is_empty(box_pixel_bounds(xyxy, hw)):
+            model_index.append(-1)
+            continue
+        model_index.append(len(regions) if need_pixels else 0)
+        if need_pixels:
+            regions.append(crop_region(xyxy, margins))
+            areas.append(box_area(bbox))
+    if error:
+        model_index = [-1] * job.num_boxes
+    return LoadedImage(index, hw, error, model_index, regions, areas), image
+
+
+def load_image_crops(
+    job: ImageJob, index: int, need_pixels: bool, crop_plan, margins: Margins
+) -> tuple[LoadedImage, Any]:
+    """`load_image` plus the uint8 crops of its model boxes (predictor.BoxCrops, or None)."""
+    loaded, image = load_image(job, index, need_pixels, margins)
+    if not loaded.regions:
+        return loaded, None
+    import torch
+
+    chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
+    return loaded, crop_plan.crops(chw, loaded.regions, loaded.box_areas)
+
+
+class GroupCropDataset:
+    """One group of images an item: decoded, cropped and joined in a DataLoader worker (a map-style dataset).
+
+    Joining there keeps per-image work out of the main process, which feeds the GPU: it receives one tensor
+    per crop size a group instead of ~2 an image (each shared tensor costs a socket round trip to its worker).
+    """
+
+    def __init__(self, groups: Sequence[Sequence[ImageJob]], need_pixels: bool, crop_plan, margins: Margins):
+        self.groups = groups
+        self.need_pixels = need_pixels
+        self.crop_plan = crop_plan  # predictor.CropPlan (None for --method box)
+        self.margins = margins
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> LoadedGroup:
+        if not self.need_pixels:
+            return LoadedGroup(
+                [load_image(job, i, False, self.margins)[0] for i, job in enumerate(self.groups[index])], None, None
+            )
+        loaded = [
+            load_image_crops(job, i, True, self.crop_plan, self.margins) for i, job in enumerate(self.groups[index])
+        ]
+        images = [item for item, _ in loaded]
+        parts = [crops for _, crops in loaded if crops is not None]
+        crops = None
+        if parts:
+            from mal_cli.predictor import BoxCrops
+
+            crops = parts[0] if len(parts) == 1 else BoxCrops.cat(parts)
+        import torch
+
+        areas = torch.tensor([a for item in images for a in item.box_areas])
+        return LoadedGroup(images, crops, areas)
+
+
+def identity(item):  # DataLoader collate for batch_size=None (a module-level function pickles)
+    return item
+
+
+def iter_groups(dataset: GroupCropDataset, workers: int, pin_memory: bool):
+    """The dataset's groups, in order, loaded by `workers` processes: a torch DataLoader with the model, a plain
+    process pool without (`--method box` never imports torch)."""
+    if dataset.need_pixels:
+        import torch
+
+        # A group is ~batch_size boxes: two in flight a worker keep the model fed and bound the shared memory.
+        # For a GPU the loader's pin thread page-locks the crops, so their copy to the device is asynchronous.
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=identity,
+            prefetch_factor=2 if workers else None,
+            persistent_workers=False,
+            pin_memory=pin_memory,
+        )
+        yield from loader
+        return
+    if workers == 0:
+        yield from (dataset[i] for i in range(len(dataset)))
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(dataset.__getitem__, range(len(dataset)))

@@ -1,0 +1,94 @@
+"""The plan: which images are labelled, packed into groups (the unit of work, of resuming and of sharding).
+
+Images (in input order, those with boxes to label) are packed into groups of at most `batch_size` boxes (an
+image with more boxes is a group of its own, run in chunks of `batch_size`). Boxes are batched in a fixed
+order that depends only on the input and `--batch-size`, so a box always meets the same batch-mates: a
+resumed, a sharded or a torchrun run gives the same bytes as one uninterrupted run. `--shard K/N` labels
+the groups g with g % N == K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from mal_cli.labeling.index import BoxIndex
+
+
+@dataclass(slots=True)  # one per image: LVIS has 100k+
+class ImageJob:
+    """One image and the boxes of it to label."""
+
+    position: int  # the image's position in the input's image list
+    path: str
+    recorded_hw: Optional[tuple[int, int]]
+    record_positions: np.ndarray  # positions of its records in the input, in input order
+    record_bbox: np.ndarray  # every record's box (shared by all jobs)
+
+    @property
+    def boxes_xywh(self) -> np.ndarray:
+        """(k, 4) the boxes of its records."""
+        return self.record_bbox[self.record_positions]
+
+    @property
+    def num_boxes(self) -> int:
+        return len(self.record_positions)
+
+
+def plan_jobs(index: BoxIndex, images_dir: str | Path, only_missing: bool) -> list[ImageJob]:
+    """Every image with at least one box to label, in input image order."""
+    records = np.flatnonzero(~index.record_has_segmentation) if only_missing else np.arange(index.num_records)
+    images = index.record_image[records]
+    order = np.argsort(images, kind="stable")  # by image; input order within an image
+    records, images = records[order], images[order]
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]]) if len(images) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(images)]
+    folder = Path(images_dir)
+    jobs = []
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        position = int(images[start])
+        jobs.append(
+            ImageJob(
+                position,
+                str(folder / index.image_names[position]),
+                index.image_hw[position],
+                records[start:end],
+                index.record_bbox,
+            )
+        )
+    return jobs
+
+
+def group_jobs(jobs: Sequence[ImageJob], batch_size: int) -> list[list[ImageJob]]:
+    """Pack consecutive images into groups of at most `batch_size` boxes (a bigger image is a group alone)."""
+    groups: list[list[ImageJob]] = []
+    current: list[ImageJob] = []
+    count = 0
+    for job in jobs:
+        n = job.num_boxes
+        if current and count + n > batch_size:
+            groups.append(current)
+            current, count = [], 0
+        current.append(job)
+        count += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def shard_groups(groups: list[list[ImageJob]], shard: tuple[int, int]) -> list[list[ImageJob]]:
+    k, n = shard
+    return [g for gi, g in enumerate(groups) if gi % n == k]
+
+
+def shard_records(index: BoxIndex, groups: list[list[ImageJob]], shard: tuple[int, int]) -> np.ndarray:
+    """Which records shard K/N writes: its images' records (records of images with nothing to label: shard 0)."""
+    k, n = shard
+    image_shard = np.zeros(len(index.image_names), dtype=np.int64)
+    for gi, g in enumerate(groups):
+        for j in g:
+            image_shard[j.position] = gi % n
+    return image_shard[index.record_image] == k

@@ -1,0 +1,171 @@
+"""The progress file `OUT.progress.jsonl`: the one place its format lives (`mal label` writes and resumes it,
+`mal merge` reads it).
+
+Line 1 is a header `{"mal_progress": PROGRESS_VERSION, "fingerprint": ..., "records": N, "shard": [K, N],
+"source": ...}`; every further line is one finished image, `{"image": position, "results": [[record
+position, result], ...]}`. The file is append-only, so only its last line can be torn (a killed run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import orjson
+
+from mal_cli.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_SUFFIX = ".progress.jsonl"
+PROGRESS_VERSION = 1
+FSYNC_INTERVAL_S = 5.0
+
+
+def progress_path_for(out: str | Path) -> Path:
+    return Path(str(out) + PROGRESS_SUFFIX)
+
+
+def is_progress_file(path: str | Path) -> bool:
+    return str(path).endswith(".jsonl")
+
+
+def progress_header(fingerprint: str, records: int, shard: tuple[int, int], source: str) -> dict:
+    return {
+        "mal_progress": PROGRESS_VERSION,
+        "fingerprint": fingerprint,
+        "records": records,
+        "shard": list(shard),
+        "source": source,
+    }
+
+
+def read_progress(path: Path, fingerprint: str, truncate_torn: bool = True) -> tuple[dict, dict[int, int]]:
+    """Header and {image position: byte offset of its line}. A torn last line is dropped (and cut off)."""
+    offsets: dict[int, int] = {}
+    header: dict = {}
+    good_end = 0
+    with open(path, "rb") as handle:
+        offset = 0
+        for line_number, line in enumerate(handle):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("torn")
+                entry = orjson.loads(line)
+            except (ValueError, orjson.JSONDecodeError):
+                # Only the last line can be torn (the file is append-only); anything else is damage.
+                if handle.read():
+                    raise InputError(
+                        f"{path}: line {line_number + 1} is not valid JSON; delete the file to start over"
+                    ) from None
+                break
+            if line_number == 0:
+                header = entry
+                _check_header(path, header, fingerprint)
+            else:
+                offsets[int(entry["image"])] = offset
+            offset += len(line)
+            good_end = offset
+    if truncate_torn and good_end != path.stat().st_size:
+        log.warning("%s: dropped a torn last line (the run was killed mid-write)", path)
+        with open(path, "r+b") as handle:
+            handle.truncate(good_end)
+    return header, offsets
+
+
+def _check_header(path: Path, header: dict, fingerprint: str) -> None:
+    if header.get("mal_progress") != PROGRESS_VERSION:
+        raise InputError(f"{path} is not a mal label progress file")
+    if header.get("fingerprint") != fingerprint:
+        raise InputError(
+            f"{path} was made from other input or options than this run; delete it to start over, "
+            f"or rerun with the same input and options"
+        )
+
+
+def read_progress_results(path: str | Path) -> tuple[dict, dict[int, dict]]:
+    """A progress file's header and {record position: result}; a torn last line is ignored (`mal merge`)."""
+    header: dict = {}
+    results: dict[int, dict] = {}
+    lines = Path(path).read_bytes().split(b"\n")
+    for number, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            if number == len(lines) - 1:  # torn last line of a killed run
+                break
+            raise InputError(f"{path}: line {number + 1} is not valid JSON") from None
+        if number == 0:
+            if entry.get("mal_progress") is None:
+                raise InputError(f"{path} is not a mal label progress file")
+            header = entry
+        else:
+            for pos, result in entry["results"]:
+                results[int(pos)] = result
+    return header, results
+
+
+def image_line(image_position: int, results: list) -> bytes:
+    """One finished image's line, without its newline: `results` is [(record position, result), ...]."""
+    return orjson.dumps({"image": image_position, "results": results})
+
+
+class ProgressWriter:
+    """Appends one line per finished image; flushed per group, fsync'd every few seconds and at close."""
+
+    def __init__(self, path: Path, header: Optional[dict]):
+        self.path = path
+        self.handle = open(path, "ab" if header is None else "wb")
+        if header is not None:
+            self.handle.write(orjson.dumps(header) + b"\n")
+        self.last_sync = time.monotonic()
+
+    def write(self, image_position: int, results: list[tuple[int, dict]]) -> None:
+        self.write_line(image_line(image_position, results))
+
+    def write_line(self, line: bytes) -> None:
+        """An already serialised `image_line`."""
+        self.handle.write(line + b"\n")
+
+    def flush(self) -> None:
+        self.handle.flush()
+        if time.monotonic() - self.last_sync > FSYNC_INTERVAL_S:
+            os.fsync(self.handle.fileno())
+            self.last_sync = time.monotonic()
+
+    def close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+
+
+class ProgressIndex:
+    """Random access to the results in a progress file, with a small cache of parsed lines."""
+
+    def __init__(self, path: Path, offsets: dict[int, int], cache_lines: int = 256):
+        self.handle = open(path, "rb")
+        self.offsets = offsets
+        self.cache: OrderedDict[int, dict[int, dict]] = OrderedDict()
+        self.cache_lines = cache_lines
+
+    def results_of(self, image_position: int) -> dict[int, dict]:
+        cached = self.cache.get(image_position)
+        if cached is not None:
+            self.cache.move_to_end(image_position)
+            return cached
+        self.handle.seek(self.offsets[image_position])
+        entry = orjson.loads(self.handle.readline())
+        results = {int(pos): result for pos, result in entry["results"]}
+        self.cache[image_position] = results
+        if len(self.cache) > self.cache_lines:
+            self.cache.popitem(last=False)
+        return results
+
+    def close(self) -> None:
+        self.handle.close()

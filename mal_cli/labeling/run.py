@@ -1,0 +1,263 @@
+"""One `mal label` run: read and check BOXES, plan the groups, label the unfinished ones into the progress file,
+then write OUT from it. `label()` is the public entry point (it shards over torchrun ranks when there are any)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import orjson
+
+from mal_cli.errors import InputError, OutputError
+from mal_cli.labeling.dispatch import run_groups
+from mal_cli.labeling.index import BoxIndex, read_boxes
+from mal_cli.labeling.options import SPEED_OPTIONS, LabelOptions, default_checkpoint
+from mal_cli.labeling.output import labelled_records, write_output
+from mal_cli.labeling.plan import group_jobs, plan_jobs, shard_groups, shard_records
+from mal_cli.labeling.progress import (
+    PROGRESS_SUFFIX,
+    ProgressIndex,
+    ProgressWriter,
+    progress_header,
+    progress_path_for,
+    read_progress,
+)
+
+
+def fingerprint(
+    index: BoxIndex, options: LabelOptions, shard: tuple[int, int], checkpoint: Optional[Path], crop_plan=None
+) -> str:
+    """What the results depend on: the input, the options that change labels, the checkpoint, the plan, the shard."""
+    digest = hashlib.sha256()
+    digest.update(index.digest.encode())
+    labels = {k: v for k, v in asdict(options).items() if k not in SPEED_OPTIONS}
+    if checkpoint is not None:
+        stat = checkpoint.stat()
+        labels["checkpoint"] = [checkpoint.name, stat.st_size]
+    if crop_plan is not None:  # the resolved plan, not only --crop-sizes: a default that changes between versions
+        labels["plan"] = [crop_plan.sizes, crop_plan.decoder_scales]
+    digest.update(orjson.dumps([labels, list(shard)], option=orjson.OPT_SORT_KEYS))
+    return digest.hexdigest()
+
+
+@dataclass
+class LabelSummary:
+    images: int = 0
+    boxes: int = 0
+    resumed_images: int = 0
+    failed_images: int = 0  # unreadable images whose boxes got the image_error fallback
+    fallbacks: dict = field(default_factory=dict)
+    image_errors: list = field(default_factory=list)  # first few messages
+    seconds: float = 0.0
+    boxes_per_s: float = 0.0
+    method: str = "mal"
+    device: str = "cpu"
+    shard: str = "0/1"
+    out: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        fallbacks = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallbacks.items())) or "none"
+        failed = f", {self.failed_images} unreadable images skipped" if self.failed_images else ""
+        return (
+            f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed{failed}), "
+            f"fallbacks: {fallbacks}; {self.seconds:.1f} s, {self.boxes_per_s:.0f} boxes/s "
+            f"[{self.method} on {self.device}, shard {self.shard}] -> {self.out}"
+        )
+
+
+def label(
+    boxes: str,
+    images_dir: str,
+    out: str,
+    options: LabelOptions,
+    image_info: Optional[str] = None,
+    shard: Optional[tuple[int, int]] = None,
+    resume: bool = False,
+    keep_progress: bool = False,
+    progress_bar: bool = True,
+) -> LabelSummary:
+    """Label BOXES and write OUT. Under torchrun, shards over the ranks and merges on rank 0."""
+    options.validate()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard is None and world > 1:
+        from mal_cli.labeling.distributed import label_distributed
+
+        return label_distributed(boxes, images_dir, out, options, image_info, resume, keep_progress, progress_bar)
+    return label_shard(
+        boxes, images_dir, out, options, image_info, shard or (0, 1), resume, keep_progress, progress_bar
+    )
+
+
+def load_predictor(options: LabelOptions, checkpoint: Path):
+    import torch
+
+    from mal_cli.modeling.labeler import load_labeler
+    from mal_cli.predictor import BoxPredictor
+
+    model = load_labeler(checkpoint, use_teacher=options.teacher)
+    predictor = BoxPredictor(
+        model,
+        device=options.device,
+        threshold=options.threshold,
+        flip=options.flip,
+        crop_sizes=options.crop_sizes,
+        compile=options.compile,
+    )
+    if predictor.device.type == "cuda" and predictor.device.index is not None:
+        # cuda:N (a torchrun rank, or --device cuda:1) becomes this process's current device: page-locked
+        # buffers and the loader's pin thread then use it, instead of opening a context on cuda:0.
+        torch.cuda.set_device(predictor.device)
+    return predictor
+
+
+def label_shard(
+    boxes: str,
+    images_dir: str,
+    out: str,
+    options: LabelOptions,
+    image_info: Optional[str] = None,
+    shard: tuple[int, int] = (0, 1),
+    resume: bool = False,
+    keep_progress: bool = False,
+    progress_bar: bool = True,
+) -> LabelSummary:
+    """One process's run: label shard K/N (0/1 = everything) of BOXES into OUT."""
+    start = time.perf_counter()
+    options.validate()
+    from mal_cli.probes import ensure_writable
+
+    ensure_writable(out)  # a missing or read-only output folder fails now, before the model loads
+    if boxes == "-" and image_info == "-":
+        raise InputError("BOXES and --image-info cannot both be read from stdin")
+    if resume and out == "-":
+        raise InputError("--resume needs --out FILE (a run writing to stdout keeps no progress file to resume)")
+    if not Path(images_dir).is_dir():
+        raise InputError(f"--images {images_dir}: no such folder")
+    index = read_boxes(boxes, image_info)  # before the model: input errors come fast
+    try:
+        return _label_index(index, images_dir, out, options, shard, resume, keep_progress, progress_bar, start)
+    finally:
+        index.close()
+
+
+def _open_progress(out: str, resume: bool, fingerprint_: str, header: dict) -> tuple[ProgressWriter, dict[int, int]]:
+    """The progress file (beside OUT, or a temp file when writing to stdout) and the images it already holds."""
+    if out == "-":
+        fd, tmp = tempfile.mkstemp(prefix="mal-label-", suffix=PROGRESS_SUFFIX)
+        os.close(fd)
+        progress_path = Path(tmp)
+    else:
+        progress_path = progress_path_for(out)
+    done: dict[int, int] = {}
+    if progress_path.exists() and out != "-":
+        if not resume:
+            raise InputError(
+                f"{progress_path} exists from an earlier, unfinished run: rerun with --resume to continue it, "
+                f"or delete it to start over"
+            )
+        _, done = read_progress(progress_path, fingerprint_)
+    return ProgressWriter(progress_path, None if done else header), done
+
+
+def _label_index(
+    index: BoxIndex,
+    images_dir: str,
+    out: str,
+    options: LabelOptions,
+    shard: tuple[int, int],
+    resume: bool,
+    keep_progress: bool,
+    progress_bar: bool,
+    start: float,
+) -> LabelSummary:
+    checkpoint = predictor = None
+    if options.method == "mal":
+        checkpoint = Path(options.checkpoint) if options.checkpoint else default_checkpoint()
+        predictor = load_predictor(options, checkpoint)
+    groups = group_jobs(plan_jobs(index, images_dir, options.only_missing), options.batch_size)
+    my_groups = shard_groups(groups, shard)
+    crop_plan = predictor.crop_plan if predictor else None
+    this_fingerprint = fingerprint(index, options, shard, checkpoint, crop_plan)
+    header = progress_header(this_fingerprint, index.num_records, shard, index.source)
+    writer, done = _open_progress(out, resume, this_fingerprint, header)
+
+    summary = LabelSummary(
+        method=options.method,
+        shard=f"{shard[0]}/{shard[1]}",
+        out=out,
+        device=str(predictor.device) if predictor else "cpu",
+    )
+    todo_groups = [g for g in my_groups if not all(j.position in done for j in g)]
+    todo_jobs = [job for g in todo_groups for job in g]
+    summary.resumed_images = sum(len(g) for g in my_groups) - len(todo_jobs)
+    fallbacks: Counter = Counter()
+    try:
+        try:
+            run_groups(todo_groups, todo_jobs, done, predictor, options, writer, summary, fallbacks, progress_bar)
+        finally:
+            writer.close()
+    except OSError as err:  # disk full, quota, file too large: keep what is on disk, say how to go on
+        raise OutputError(
+            f"{writer.path}: cannot write progress ({err.strerror or err}); free space and rerun with --resume"
+        ) from None
+    shard_info = None
+    if shard[1] > 1:
+        shard_info = {
+            "index": shard[0],
+            "count": shard[1],
+            "fingerprint": fingerprint(index, options, (0, 1), checkpoint, crop_plan),
+        }
+    _write_from_progress(out, index, writer.path, this_fingerprint, groups, my_groups, shard, shard_info)
+    if out == "-" or not keep_progress:
+        writer.path.unlink(missing_ok=True)
+
+    summary.images = sum(len(g) for g in my_groups)
+    summary.fallbacks = dict(fallbacks)
+    summary.seconds = round(time.perf_counter() - start, 3)
+    summary.boxes_per_s = round(summary.boxes / summary.seconds, 1) if summary.seconds > 0 else 0.0
+    return summary
+
+
+def _write_from_progress(
+    out: str,
+    index: BoxIndex,
+    progress_path: Path,
+    fingerprint_: str,
+    groups,
+    my_groups,
+    shard: tuple[int, int],
+    shard_info: Optional[dict],
+) -> None:
+    """Write OUT from the progress file: this shard's images' records, in input order."""
+    _, offsets = read_progress(progress_path, fingerprint_)
+    has_result = np.zeros(index.num_records, dtype=bool)  # records this run has a result for
+    for g in my_groups:
+        for j in g:
+            has_result[j.record_positions] = True
+    keep = None
+    if shard[1] > 1:
+        keep = shard_records(index, groups, shard)
+        shard_info.update(records=index.num_records, positions=np.flatnonzero(keep).tolist())
+    if not {j.position for g in my_groups for j in g} <= set(offsets):  # only if the file was edited meanwhile
+        raise OutputError(f"{progress_path}: images missing after the run; rerun with --resume")
+    index.ensure_unchanged()
+    results = ProgressIndex(progress_path, offsets)
+    try:
+        write_output(
+            out,
+            index,
+            lambda chunks: labelled_records(chunks, keep, index.record_image, has_result, results),
+            shard_info,
+        )
+    finally:
+        results.close()
