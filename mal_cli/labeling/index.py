@@ -82,7 +82,8 @@ def _feed(check, kind: str, key, value) -> None:
 
 
 def _check_boxes(path: Path, source: str, image_info: Optional[str]):
-    """The finished `DocumentCheck` of BOXES (with its --image-info for a results list) and its report."""
+    """The finished `DocumentCheck` of BOXES (with its --image-info for a results list) and its report: the
+    check's `columns` are the index."""
     from mal_cli.check import DocumentCheck, finish_results
     from mal_cli.jsonstream import iter_document
 
@@ -116,15 +117,15 @@ def _check_boxes(path: Path, source: str, image_info: Optional[str]):
     return check, finish_results(check, info)
 
 
-def _digest(check) -> str:
+def _digest(columns) -> str:
     digest = hashlib.sha256()
-    for column in (check.record_ids, check.record_image_ids):
+    for column in (columns.record_ids, columns.record_image_ids):
         digest.update(column.numpy().tobytes())
         other = [[i, v if isinstance(v, (int, str)) else None] for i, v in sorted(column.other.items())]
         digest.update(orjson.dumps(other))
-    digest.update(check.record_bbox.tobytes())
-    digest.update(check.record_has_segmentation.tobytes())
-    digest.update(orjson.dumps([check.image_ids, check.image_plan_hw]))
+    digest.update(columns.record_bbox.tobytes())
+    digest.update(columns.record_has_segmentation.tobytes())
+    digest.update(orjson.dumps([columns.image_ids, columns.image_plan_hw]))
     return digest.hexdigest()
 
 
@@ -144,16 +145,17 @@ def read_boxes(boxes: str, image_info: Optional[str] = None) -> BoxIndex:
                 report.summary("warning"),
             )
         stat = path.stat()
+        c = check.columns
         return BoxIndex(
             path,
             source,
             check.results,
-            check.record_image,
-            check.record_bbox,
-            check.record_has_segmentation,
-            check.image_names,
-            check.image_plan_hw,
-            _digest(check),
+            c.record_image,
+            c.record_bbox,
+            c.record_has_segmentation,
+            c.image_names,
+            c.image_plan_hw,
+            _digest(c),
             temp_copy=boxes == "-",
             stat=(stat.st_size, stat.st_mtime_ns),
         )
