@@ -26,7 +26,9 @@ from mal_cli.check_rules import DocumentCheck
 from mal_cli.errors import InputError
 
 
-def check_document(obj: Any, source: str, image_info: Any = None, image_info_source: str = "--image-info") -> CheckReport:
+def check_document(
+    obj: Any, source: str, image_info: Any = None, image_info_source: str = "--image-info"
+) -> CheckReport:
     """Check a parsed dataset (or results list + `image_info` dataset) document; never raises on bad content."""
     if isinstance(obj, list):
         check = DocumentCheck(source, results=True)
@@ -81,7 +83,10 @@ def check_image_files(report: CheckReport, images_dir: Union[str, Path], decode:
             report.add("image_missing", f"image id {image_id}: {path} ({err.strerror})")
             continue
         if not os.path.isfile(path) or st.st_size == 0:
-            report.add("image_unreadable", f"image id {image_id}: {path} ({'empty file' if os.path.isfile(path) else 'not a file'})")
+            report.add(
+                "image_unreadable",
+                f"image id {image_id}: {path} ({'empty file' if os.path.isfile(path) else 'not a file'})",
+            )
             continue
         if not decode:
             continue
@@ -93,8 +98,11 @@ def check_image_files(report: CheckReport, images_dir: Union[str, Path], decode:
             report.add("image_unreadable", f"image id {image_id}: {err}")
             continue
         if recorded is not None and tuple(array.shape[:2]) != recorded:
-            report.add("image_size_mismatch", f"image id {image_id}: {path} is {array.shape[0]}x{array.shape[1]} (HxW), "
-                                              f"recorded {recorded[0]}x{recorded[1]}")
+            report.add(
+                "image_size_mismatch",
+                f"image id {image_id}: {path} is {array.shape[0]}x{array.shape[1]} (HxW), "
+                f"recorded {recorded[0]}x{recorded[1]}",
+            )
 
 
 def read_document(path: Union[str, Path], report: Optional[CheckReport] = None) -> tuple[Any, Optional[CheckReport]]:
@@ -109,7 +117,9 @@ def read_document(path: Union[str, Path], report: Optional[CheckReport] = None) 
         return None, report
 
 
-def check_paths(dataset: str, images: Optional[str] = None, image_info: Optional[str] = None, decode: bool = False) -> CheckReport:
+def check_paths(
+    dataset: str, images: Optional[str] = None, image_info: Optional[str] = None, decode: bool = False
+) -> CheckReport:
     """`mal check`: every problem of DATASET (and its images under `images`)."""
     obj, failed = read_document(dataset)
     if failed is not None:

@@ -15,7 +15,11 @@ EXAMPLES = 5
 # code -> (severity, title, what to do)
 KINDS: dict[str, tuple[str, str, str]] = {
     "unreadable": ("error", "file cannot be read or parsed", "fix the path, or regenerate / repair the JSON"),
-    "layout": ("error", "not a COCO/LVIS dataset or results list", "give an instances JSON with 'images' and 'annotations'"),
+    "layout": (
+        "error",
+        "not a COCO/LVIS dataset or results list",
+        "give an instances JSON with 'images' and 'annotations'",
+    ),
     "image_not_object": ("error", "image record is not a JSON object", "every entry of 'images' must be an object"),
     "image_bad_id": ("error", "image without a usable 'id'", "give every image a unique integer 'id'"),
     "duplicate_image_id": ("error", "duplicate image id", "image ids must be unique"),
@@ -24,18 +28,54 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "ann_missing_key": ("error", "annotation without a required key", "annotations need 'id', 'image_id' and 'bbox'"),
     "ann_bad_id": ("error", "annotation with an unusable 'id'", "give every annotation a unique integer 'id'"),
     "duplicate_annotation_id": ("error", "duplicate annotation id", "annotation ids must be unique"),
-    "unknown_image": ("error", "annotation refers to an image id not in 'images'", "add the image or drop the annotation"),
-    "bbox_not_list": ("error", "'bbox' is not a list [x, y, width, height]", "write boxes as COCO [x, y, width, height]"),
+    "unknown_image": (
+        "error",
+        "annotation refers to an image id not in 'images'",
+        "add the image or drop the annotation",
+    ),
+    "bbox_not_list": (
+        "error",
+        "'bbox' is not a list [x, y, width, height]",
+        "write boxes as COCO [x, y, width, height]",
+    ),
     "bbox_not_number": ("warning", "bbox value is not a number", "the box gets the empty fallback (degenerate_box)"),
     "bbox_not_finite": ("warning", "bbox has NaN or infinity", "the box gets the empty fallback (degenerate_box)"),
-    "bbox_empty": ("warning", "bbox has zero or negative width/height", "the box gets the empty fallback (degenerate_box)"),
+    "bbox_empty": (
+        "warning",
+        "bbox has zero or negative width/height",
+        "the box gets the empty fallback (degenerate_box)",
+    ),
     "bbox_outside": ("warning", "bbox lies outside its image", "the box gets the empty fallback (degenerate_box)"),
-    "bbox_exceeds_image": ("warning", "bbox extends past the image border (> 1 px)", "the mask is clipped to the image"),
-    "image_bad_size": ("warning", "image without a positive integer 'height'/'width'", "the size is read from the file (mal train needs it)"),
-    "unknown_category": ("warning", "annotation of a category not in 'categories'", "add the category (AP evaluation needs it)"),
-    "image_missing": ("warning", "image file missing on disk", "its boxes get the filled-box fallback (image_error); check --images"),
-    "image_unreadable": ("warning", "image file cannot be decoded", "its boxes get the filled-box fallback (image_error); replace the file"),
-    "image_size_mismatch": ("warning", "image file size differs from the recorded height/width", "its boxes get the filled-box fallback (image_error)"),
+    "bbox_exceeds_image": (
+        "warning",
+        "bbox extends past the image border (> 1 px)",
+        "the mask is clipped to the image",
+    ),
+    "image_bad_size": (
+        "warning",
+        "image without a positive integer 'height'/'width'",
+        "the size is read from the file (mal train needs it)",
+    ),
+    "unknown_category": (
+        "warning",
+        "annotation of a category not in 'categories'",
+        "add the category (AP evaluation needs it)",
+    ),
+    "image_missing": (
+        "warning",
+        "image file missing on disk",
+        "its boxes get the filled-box fallback (image_error); check --images",
+    ),
+    "image_unreadable": (
+        "warning",
+        "image file cannot be decoded",
+        "its boxes get the filled-box fallback (image_error); replace the file",
+    ),
+    "image_size_mismatch": (
+        "warning",
+        "image file size differs from the recorded height/width",
+        "its boxes get the filled-box fallback (image_error)",
+    ),
 }
 
 
@@ -117,16 +157,24 @@ class CheckReport:
             "warnings": self.warnings,
             "clean": self.clean,
             "problems": [
-                {"code": c, "severity": g.severity, "title": KINDS[c][1], "hint": KINDS[c][2], "count": g.count,
-                 "examples": g.examples}
+                {
+                    "code": c,
+                    "severity": g.severity,
+                    "title": KINDS[c][1],
+                    "hint": KINDS[c][2],
+                    "count": g.count,
+                    "examples": g.examples,
+                }
                 for c, g in self.groups.items()
             ],
         }
 
     def text(self) -> str:
         what = "records" if self.kind == "results" else "annotations"
-        head = (f"mal check: {self.source}: {self.errors} error(s), {self.warnings} warning(s) "
-                f"({self.images} images, {self.annotations} {what}")
+        head = (
+            f"mal check: {self.source}: {self.errors} error(s), {self.warnings} warning(s) "
+            f"({self.images} images, {self.annotations} {what}"
+        )
         head += f", {self.images_checked_on_disk} image files checked)" if self.images_checked_on_disk else ")"
         lines = [head]
         for severity in ("error", "warning"):

@@ -17,21 +17,40 @@ from mal_cli.pixels import boxes_pixel_bounds
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 1 and value == int(value)
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 1
+        and value == int(value)
+    )
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-
 # Order of the per-annotation checks, to list problem groups by first occurrence as one pass over the records would.
-_ANN_CODES = ("ann_not_object", "ann_missing_key", "ann_bad_id", "duplicate_annotation_id", "unknown_image", "bbox_not_list",
-              "bbox_not_number", "bbox_not_finite", "bbox_empty", "bbox_outside", "bbox_exceeds_image", "unknown_category")
+_ANN_CODES = (
+    "ann_not_object",
+    "ann_missing_key",
+    "ann_bad_id",
+    "duplicate_annotation_id",
+    "unknown_image",
+    "bbox_not_list",
+    "bbox_not_number",
+    "bbox_not_finite",
+    "bbox_empty",
+    "bbox_outside",
+    "bbox_exceeds_image",
+    "unknown_category",
+)
 
 
 class DocumentCheck:
@@ -67,7 +86,10 @@ class DocumentCheck:
         """A top-level entry that is not streamed (key None: the whole document is this value)."""
         if key is None:
             if not self.results:
-                self._layout.add("layout", f"{self.source}: a JSON {_json_type(value)}, expected an object with 'images' and 'annotations'")
+                self._layout.add(
+                    "layout",
+                    f"{self.source}: a JSON {_json_type(value)}, expected an object with 'images' and 'annotations'",
+                )
             return
         self.keys_seen.add(key)
         if key in ("images", "annotations"):
@@ -78,7 +100,9 @@ class DocumentCheck:
             (self.images if key == "images" else self.records)(value)
         elif key == "categories":
             if not isinstance(value, list):
-                self._layout.add("layout", f"{self.source}: 'categories' is a JSON {_json_type(value)}, expected a list")
+                self._layout.add(
+                    "layout", f"{self.source}: 'categories' is a JSON {_json_type(value)}, expected a list"
+                )
             else:
                 self.categories = {c.get("id") for c in value if isinstance(c, dict) and hashable(c.get("id"))}
 
@@ -112,7 +136,9 @@ class DocumentCheck:
             sized = _positive_int(h) and _positive_int(w)
             if not sized:
                 report.add("image_bad_size", f"{source}: image id {image_id}: height {h!r}, width {w!r}")
-            self.columns.add_image(image_id, _file_name(image, source) if name else None, plan_hw, (int(h), int(w)) if sized else None)
+            self.columns.add_image(
+                image_id, _file_name(image, source) if name else None, plan_hw, (int(h), int(w)) if sized else None
+            )
 
     def records(self, chunk: list) -> None:
         """Annotations (or detections of a results list), in input order: local checks now, the rest at `finish`."""
@@ -151,8 +177,13 @@ class DocumentCheck:
                         self._add(report, "bbox_empty", index, f"{where}: bbox {bbox}")
                     else:
                         flags |= 1
-            self.columns.add_record(ann_id if not results else MISSING, ann.get("image_id", MISSING),
-                                    ann.get("category_id", MISSING), values, flags)
+            self.columns.add_record(
+                ann_id if not results else MISSING,
+                ann.get("image_id", MISSING),
+                ann.get("category_id", MISSING),
+                values,
+                flags,
+            )
 
     def _add(self, report: CheckReport, code: str, index: int, where: str) -> None:
         self._first.setdefault(code, index)
@@ -240,22 +271,35 @@ class DocumentCheck:
                 dup[index] = True
             seen.add(value)
         name = "annotations"
-        self._add_deferred(report, "duplicate_annotation_id", np.flatnonzero(dup),
-                           lambda i: f"{self._where(i)} ({name}[{i}])")
+        self._add_deferred(
+            report, "duplicate_annotation_id", np.flatnonzero(dup), lambda i: f"{self._where(i)} ({name}[{i}])"
+        )
 
     def _unknown_images(self, report: CheckReport, image_of: np.ndarray) -> None:
         has_key = np.ones(len(image_of), dtype=bool)
         for index, value in self.columns.record_image_ids.other.items():
             if value is MISSING:
                 has_key[index] = False
-        self._add_deferred(report, "unknown_image", np.flatnonzero(has_key & (image_of < 0)),
-                           lambda i: f"{self._where(i)} -> image id {self.columns.record_image_ids[i]!r}")
+        self._add_deferred(
+            report,
+            "unknown_image",
+            np.flatnonzero(has_key & (image_of < 0)),
+            lambda i: f"{self._where(i)} -> image id {self.columns.record_image_ids[i]!r}",
+        )
 
     def _bbox_against_images(self, report: CheckReport, bbox: np.ndarray, image_of: np.ndarray) -> None:
         """Boxes with no pixel centre inside their image (the pycocotools rule, as `mal label` rasterises), or
         reaching more than a pixel past its border."""
-        flags = np.frombuffer(bytes(self.columns.record_flags), dtype=np.uint8) if len(self.columns.record_flags) else np.zeros(0, np.uint8)
-        hw = np.frombuffer(self.columns.image_hw, dtype=np.int64).reshape(-1, 2) if len(self.columns.image_hw) else np.zeros((0, 2), np.int64)
+        flags = (
+            np.frombuffer(bytes(self.columns.record_flags), dtype=np.uint8)
+            if len(self.columns.record_flags)
+            else np.zeros(0, np.uint8)
+        )
+        hw = (
+            np.frombuffer(self.columns.image_hw, dtype=np.int64).reshape(-1, 2)
+            if len(self.columns.image_hw)
+            else np.zeros((0, 2), np.int64)
+        )
         outside, exceeds = [], []
         for first in range(0, len(image_of), BLOCK):  # in blocks: a dozen temporaries of N doubles would be LVIS' peak
             block = slice(first, first + BLOCK)
@@ -295,8 +339,12 @@ class DocumentCheck:
         for index, value in self.columns.record_categories.other.items():
             if value is MISSING or (hashable(value) and value in categories):
                 known[index] = True
-        self._add_deferred(report, "unknown_category", np.flatnonzero(~known),
-                           lambda i: f"{self._where(i)}: category id {self.columns.record_categories[i]!r}")
+        self._add_deferred(
+            report,
+            "unknown_category",
+            np.flatnonzero(~known),
+            lambda i: f"{self._where(i)}: category id {self.columns.record_categories[i]!r}",
+        )
 
 
 def _plan_hw(h: Any, w: Any) -> Optional[tuple[int, int]]:

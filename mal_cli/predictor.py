@@ -209,11 +209,11 @@ class BoxPredictor:
 
 
 # Default crop size per route, as a fraction of the model's crop: small boxes at 3/4, medium at 7/8, large
-# at the full crop (fewer encoder FLOPs for a small accuracy cost: docs/performance.md). `--crop-sizes full`
+# at the full crop (fewer encoder FLOPs for a small accuracy cost: README "Performance"). `--crop-sizes full`
 # is the exact model.
 DEFAULT_CROP_FRACTIONS = (0.75, 0.875, 1.0)
 # Default decoder scale per route, as a fraction of the trained one: large boxes' convs at 3/4 of their
-# trained resolution (docs/performance.md); the mask keeps its size.
+# trained resolution (README "Performance"); the mask keeps its size.
 DEFAULT_DECODER_FRACTIONS = (1.0, 1.0, 0.75)
 
 

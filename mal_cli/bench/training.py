@@ -246,6 +246,44 @@ def _run_train_child(config, backbone_weights, folder: Optional[Path], split_ste
     return usage, wall, rows, info
 
 
+def _flop_rates(dataset: str, images: str, config, device: str, rate: Optional[float]) -> dict:
+    """GFLOP per training sample, weighted by the routes of the dataset's training boxes, and achieved TFLOP/s."""
+    from mal_cli.dataset import load_dataset
+    from mal_cli.train import collect_training_boxes
+
+    records = collect_training_boxes(load_dataset(dataset), images, config.min_box_area, config.min_box_side)
+    flops = training_flops_per_sample(config.crop_size, config.backbone, device, [r.area for r in records])
+    return {
+        "gflop_per_sample": flops["gflop_per_sample"],
+        "gflop_per_sample_by_route": flops["by_route"],
+        "tflop_per_s": round(rate * flops["flop_per_sample"] / 1e12, 5) if rate else None,
+    }
+
+
+def _train_config(
+    dataset, images, device, crop_size, batch_size, steps, workers, backbone_weights, backbone, log_every, compile
+):
+    """`mal train`'s config for the benchmark run: its defaults, no validation, one checkpoint at the end."""
+    from mal_cli.train import TrainConfig
+
+    defaults = TrainConfig()
+    return TrainConfig(
+        annotations=str(dataset),
+        images=str(images),
+        backbone=backbone or defaults.backbone,
+        backbone_weights=str(backbone_weights) if backbone_weights else None,
+        crop_size=crop_size,
+        batch_size=batch_size,
+        max_steps=steps,
+        device=device,
+        workers=defaults.workers if workers is None else workers,
+        log_every=log_every,
+        checkpoint_every=steps,  # one checkpoint, after the last logged step (outside the timed window)
+        val=None,
+        compile=compile,
+    )
+
+
 def train_benchmark(
     dataset: str,
     images: str,
@@ -269,27 +307,12 @@ def train_benchmark(
     RSS (and GPU memory), and GFLOP per sample / achieved TFLOP/s (`count_flops`, counted in this process
     on `device` after the run). `workers`/`backbone` None: `mal train`'s defaults. World size 1.
     """
-    from mal_cli.dataset import load_dataset
     from mal_cli.device import resolve_device
-    from mal_cli.train import TrainConfig, collect_training_boxes
 
     if steps <= warmup_steps:
         raise ValueError(f"train steps ({steps}) must exceed the warm-up steps ({warmup_steps})")
-    defaults = TrainConfig()
-    config = TrainConfig(
-        annotations=str(dataset),
-        images=str(images),
-        backbone=backbone or defaults.backbone,
-        backbone_weights=str(backbone_weights) if backbone_weights else None,
-        crop_size=crop_size,
-        batch_size=batch_size,
-        max_steps=steps,
-        device=device,
-        workers=defaults.workers if workers is None else workers,
-        log_every=log_every,
-        checkpoint_every=steps,  # one checkpoint, after the last logged step (outside the timed window)
-        val=None,
-        compile=compile,
+    config = _train_config(
+        dataset, images, device, crop_size, batch_size, steps, workers, backbone_weights, backbone, log_every, compile
     )
     usage, wall, rows, info = _run_train_child(config, backbone_weights, folder, split_steps)
     log = [
@@ -327,10 +350,5 @@ def train_benchmark(
         if key in info:
             result[key] = info[key]
     if count_flops:
-        records = collect_training_boxes(load_dataset(dataset), images, config.min_box_area, config.min_box_side)
-        flops = training_flops_per_sample(crop_size, config.backbone, device, [r.area for r in records])
-        result["gflop_per_sample"] = flops["gflop_per_sample"]
-        result["gflop_per_sample_by_route"] = flops["by_route"]
-        rate = result["samples_per_s_steady"]
-        result["tflop_per_s"] = round(rate * flops["flop_per_sample"] / 1e12, 5) if rate else None
+        result.update(_flop_rates(dataset, images, config, device, result["samples_per_s_steady"]))
     return result
