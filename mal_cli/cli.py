@@ -94,11 +94,12 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(errors), tuple(aborts)
 
 
-def main() -> None:
-    """Entry point of the `mal` console script."""
-    debug = "--debug" in sys.argv[1:]
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the `mal` console script (`args`: the command line after `mal`, default sys.argv)."""
+    debug = "--debug" in (sys.argv[1:] if args is None else args)
     try:
-        code = app(standalone_mode=False)  # typer.Exit(n) inside a command comes back as a return value here
+        # typer.Exit(n) inside a command comes back as a return value here
+        code = app(args=args, prog_name="mal" if args is not None else None, standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except MalError as err:

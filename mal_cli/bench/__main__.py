@@ -39,8 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         from mal_cli.cli import main as cli_main
 
-        sys.argv = ["mal", "bench", *argv]
-        cli_main()
+        cli_main(["bench", *argv])
 
 
 if __name__ == "__main__":
