@@ -13,7 +13,7 @@ from typing import Sequence
 from mal_cli.errors import InputError
 from mal_cli.labeling.loader import GroupCropDataset, LoadedGroup, iter_groups
 from mal_cli.labeling.plan import ImageJob
-from mal_cli.labeling.postprocess import ImageTask, images_results
+from mal_cli.labeling.postprocess import ImageTask, results_of_tasks
 from mal_cli.pixels import Margins
 
 log = logging.getLogger("mal_cli.labeling")
@@ -146,7 +146,7 @@ class ResultDispatch:
         self.bar.set_postfix(images=self.images_done, refresh=False)
 
     def _submit(self, tasks: list, n_boxes: int) -> None:
-        result = self.pool.apply_async(images_results, (tasks,)) if self.pool else _Done(images_results(tasks))
+        result = self.pool.apply_async(results_of_tasks, (tasks,)) if self.pool else _Done(results_of_tasks(tasks))
         self.pending.append((n_boxes, result))
         self.pending_boxes += n_boxes
         while self.pending and (self.pending_boxes > self.max_pending_boxes or self.pending[0][1].ready()):

@@ -128,5 +128,6 @@ def image_results(task: ImageTask) -> tuple[bytes, dict]:
     return image_line(task.position, results), fallbacks
 
 
-def images_results(tasks: list[ImageTask]) -> list[tuple[bytes, dict]]:
+def results_of_tasks(tasks: list[ImageTask]) -> list[tuple[bytes, dict]]:
+    """`image_results` of several images (one pool task: a few images, less pickling and pipe work)."""
     return [image_results(task) for task in tasks]
