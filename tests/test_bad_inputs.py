@@ -429,8 +429,9 @@ def test_streamed_check_equals_whole_check(tmp_path):
             for i in range(0, len(items), 3):
                 (streamed.images if key == "images" else streamed.records)(items[i : i + 3])
     assert groups(streamed.finish()) == groups(whole)
-    assert streamed.record_image.tolist()[4] == -1 and streamed.record_has_segmentation.sum() == 0
-    assert np.isnan(streamed.record_bbox[5]).all() and streamed.record_bbox[0].tolist() == [1, 1, 0, 5]
+    columns = streamed.columns  # the compact index `mal label` runs on
+    assert columns.record_image.tolist()[4] == -1 and columns.record_has_segmentation.sum() == 0
+    assert np.isnan(columns.record_bbox[5]).all() and columns.record_bbox[0].tolist() == [1, 1, 0, 5]
 
 
 def test_check_clean_and_unreadable(tmp_path, mal):
