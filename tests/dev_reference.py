@@ -23,10 +23,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import oracles  # noqa: E402  (slow references: tests/oracles.py)
+
 from mal_cli import masks  # noqa: E402
 from mal_cli.dataset import Dataset, load_dataset  # noqa: E402
 from mal_cli.evaluate import evaluate  # noqa: E402
-import oracles  # slow references (tests/oracles.py)
 
 DEFAULT = REPO.parent / "shared" / "data" / "coco_dev_train2017" / "annotations.json"
 EXPECTED = {"gt": (100.0, 100.0), "box pixels (a)": (54.7, 17.2), "box polygon (b)": (58.5, 21.8)}

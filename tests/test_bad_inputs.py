@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,7 +32,6 @@ from mal_cli.check import check_paths
 from mal_cli.cli import main
 from mal_cli.images import MAX_IMAGE_PIXELS, load_rgb
 from mal_cli.labeling import LabelOptions, label, progress_path_for
-import oracles  # slow references (tests/oracles.py)
 
 DATA = Path(__file__).parent / "data"
 MINI16 = DATA / "annotations_mini16.json"

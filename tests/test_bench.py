@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from mal_cli import geometry
 from mal_cli.cli import app
-import oracles  # slow references (tests/oracles.py)
 
 MINI16 = "tests/data/annotations_mini16.json"
 IMAGES = "tests/data/images"

@@ -14,12 +14,12 @@ import orjson
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from mal_cli import lvis_compat
-from mal_cli.labeling import LabelOptions, label
 from test_evaluate import _as_lvis  # the fixture in LVIS v1 form (coco_url only, frequency, no iscrowd)
 from test_export import _roundtrip_check
 from test_label import tiny_options  # the tiny_checkpoint fixture lives in conftest.py
+
+from mal_cli import lvis_compat
+from mal_cli.labeling import LabelOptions, label
 
 DATA_DIR = Path(__file__).parent / "data"
 MINI16_JSON = DATA_DIR / "annotations_mini16.json"

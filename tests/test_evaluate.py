@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import orjson
 import pytest
 
@@ -15,7 +16,6 @@ from mal_cli import masks
 from mal_cli.dataset import Dataset
 from mal_cli.errors import InputError
 from mal_cli.evaluate import evaluate, pair_predictions, spearman
-import oracles  # slow references (tests/oracles.py)
 
 H = W = 40
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import orjson
 import pycocotools.mask as mask_utils
 import pytest
@@ -16,7 +17,6 @@ from mal_cli.dataset import Dataset
 from mal_cli.errors import InputError
 from mal_cli.export import export_yolo, instance_polygons, merge_parts, read_yolo_label
 from mal_cli.labeling.postprocess import box_result
-import oracles  # slow references (tests/oracles.py)
 
 DATA_DIR = Path(__file__).parent / "data"
 MINI16_JSON = DATA_DIR / "annotations_mini16.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import pycocotools.mask as mask_utils
 import pytest
 import torch
@@ -13,7 +14,6 @@ from hypothesis import strategies as st
 
 from mal_cli import geometry
 from mal_cli.geometry import Margins
-import oracles  # slow references (tests/oracles.py)
 
 
 def _linear_image(height: int, width: int, a: float = 3.0, b: float = 7.0, c: float = 5.0) -> torch.Tensor:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import orjson
 import pytest
 import torch
@@ -21,7 +22,6 @@ from mal_cli.errors import InputError
 from mal_cli.evaluate import evaluate
 from mal_cli.labeling import LabelOptions, default_checkpoint, label, progress_path_for
 from mal_cli.score import mask_quality
-import oracles  # slow references (tests/oracles.py)
 
 DATA_DIR = Path(__file__).parent / "data"
 MINI16_JSON = DATA_DIR / "annotations_mini16.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import pycocotools.mask as mask_utils
 import pytest
 from hypothesis import given, settings
@@ -10,7 +11,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mal_cli import masks
-import oracles  # slow references (tests/oracles.py)
 
 small_masks = st.integers(1, 12).flatmap(
     lambda h: st.integers(1, 12).flatmap(lambda w: arrays(np.uint8, (h, w), elements=st.integers(0, 1)))

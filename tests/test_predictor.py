@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mal_cli import geometry
+from mal_cli.device import resolve_device
 from mal_cli.errors import InputError
 from mal_cli.modeling import LabelerConfig, MaskLabeler
-from mal_cli.device import resolve_device
 from mal_cli.predictor import BoxCrops, BoxPredictor, CropPlan, default_crop_sizes, make_crop_plan
 
 

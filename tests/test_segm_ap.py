@@ -7,13 +7,13 @@ import copy
 import io
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mal_cli import masks, segm_ap
 from mal_cli.segm_ap import ChunkedSegmAP, precision_curve
-import oracles  # slow references (tests/oracles.py)
 
 
 def plain_cocoeval(images: list[dict], categories: list[dict], gt_anns: list[dict], dets: list[dict]) -> list[float]:

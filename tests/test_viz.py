@@ -15,9 +15,9 @@ import orjson
 import pytest
 from PIL import Image
 
+from mal_cli.dataset import load_dataset
 from mal_cli.errors import InputError
 from mal_cli.labeling import LabelOptions, label
-from mal_cli.dataset import load_dataset
 from mal_cli.viz import category_color, collect_items, render_crop, write_review
 
 DATA_DIR = Path(__file__).parent / "data"
