@@ -156,6 +156,7 @@ def eval_command(
     from mal_cli.dataset import load_any, load_dataset, write_json_atomic
     from mal_cli.errors import InputError
     from mal_cli.evaluate import evaluate, report_table
+    from mal_cli.safe_paths import refuse_overwrite
 
     if pred == "-" and gt == "-":
         raise InputError("PRED and --gt cannot both be read from stdin; give at least one a file path")
@@ -165,6 +166,7 @@ def eval_command(
         from mal_cli.check import ensure_writable
 
         ensure_writable(json_out, "--json")  # before the (long) evaluation
+        refuse_overwrite(json_out, [pred, gt], "--json")
     ground_truth = load_dataset(gt)
     report = evaluate(
         load_any(pred), ground_truth, reference_ap=reference_ap / 100 if reference_ap else None, compute_ap=ap
@@ -322,7 +324,10 @@ def check_command(
 
         raise InputError("--decode needs --images DIR (the folder with the image files)")
     if json_out:
+        from mal_cli.safe_paths import refuse_overwrite
+
         ensure_writable(json_out, "--json")
+        refuse_overwrite(json_out, [dataset, image_info], "--json")
     report = check_paths(dataset, images, image_info, decode)
     if json_out:
         write_json_atomic(json_out, report.to_dict())
@@ -369,12 +374,13 @@ def viz_command(
     full: bool = typer.Option(False, "--full", help="Also write whole-image overlays to OUT/full/."),
     context: float = typer.Option(0.25, help="Context around the box in a crop, as a fraction of the box size."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="Read images whose file_name is absolute or climbs out of --images with '..' (refused by default)."),
 ) -> None:
     """Review labels worst-first: overlay PNGs and a self-contained HTML contact sheet."""
     from mal_cli.viz import write_review
 
     summary = write_review(labels, images, out, worst=worst, gt=gt, image_info=image_info, full=full,
-                           context=context, progress_bar=progress)
+                           context=context, progress_bar=progress, allow_outside_images=allow_outside_images)
     for path in summary["missing_images"][:5]:
         typer.echo(f"mal viz: warning: cannot read {path}; drawn on grey", err=True)
     typer.echo(f"mal viz: {summary['instances']} of {summary['total']} instances, worst first by "

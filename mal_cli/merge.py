@@ -15,13 +15,18 @@ DATASET keep it; the parts fill the others (and add annotations DATASET lacks, a
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import orjson
 
 from mal_cli.dataset import read_json, write_json_atomic
 from mal_cli.errors import InputError
+from mal_cli.fileio import remove_stale_temps
+from mal_cli.jsonstream import unreadable
+from mal_cli.safe_paths import refuse_overwrite
 
 PROGRESS_SUFFIX = ".progress.jsonl"
 
@@ -34,7 +39,10 @@ def read_progress_results(path: str) -> tuple[dict, dict[int, dict]]:
     """A progress file's header and {record position: result}; a torn last line is ignored."""
     header: dict = {}
     results: dict[int, dict] = {}
-    lines = Path(path).read_bytes().split(b"\n")
+    try:
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError as err:
+        raise unreadable(err, str(path)) from None
     for number, line in enumerate(lines):
         if not line:
             continue
@@ -45,13 +53,82 @@ def read_progress_results(path: str) -> tuple[dict, dict[int, dict]]:
                 break
             raise InputError(f"{path}: line {number + 1} is not valid JSON") from None
         if number == 0:
-            if entry.get("mal_progress") is None:
+            if not isinstance(entry, dict) or entry.get("mal_progress") is None:
                 raise InputError(f"{path} is not a mal label progress file")
             header = entry
-        else:
-            for pos, result in entry["results"]:
-                results[int(pos)] = result
+            continue
+        pairs = entry.get("results") if isinstance(entry, dict) else None
+        if not isinstance(pairs, list):
+            raise InputError(f"{path}: line {number + 1} is not a progress entry (no 'results' list)")
+        for pair in pairs:
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and pair[0] >= 0
+                    and isinstance(pair[1], dict)):
+                raise InputError(f"{path}: line {number + 1}: a result is not [position, {{...}}]")
+            results[pair[0]] = pair[1]
     return header, results
+
+
+def records_digest(ids: Sequence, image_ids: Sequence, bboxes: Sequence) -> str:
+    """A fingerprint of which boxes a dataset holds, in order: annotation ids, image ids, boxes (as float64).
+
+    `mal label` writes it into its progress header (`records_digest`), so `merge --into` can tell the
+    dataset that was labelled from another one with as many annotations.
+    """
+    digest = hashlib.sha256()
+    digest.update(orjson.dumps([list(ids), list(image_ids)]))
+    digest.update(np.asarray([_float_box(b) for b in bboxes], dtype=np.float64).reshape(-1, 4).tobytes())
+    return digest.hexdigest()
+
+
+def dataset_records_digest(doc: dict) -> str:
+    """`records_digest` of a parsed dataset document."""
+    anns = doc["annotations"]
+    return records_digest([a.get("id") for a in anns], [a.get("image_id") for a in anns], [a.get("bbox") for a in anns])
+
+
+def _float_box(bbox: Any) -> list[float]:
+    values = bbox if isinstance(bbox, list) and len(bbox) == 4 else [None] * 4
+    return [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan") for v in values]
+
+
+def _check_progress_matches(name: str, header: dict, results: dict, base_doc: dict) -> None:
+    """Refuse a progress file made from another dataset: its fingerprint, else its masks' image sizes."""
+    records = base_doc["annotations"]
+    if header.get("records") != len(records):
+        raise InputError(f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(records)}")
+    digest = header.get("records_digest")
+    if digest is not None and digest != dataset_records_digest(base_doc):
+        raise InputError(f"{name} was made from another dataset than --into (its boxes differ); "
+                         "give --into the very file that was labelled")
+    sizes = {im.get("id"): [im.get("height"), im.get("width")] for im in base_doc.get("images", []) if isinstance(im, dict)}
+    for pos, result in results.items():
+        if pos >= len(records):
+            raise InputError(f"{name}: result for annotation position {pos}, but --into has {len(records)} annotations")
+        seg = result.get("segmentation")
+        size = seg.get("size") if isinstance(seg, dict) else None
+        expected = sizes.get(records[pos].get("image_id")) if isinstance(records[pos], dict) else None
+        if size is not None and expected is not None and size != expected:
+            raise InputError(f"{name} was made from another dataset than --into: the mask at position {pos} is "
+                             f"{size[0]} x {size[1]}, its image in --into {expected[0]} x {expected[1]}")
+
+
+def _check_part(doc: Any, name: str) -> Any:
+    """A dataset part as merge reads it: a results list, or an object with an 'annotations' (or 'results') list
+    of objects, and a well-formed 'mal_shard' if it has one."""
+    records = doc if isinstance(doc, list) else doc.get(_records_key(doc)) if isinstance(doc, dict) else None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f"{name}: not a dataset or results list (needs an 'annotations' list of objects)")
+    if isinstance(doc, dict) and "images" in doc and not (
+            isinstance(doc["images"], list) and all(isinstance(im, dict) for im in doc["images"])):
+        raise InputError(f"{name}: 'images' must be a list of objects")
+    shard = doc.get("mal_shard") if isinstance(doc, dict) else None
+    if shard is not None:
+        ints = ("index", "count", "records")
+        if not (isinstance(shard, dict) and all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ints)
+                and shard["index"] < shard["count"] and "fingerprint" in shard and isinstance(shard.get("positions"), list)
+                and all(isinstance(p, int) and 0 <= p < shard["records"] for p in shard["positions"])):
+            raise InputError(f"{name}: its 'mal_shard' entry is damaged (file edited?); relabel that shard")
+    return doc
 
 
 def _records_key(doc: Any) -> str:
@@ -165,10 +242,7 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
         base_records = list(base_doc["annotations"])
         applied: dict[int, dict] = {}
         for name, (header, results) in progress:
-            if header.get("records") != len(base_records):
-                raise InputError(
-                    f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(base_records)}"
-                )
+            _check_progress_matches(name, header, results, base_doc)
             for pos, result in results.items():
                 record = {k: v for k, v in base_records[pos].items() if k != "mal_fallback"}
                 record.update(result)
@@ -205,14 +279,17 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
 
 def merge_files(paths: Sequence[str], out: str, into: Optional[str] = None, prefer: Optional[str] = None) -> dict:
     """Read the parts (datasets, shard outputs or progress files), merge, write OUT atomically ('-' = stdout)."""
+    refuse_overwrite(out, [*paths, into], "--out")
     parts = []
     for path in paths:
         if _is_progress_file(path):
             parts.append((str(path), read_progress_results(path)))
         else:
-            parts.append((str(path), read_json(path)))
-    into_doc = (str(into), read_json(into)) if into else None
+            parts.append((str(path), _check_part(read_json(path), str(path))))
+    into_doc = (str(into), _check_part(read_json(into), f"--into {into}")) if into else None
     merged = merge_documents(parts, into_doc, prefer)
+    if str(out) != "-":
+        remove_stale_temps(Path(out).parent)  # a killed merge's temp files
     write_json_atomic(out, merged)
     records = merged if isinstance(merged, list) else merged["annotations"]
     return {"parts": len(parts), "annotations": len(records)}
