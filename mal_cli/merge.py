@@ -180,7 +180,6 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
         raise InputError(f"{progress[0][0]} is a progress file: pass --into with the dataset that was labelled")
 
     base_doc = into[1] if into is not None else None
-    merged_records: list[tuple[Any, dict]] = []
 
     # Shards of one run: put the records back at their input positions.
     shards = [(name, doc) for name, doc in documents if isinstance(doc, dict) and "mal_shard" in doc]
