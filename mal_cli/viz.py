@@ -23,6 +23,7 @@ import colorsys
 import html
 import io
 import math
+import shutil
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ from mal_cli.errors import InputError, OutputError
 from mal_cli.fileio import atomic_write
 from mal_cli.images import check_pixel_budget
 from mal_cli.safe_paths import image_path, refuse_inputs_under, write_error
-from mal_cli.segmentation_check import checked_decode, checked_rle
+from mal_cli.segmentation_check import checked_decode, checked_rle, validate_segmentation
 
 __all__ = ["ReviewItem", "collect_items", "render_crop", "render_full", "write_review"]
 
@@ -361,12 +362,40 @@ def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, 
     paths = {image_id: image_path(images_dir, image_file_name(images[image_id]), f"image id {image_id}",
                                   allow_outside_images) for image_id in by_image}
     full_names = _full_names(by_image, images) if full else {}
+    _check_before_writing(items, records, images, gt_of)
+    created = not out.exists()
     try:
         (out / "crops").mkdir(parents=True, exist_ok=True)
         if full:
             (out / "full").mkdir(exist_ok=True)
     except OSError as err:
         raise OutputError(f"{out}: cannot create the output folder: {err.strerror or err}") from None
+    try:
+        return _write_folder(out, items, total, by_image, records, images, gt_of, paths, full_names,
+                             context, progress_bar, labels, gt, gt_ds is not None)
+    except BaseException:
+        if created:  # a folder this run made holds nothing worth keeping
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _check_before_writing(items: list, records: dict, images: dict, gt_of: dict) -> None:
+    """Every declared size and every segmentation to draw, checked before OUT is touched."""
+    for item in items:
+        image = images[item.image_id]
+        if "height" not in image or "width" not in image:
+            continue  # sized from its pixels or boxes later
+        h, w = check_pixel_budget(image["height"], image["width"], f"image id {image['id']}")
+        _checked(records[item.ann_id]["segmentation"], h, w, f"annotation {item.ann_id}", validate_segmentation)
+        gt_ann = gt_of.get(item.ann_id)
+        if gt_ann is not None:
+            _checked(gt_ann["segmentation"], h, w, f"GT annotation {gt_ann['id']}", validate_segmentation)
+
+
+def _write_folder(out: Path, items: list, total: int, by_image: dict, records: dict, images: dict, gt_of: dict,
+                  paths: dict, full_names: dict, context: float, progress_bar: bool, labels: str,
+                  gt: Optional[str], with_gt: bool) -> dict:
+    full = bool(full_names)
 
     thumbs: dict = {}
     missing_images: list[str] = []
@@ -387,7 +416,7 @@ def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, 
             gt_mask = _checked(gt_ann["segmentation"], height, width, f"GT annotation {gt_ann['id']}") if gt_ann else None
             color = category_color(item.category_id)
             caption = [f"#{item.rank}  {item.category}  (ann {item.ann_id})",
-                       f"mal_score {_fmt(item.mal_score)}" + (f"   IoU {_fmt(item.iou)}" if gt_ds is not None else "")
+                       f"mal_score {_fmt(item.mal_score)}" + (f"   IoU {_fmt(item.iou)}" if with_gt else "")
                        + (f"   {item.fallback}" if item.fallback else "")]
             picture = render_crop(rgb, mask, item.bbox, color, caption, gt_mask, context)
             item.crop = f"crops/{item.rank:04d}_ann{_safe(item.ann_id)}.png"
@@ -403,7 +432,7 @@ def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, 
             for item in group:
                 item.full = name
 
-    sort_key = "IoU" if gt_ds is not None else "mal_score"
+    sort_key = "IoU" if with_gt else "mal_score"
     title = f"mal viz: {Path(labels).name if labels != '-' else '<stdin>'}" + (f" vs {Path(gt).name}" if gt else "")
     _write_bytes(out / "index.html", _html(items, thumbs, title, sort_key, total).encode("utf-8"))
     _write_bytes(out / "review.json", orjson.dumps({"sorted_by": sort_key, "total": total,
