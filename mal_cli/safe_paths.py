@@ -31,6 +31,8 @@ __all__ = [
     "open_append",
     "write_error",
     "is_inside",
+    "lock_for_run",
+    "held_by_live_run",
 ]
 
 PathLike = Union[str, Path]
@@ -112,6 +114,30 @@ def open_exclusive(path: PathLike, mode: int = 0o666) -> int:
 def open_append(path: PathLike) -> int:
     """An existing regular file for appending; OSError (ELOOP) if the name is a symlink."""
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def lock_for_run(fd: int) -> None:
+    """Hold an advisory lock on a run's own file (e.g. OUT.progress.jsonl) for as long as `fd` is open."""
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def held_by_live_run(path: PathLike) -> bool:
+    """Whether a running process holds `lock_for_run` on `path` (False: its writer is gone, or it has no lock)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock this call took
+    return False
 
 
 def write_error(err: OSError, path: PathLike) -> OutputError:

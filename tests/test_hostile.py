@@ -888,3 +888,61 @@ def test_label_summary_json_naming_the_input_is_refused(case, mal):
                  "--workers", "0", "--no-progress", "--summary-json", gt)
     expect_error(result, 3, "would destroy the input")
     assert _snapshot(case.tmp, ()) == before
+
+
+def test_run_lock_tells_a_live_run_from_a_killed_one(case):
+    """The helper label uses for its progress file: O_EXCL|O_NOFOLLOW create, then a lock a second run can see."""
+    from mal_cli.safe_paths import held_by_live_run, lock_for_run, open_append, open_exclusive
+
+    path = case.tmp / "out.json.progress.jsonl"
+    fd = open_exclusive(path)
+    lock_for_run(fd)
+    with pytest.raises(FileExistsError):
+        open_exclusive(path)
+    child = subprocess.run([sys.executable, "-c", "import sys; from mal_cli.safe_paths import held_by_live_run; "
+                            f"sys.exit(0 if held_by_live_run({str(path)!r}) else 1)"])
+    assert child.returncode == 0  # another process sees the live run
+    os.close(fd)
+    assert not held_by_live_run(path)  # the writer is gone: an earlier, unfinished run
+    link = case.tmp / "planted.progress.jsonl"
+    link.symlink_to(case.outside / "secret.txt")
+    with pytest.raises(FileExistsError):
+        open_exclusive(link)
+    with pytest.raises(OSError):
+        open_append(link)
+    assert (case.outside / "secret.txt").read_text() == "do not touch\n"
+
+
+# --- label: what already goes through the shared reader ------------------------------------------------------
+
+
+def _nest(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("where", ["top-level", "in-an-annotation"])
+def test_label_deep_nesting_is_refused_before_any_output(where, case, mal):
+    doc = _gt()
+    if where == "top-level":
+        doc["extra"] = _nest(300)
+    else:
+        doc["annotations"][1]["extra"] = _nest(300)
+    out = case.tmp / "o.json"
+    result = mal("label", case.write("deep.json", doc, raw=True), "--images", case.images, "--out", out, "--method", "box",
+                 "--workers", "0", "--no-progress")
+    expect_error(result, 2, "nested deeper than 255 levels")
+    assert not out.exists() and not (case.tmp / "o.json.progress.jsonl").exists()
+
+
+def test_label_long_strings_under_limits(case):
+    doc = _gt()
+    doc["info"] = {"note": "x" * 20_000_000}
+    doc["annotations"][0]["note"] = "y" * 5_000_000
+    out = case.tmp / "o.json"
+    result = run_limited(["label", case.write("long.json", doc), "--images", case.images, "--out", out,
+                          "--method", "box", "--workers", "0", "--no-progress"], case.tmp)
+    expect_clean(result)
+    assert orjson.loads(out.read_bytes())["info"]["note"] == "x" * 20_000_000
