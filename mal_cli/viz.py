@@ -37,7 +37,7 @@ from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset
 from mal_cli.errors import InputError, OutputError
 from mal_cli.fileio import atomic_write
 from mal_cli.images import check_pixel_budget
-from mal_cli.safe_paths import image_path, refuse_inputs_under, write_error
+from mal_cli.safe_paths import image_path, is_inside, refuse_inputs_under, write_error
 from mal_cli.segmentation_check import checked_decode, checked_rle, validate_segmentation
 
 __all__ = ["ReviewItem", "collect_items", "render_crop", "render_full", "write_review"]
@@ -370,6 +370,9 @@ def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, 
             (out / "full").mkdir(exist_ok=True)
     except OSError as err:
         raise OutputError(f"{out}: cannot create the output folder: {err.strerror or err}") from None
+    for sub in ("crops", "full") if full else ("crops",):
+        if not is_inside(out / sub, out):
+            raise OutputError(f"{out / sub}: a link out of {out}; refusing to write through it (remove it and rerun)")
     try:
         return _write_folder(out, items, total, by_image, records, images, gt_of, paths, full_names,
                              context, progress_bar, labels, gt, gt_ds is not None)

@@ -946,3 +946,14 @@ def test_label_long_strings_under_limits(case):
                           "--method", "box", "--workers", "0", "--no-progress"], case.tmp)
     expect_clean(result)
     assert orjson.loads(out.read_bytes())["info"]["note"] == "x" * 20_000_000
+
+
+@pytest.mark.parametrize("folder", ["crops", "full"])
+def test_viz_planted_folder_link_is_refused(folder, case, mal):
+    out = case.tmp / "review"
+    out.mkdir()
+    (out / folder).symlink_to(case.outside, target_is_directory=True)
+    before = _snapshot(case.outside, ())
+    result = mal("viz", case.write("labels.json", _labels()), "--images", case.images, "--out", out, "--full", "--no-progress")
+    expect_error(result, 3, "a link out of")
+    assert _snapshot(case.outside, ()) == before
