@@ -317,7 +317,7 @@ def _write_labels(dataset: Dataset, by_image: dict, class_of: dict, parts: str, 
         except FileExistsError:
             raise InputError(f"{dataset.source}: two images map to the label file {rel}; file names must be unique") from None
         except OSError as err:
-            raise write_error(err, out_name(staging, target)) from None
+            raise write_error(err, _final_name(staging, target)) from None
         stats["images"] += 1
         stats["lines"] += len(lines)
         stats["instances"] += len(anns) - skipped["crowd"] - skipped["empty"]
@@ -326,7 +326,7 @@ def _write_labels(dataset: Dataset, by_image: dict, class_of: dict, parts: str, 
     return stats
 
 
-def out_name(staging: Path, target: Path) -> Path:
+def _final_name(staging: Path, target: Path) -> Path:
     """The name a staged label file will have once swapped in (for messages)."""
     return staging.parent / "labels" / target.relative_to(staging)
 

@@ -24,7 +24,7 @@ from mal_cli import masks
 from mal_cli.errors import InputError
 from mal_cli.images import check_pixel_budget
 
-__all__ = ["checked_rle", "checked_decode", "validate_segmentation", "rle_string_counts"]
+__all__ = ["checked_decode", "checked_rle", "rle_string_counts", "validate_segmentation"]
 
 _MAX_RUN_CHARS = 7  # 7 x 5 bits: enough for any run of a 2^32-pixel image
 # pycocotools' polygon rasteriser allocates ~40 bytes per pixel of outline: cap the total outline

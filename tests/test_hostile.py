@@ -11,7 +11,6 @@ The data is made here: two 32 x 24 PNGs with box-shaped masks.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import orjson
