@@ -220,6 +220,9 @@ def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], pa
 
     out = Path(out_dir)
     link_dir = _check_link_dir(link_images, out)
+    if link_dir is not None:  # every image to link is checked against the path rule before anything is written
+        for image in dataset.images:
+            check_file_name(image_file_name(image, dataset.source), f"{dataset.source}: image id {image.get('id')}")
     outputs = [out / "labels", out / "classes.txt", out / "data.yaml"] + ([out / "images"] if link_dir else [])
     refuse_inputs_under(outputs, inputs, "--out")
     created = not out.exists()

@@ -956,3 +956,12 @@ def test_viz_planted_folder_link_is_refused(folder, case, mal):
     result = mal("viz", case.write("labels.json", _labels()), "--images", case.images, "--out", out, "--full", "--no-progress")
     expect_error(result, 3, "a link out of")
     assert _snapshot(case.outside, ()) == before
+
+
+def test_export_link_images_applies_the_path_rule_first(case, mal):
+    doc = _labels()
+    doc["images"][1]["file_name"] = "../outside/secret.txt"
+    out = case.tmp / "yolo"
+    result = mal("export", "yolo", case.write("l.json", doc), "--out", out, "--link-images", case.images)
+    expect_error(result, 2, "points outside the images folder")
+    assert not out.exists()
