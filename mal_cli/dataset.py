@@ -232,4 +232,6 @@ def write_json_atomic(path: Union[str, Path], obj: Any) -> None:
         with atomic_write(target) as handle:
             handle.write(data)
     except OSError as err:
-        raise OutputError(f"{target}: cannot write: {err.strerror or err}; check the folder exists and is writable") from None
+        from mal_cli.safe_paths import write_error
+
+        raise write_error(err, target) from None

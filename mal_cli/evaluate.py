@@ -32,7 +32,7 @@ import pycocotools.mask as mask_utils
 from mal_cli import segm_ap
 from mal_cli.dataset import Dataset
 from mal_cli.errors import InputError
-from mal_cli.masks import to_rle
+from mal_cli.segmentation_check import checked_rle
 
 __all__ = ["EvalReport", "SizeBucket", "evaluate", "pair_predictions", "spearman", "SIZE_BUCKETS"]
 
@@ -151,7 +151,7 @@ def _gt_rle(ann: dict, gt: Dataset) -> dict:
     if "segmentation" not in ann:
         raise InputError(f"{gt.source}: GT annotation id {ann['id']} has no 'segmentation'; the GT needs masks")
     try:
-        return to_rle(ann["segmentation"], image["height"], image["width"])
+        return checked_rle(ann["segmentation"], image["height"], image["width"])
     except KeyError as err:
         raise InputError(f"{gt.source}: image id {image['id']} has no '{err.args[0]}'") from None
     except (ValueError, TypeError) as err:
@@ -164,7 +164,9 @@ def _pred_rle(det: dict, gt: Dataset, source: str) -> dict:
     if "segmentation" not in det:
         raise InputError(f"{source}: {where} has no 'segmentation'; label the boxes first (mal label)")
     try:
-        return to_rle(det["segmentation"], image["height"], image["width"])
+        return checked_rle(det["segmentation"], image["height"], image["width"])
+    except KeyError as err:
+        raise InputError(f"{gt.source}: image id {image['id']} has no '{err.args[0]}'") from None
     except (ValueError, TypeError) as err:
         raise InputError(f"{source}: {where}: bad segmentation: {err}") from None
 
@@ -253,7 +255,9 @@ def evaluate(
                 for i, gr, dr in zip(indices, g, d):
                     lvis_gt_rles[pairs[i][0]["id"]], lvis_pred_rles[i] = gr, dr
         if coco_ap:
-            ap = {key: 0.0 for key in AP_KEYS}  # nothing detected
+            # Nothing detected: AP 0, unless there is no non-crowd GT either (undefined, COCOeval's -1).
+            has_gt = any(not is_crowd(ann) for ann in gt.annotations)
+            ap = {key: 0.0 if has_gt else -1.0 for key in AP_KEYS}
         elif lvis_ap:
             detections = [_detection(det, lvis_pred_rles[i]) for i, (gt_ann, det) in enumerate(pairs) if not is_crowd(gt_ann)]
             detections += [_detection(det, _pred_rle(det, gt, pred_source)) for det in unmatched]
@@ -302,7 +306,8 @@ def evaluate(
         report.ap_kind, report.ap = ("lvis-segm" if lvis_ap else "coco-segm"), ap
         if reference_ap:
             report.reference_ap = float(reference_ap)
-            report.retention = report.ap["AP"] / float(reference_ap)
+            if report.ap["AP"] >= 0:  # -1: AP undefined, so is the retention
+                report.retention = report.ap["AP"] / float(reference_ap)
     return report
 
 
@@ -343,7 +348,7 @@ def _ap_chunks(gt: Dataset, pairs: list, pairs_by_image: dict, unmatched_by_imag
 def _gt_area(ann: dict, gt: Dataset, known: dict) -> float:
     # COCO buckets sizes by the GT's own `area` field; compute it only when it is absent.
     if "area" in ann:
-        return float(ann["area"])
+        return _number(ann["area"], f"{gt.source}: GT annotation id {ann['id']}: 'area'")
     if ann["id"] in known:
         return known[ann["id"]]
     return float(mask_utils.area(_gt_rle(ann, gt)))
@@ -356,8 +361,15 @@ def _detection(det: dict, rle: dict) -> dict:
         "image_id": det["image_id"],
         "category_id": det["category_id"],
         "segmentation": rle,
-        "score": float(det.get("score", 1.0)),
+        "score": _number(det.get("score", 1.0), f"image id {det['image_id']}: prediction 'score'"),
     }
+
+
+def _number(value: Any, what: str) -> float:
+    """A finite JSON number, else InputError naming `what` (pycocotools would fail on it, or sort it anywhere)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+        return float(value)
+    raise InputError(f"{what} must be a finite number, got {str(value)[:40]!r}")
 
 
 def _gt_copy(ann: dict, rle: Optional[dict], gt: Dataset) -> dict:
@@ -365,7 +377,9 @@ def _gt_copy(ann: dict, rle: Optional[dict], gt: Dataset) -> dict:
     copy = dict(ann)
     copy["segmentation"] = rle if rle is not None else _gt_rle(ann, gt)
     copy.setdefault("iscrowd", 0)
-    if "area" not in copy:
+    if "area" in copy:
+        copy["area"] = _number(copy["area"], f"{gt.source}: GT annotation id {ann['id']}: 'area'")
+    else:
         copy["area"] = float(mask_utils.area(copy["segmentation"]))
     return copy
 

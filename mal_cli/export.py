@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Sequence, Union
@@ -37,6 +39,10 @@ import numpy as np
 from mal_cli import masks
 from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset
 from mal_cli.errors import InputError, OutputError
+from mal_cli.fileio import TEMP_TAG, atomic_write, remove_stale_temps
+from mal_cli.images import check_pixel_budget
+from mal_cli.safe_paths import check_file_name, image_path, is_inside, open_exclusive, refuse_inputs_under, write_error
+from mal_cli.segmentation_check import checked_decode
 
 __all__ = ["PARTS_MODES", "merge_parts", "instance_polygons", "yolo_lines", "export_yolo", "read_yolo_label"]
 
@@ -110,7 +116,7 @@ def instance_polygons(segmentation: Any, height: int, width: int, parts: str = "
     """
     if parts not in PARTS_MODES:
         raise InputError(f"--parts must be one of {', '.join(PARTS_MODES)}, got '{parts}'")
-    polygons = masks.to_polygons(masks.decode(segmentation, height, width))
+    polygons = masks.to_polygons(checked_decode(segmentation, height, width))
     if not polygons:
         return []
     if parts == "lines" or len(polygons) == 1:
@@ -129,7 +135,7 @@ def _format_line(class_id: int, polygon: Sequence[float], height: int, width: in
 def yolo_lines(annotations: Sequence[dict], image: dict, class_of: dict, parts: str = "merge",
                source: str = "<labels>") -> tuple[list[str], dict]:
     """The YOLO-seg lines of one image's annotations, and counts of what was left out."""
-    height, width = int(image["height"]), int(image["width"])
+    height, width = check_pixel_budget(image.get("height"), image.get("width"), f"{source}: image id {image.get('id')}")
     lines: list[str] = []
     skipped = {"crowd": 0, "empty": 0}
     for ann in annotations:
@@ -139,7 +145,10 @@ def yolo_lines(annotations: Sequence[dict], image: dict, class_of: dict, parts: 
         if ann.get("category_id") not in class_of:
             raise InputError(f"{source}: annotation id {ann.get('id')} has category id {ann.get('category_id')}, "
                              "not in 'categories'")
-        seg = ann.get("segmentation")
+        if "segmentation" not in ann:
+            raise InputError(f"{source}: annotation id {ann.get('id')} has no 'segmentation' (a box without a mask); "
+                             "label the boxes first (mal label) instead of exporting them as background")
+        seg = ann["segmentation"]
         try:
             polygons = instance_polygons(seg, height, width, parts) if seg else []
         except ValueError as err:
@@ -152,9 +161,12 @@ def yolo_lines(annotations: Sequence[dict], image: dict, class_of: dict, parts: 
 
 
 def _label_relpath(image: dict, source: str) -> PurePosixPath:
-    name = PurePosixPath(image_file_name(image, source).replace("\\", "/"))
+    where = f"{source}: image id {image.get('id')}"
+    name = PurePosixPath(check_file_name(image_file_name(image, source), where, allow_outside=True).replace("\\", "/"))
     if name.is_absolute() or ".." in name.parts:
         name = PurePosixPath(name.name)
+    if name.name in ("", ".", ".."):
+        raise InputError(f"{where}: file_name {str(name)!r} names no file; fix the file name")
     return name.with_suffix(".txt")
 
 
@@ -162,11 +174,29 @@ def _yaml_str(text: str) -> str:
     return json.dumps(str(text), ensure_ascii=False)  # a JSON string is a valid YAML scalar
 
 
+def _class_names(categories: list[dict], source: str) -> list[str]:
+    """Category names for classes.txt, where line k must be class k: a line break in a name is refused."""
+    names = []
+    for c in categories:
+        name = str(c.get("name", c["id"]))
+        if any(ch in name for ch in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):
+            raise InputError(f"{source}: category id {c['id']}'s name holds a line break; classes.txt needs one "
+                             "name a line: fix the name")
+        names.append(name)
+    return names
+
+
 def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], parts: str = "merge",
                 image_info: Optional[str] = None, link_images: Optional[Union[str, Path]] = None) -> dict:
-    """Write OUT/labels/*.txt, OUT/classes.txt and OUT/data.yaml (see module docstring). Returns a summary dict."""
+    """Write OUT/labels/*.txt, OUT/classes.txt and OUT/data.yaml (see module docstring). Returns a summary dict.
+
+    Nothing is written until the input has been read whole; the label files are written to a fresh folder
+    beside OUT/labels and swapped in at the end, so a failed or killed export leaves the previous one (a
+    killed one also leaves OUT/.mal-export-unfinished, and its temp folder, removed by the next run).
+    """
     if parts not in PARTS_MODES:
         raise InputError(f"--parts must be one of {', '.join(PARTS_MODES)}, got '{parts}'")
+    inputs = [None if isinstance(labels, Dataset) else labels, image_info]
     if isinstance(labels, Dataset):
         dataset, records, source = labels, labels.annotations, labels.source
     else:
@@ -181,19 +211,96 @@ def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], pa
     categories = sorted(dataset.categories, key=lambda c: c["id"])
     if not categories:
         raise InputError(f"{dataset.source}: no 'categories'; YOLO needs the class names")
+    names = _class_names(categories, dataset.source)
     class_of = {c["id"]: k for k, c in enumerate(categories)}
     by_image: dict[Any, list[dict]] = defaultdict(list)
     for rec in records:
         by_image[rec["image_id"]].append(rec)
+    _require_some_masks(records, source)
 
     out = Path(out_dir)
+    link_dir = _check_link_dir(link_images, out)
+    if link_dir is not None:  # every image to link is checked against the path rule before anything is written
+        for image in dataset.images:
+            check_file_name(image_file_name(image, dataset.source), f"{dataset.source}: image id {image.get('id')}")
+    outputs = [out / "labels", out / "classes.txt", out / "data.yaml"] + ([out / "images"] if link_dir else [])
+    refuse_inputs_under(outputs, inputs, "--out")
+    created = not out.exists()
     try:
-        (out / "labels").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{out}: cannot create the output folder: {err.strerror or err}") from None
-    stats = {"images": 0, "instances": 0, "lines": 0, "skipped_crowd": 0, "skipped_empty": 0,
-             "classes": len(categories), "parts": parts, "out": str(out)}
+    remove_stale_temps(out)
+    marker = out / UNFINISHED_MARKER
+    staging = out / f".labels.{TEMP_TAG}{os.getpid()}.partial"
+    try:
+        stats = _write_labels(dataset, by_image, class_of, parts, source, staging)
+        # From here until the marker goes, OUT mixes this export with the previous one.
+        _write_small(marker, b"a mal export yolo run is writing this folder, or was killed: rerun it\n")
+        _swap_in(staging, out / "labels")
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    stats.update(classes=len(categories), parts=parts, out=str(out))
+    _write_small(out / "classes.txt", "".join(n + "\n" for n in names).encode())
+    yaml = ["# written by `mal export yolo`; class k = line k of classes.txt = k-th category by COCO id",
+            "# put (or link: --link-images DIR) the images in images/ beside this file",
+            "train: images", "val: images", f"nc: {len(names)}", "names:"]
+    yaml += [f"  {k}: {_yaml_str(n)}" for k, n in enumerate(names)]
+    _write_small(out / "data.yaml", ("\n".join(yaml) + "\n").encode())
+    if link_dir is not None:
+        stats["missing_images"] = _link_images(dataset, link_dir, out)
+        if stats["missing_images"]:
+            print(f"mal export yolo: warning: {stats['missing_images']} image(s) not found in {link_dir}; "
+                  "not linked", file=sys.stderr)
+    os.unlink(marker)
+    return stats
+
+
+UNFINISHED_MARKER = ".mal-export-unfinished"
+
+
+def _require_some_masks(records: Sequence[dict], source: str) -> None:
+    """A boxes-only file would export every object as background: refuse it up front, by name."""
+    objects = [r for r in records if not r.get("iscrowd")]
+    if objects and not any("segmentation" in r for r in objects):
+        raise InputError(f"{source}: no annotation has a 'segmentation' (boxes only); label the boxes first "
+                         "(mal label), then export the labelled file")
+
+
+def _check_link_dir(link_images: Optional[Union[str, Path]], out: Path) -> Optional[Path]:
+    if link_images is None:
+        return None
+    link_dir = Path(link_images)
+    if not link_dir.is_dir():
+        raise InputError(f"--link-images {link_images}: no such folder; give the folder with the images")
+    link_dir = link_dir.resolve()
+    if is_inside(link_dir, out / "images"):
+        raise InputError(f"--link-images {link_images} is the export's own images/ folder: the links would point "
+                         "at themselves; give the folder with the original images")
+    return link_dir
+
+
+def _write_small(path: Path, data: bytes) -> None:
+    try:
+        with atomic_write(path) as handle:
+            handle.write(data)
+    except OSError as err:
+        raise write_error(err, path) from None
+
+
+def _write_labels(dataset: Dataset, by_image: dict, class_of: dict, parts: str, source: str, staging: Path) -> dict:
+    """Every image's label file under `staging` (a new folder). Returns the counts."""
+    stats = {"images": 0, "instances": 0, "lines": 0, "skipped_crowd": 0, "skipped_empty": 0}
     seen: set = set()
+    try:
+        staging.mkdir()
+    except OSError as err:
+        raise write_error(err, staging) from None
     for image in dataset.images:
         for key in ("height", "width"):
             if key not in image:
@@ -204,30 +311,68 @@ def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], pa
         seen.add(rel)
         anns = by_image.get(image["id"], [])
         lines, skipped = yolo_lines(anns, image, class_of, parts, source)
-        target = out / "labels" / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("".join(line + "\n" for line in lines))
+        target = staging / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = open_exclusive(target)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write("".join(line + "\n" for line in lines).encode())
+        except FileExistsError:
+            raise InputError(f"{dataset.source}: two images map to the label file {rel}; file names must be unique") from None
+        except OSError as err:
+            raise write_error(err, _final_name(staging, target)) from None
         stats["images"] += 1
         stats["lines"] += len(lines)
         stats["instances"] += len(anns) - skipped["crowd"] - skipped["empty"]
         stats["skipped_crowd"] += skipped["crowd"]
         stats["skipped_empty"] += skipped["empty"]
-        if link_images is not None:
-            src = Path(link_images).resolve() / image_file_name(image, dataset.source)
-            dst = out / "images" / rel.with_suffix(PurePosixPath(image_file_name(image)).suffix)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if dst.is_symlink() or dst.exists():
-                dst.unlink()
-            os.symlink(src, dst)
-
-    names = [str(c.get("name", c["id"])) for c in categories]
-    (out / "classes.txt").write_text("".join(n + "\n" for n in names))
-    yaml = ["# written by `mal export yolo`; class k = line k of classes.txt = k-th category by COCO id",
-            "# put (or link: --link-images DIR) the images in images/ beside this file",
-            "train: images", "val: images", f"nc: {len(names)}", "names:"]
-    yaml += [f"  {k}: {_yaml_str(n)}" for k, n in enumerate(names)]
-    (out / "data.yaml").write_text("\n".join(yaml) + "\n")
     return stats
+
+
+def _final_name(staging: Path, target: Path) -> Path:
+    """The name a staged label file will have once swapped in (for messages)."""
+    return staging.parent / "labels" / target.relative_to(staging)
+
+
+def _swap_in(staging: Path, labels_dir: Path) -> None:
+    """Replace `labels_dir` by `staging`: two renames, the old folder removed after."""
+    old = labels_dir.parent / f".labels.{TEMP_TAG}{os.getpid()}.old"
+    try:
+        if labels_dir.is_symlink() or labels_dir.exists():
+            os.replace(labels_dir, old)
+        os.replace(staging, labels_dir)
+    except OSError as err:
+        raise write_error(err, labels_dir) from None
+    if old.is_symlink():
+        old.unlink()
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_images(dataset: Dataset, link_dir: Path, out: Path) -> int:
+    """Symlink each image of `link_dir` into OUT/images (a real file already there is kept). Returns how many are missing."""
+    images_root = out / "images"
+    missing = 0
+    for image in dataset.images:
+        name = image_file_name(image, dataset.source)
+        src = image_path(link_dir, name, f"{dataset.source}: image id {image.get('id')}")
+        rel = _label_relpath(image, dataset.source)
+        dst = images_root / rel.with_suffix(PurePosixPath(name).suffix)
+        if not src.is_file():
+            missing += 1
+            continue
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not is_inside(dst.parent, images_root):
+                raise OutputError(f"{dst.parent}: a link out of {images_root}; refusing to write through it")
+            if dst.exists() and not dst.is_symlink():
+                continue  # the user's own copy of the image
+            tmp = dst.parent / f".{dst.name}.{TEMP_TAG}{os.getpid()}.link.tmp"
+            os.symlink(src, tmp)
+            os.replace(tmp, dst)
+        except OSError as err:
+            raise write_error(err, dst) from None
+    return missing
 
 
 def read_yolo_label(path: Union[str, Path], height: int, width: int) -> list[tuple[int, list[float]]]:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+TEMP_TAG = "mal"  # temp names: .NAME.mal<pid>.XXXX.tmp (files), .NAME.mal<pid>.partial / .old (folders)
+_TEMP_NAME = re.compile(r"^\..+\." + TEMP_TAG + r"(\d+)\.(?:[A-Za-z0-9_]+\.tmp|partial|old)$")
 
 
 @contextlib.contextmanager
@@ -17,7 +22,8 @@ def atomic_write(path: str | Path, buffering: int = -1) -> Iterator[BinaryIO]:
     user-facing messages).
     """
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # The writer's pid in the name: `remove_stale_temps` can tell a killed run's leftover from a live one.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{TEMP_TAG}{os.getpid()}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb", buffering=buffering) as handle:
             yield handle
@@ -31,3 +37,36 @@ def atomic_write(path: str | Path, buffering: int = -1) -> Iterator[BinaryIO]:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Remove the temp files and folders a killed writer left in `folder` (their pid is gone). Returns how many."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed

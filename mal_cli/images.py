@@ -62,3 +62,49 @@ def load_rgb(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np
         raise ImageLoadError(f"image refused as a decompression bomb (over {MAX_IMAGE_PIXELS:,} pixels): {path}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(f"cannot decode image {path}: {err}") from None
+
+
+def check_pixel_budget(height: int, width: int, where: str) -> tuple[int, int]:
+    """The one pixel budget for memory sized from a *declared* image size (canvases, masks, tensors).
+
+    `height`/`width` as a dataset or an RLE declares them: they must be positive integers whose product
+    is at most MAX_IMAGE_PIXELS, the same limit decoding applies to the pixels themselves. Returns them as
+    ints; raises InputError naming `where` otherwise, before anything is allocated.
+    """
+    if isinstance(height, bool) or isinstance(width, bool) or not all(
+        isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer()) for v in (height, width)
+    ):
+        raise InputError(f"{where}: height/width must be positive integers, got {height!r} x {width!r}")
+    h, w = int(height), int(width)
+    if h <= 0 or w <= 0:
+        raise InputError(f"{where}: height/width must be positive integers, got {h} x {w}")
+    if h * w > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{where}: declared size {w} x {h} is over the {MAX_IMAGE_PIXELS:,}-pixel limit (a decompression bomb "
+            "or a wrong size); fix the image's width/height"
+        )
+    return h, w
+
+
+def require_trainable_images(images: "list[tuple[str, tuple[int, int]]]", images_dir: str | Path) -> None:
+    """Before training: every declared size within the pixel budget, and at least one image decodes.
+
+    `images`: (path, (height, width)) per training box. Training on images that all fail to decode would
+    fit the labeler to blank crops and still write it, so that is an error, not a warning per sample.
+    """
+    seen: dict[str, tuple[int, int]] = {}
+    for path, hw in images:
+        if path not in seen:
+            seen[path] = check_pixel_budget(hw[0], hw[1], path)
+    last_error = None
+    for path, hw in seen.items():
+        try:
+            load_rgb(path, expected_hw=hw)
+            return
+        except ImageLoadError as err:
+            last_error = err
+    if last_error is not None:
+        raise ImageLoadError(
+            f"none of the {len(seen)} training images under {images_dir} can be decoded (e.g. {last_error}); "
+            "nothing to train on"
+        )

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, BinaryIO, Collection, Iterator, Optional, Union
 
+import numpy as np
 import orjson
 
 from mal_cli.errors import InputError
@@ -28,10 +29,15 @@ __all__ = ["iter_document", "iter_entries", "loads", "unreadable", "Entry"]
 CHUNK_BYTES = 1 << 18  # items parsed per orjson call: 256 KB of text, ~2k COCO boxes (bigger chunks: more memory, no faster)
 
 _WS = re.compile(rb"[ \t\r\n]*")
-# A whole string, a bracket, or a lone quote (a string cut off by the end of the buffer).
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]|"', re.DOTALL)
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET_OR_QUOTE = re.compile(rb'[\[\]{}"]')
 _SCALAR = re.compile(rb"[^,\]}\s]+")
+# Deepest nesting read: orjson writes at most 255 levels, and parsing far deeper overflows its C stack
+# (SIGSEGV), so deeper documents are refused up front, with the byte where the limit is passed.
+MAX_DEPTH = 255
+_DEPTH_LUT = np.zeros(256, np.int8)
+_DEPTH_LUT[[ord("["), ord("{")]] = 1
+_DEPTH_LUT[[ord("]"), ord("}")]] = -1
+_DEPTH_LUT[ord('"')] = 2
 
 # ("value", key, value): a top-level entry read whole (key None: the document is not an object);
 # ("start", key, None): a streamed array begins; ("items", key, list): its next items, in order.
@@ -55,7 +61,12 @@ def iter_document(path: Union[str, Path], stream_keys: Collection[str] = (), sou
 
 def loads(text: bytes) -> Any:
     """orjson.loads, plus the NaN/Infinity that Python's json.dump writes (not JSON, but common; such boxes
-    become fallbacks), read with the json module. Raises orjson.JSONDecodeError."""
+    become fallbacks), read with the json module. Raises orjson.JSONDecodeError, also for nesting deeper
+    than MAX_DEPTH."""
+    if text.count(b"[") + text.count(b"{") > MAX_DEPTH:  # cheap: only then can it be too deep
+        too_deep = depth_exceeded(text, MAX_DEPTH)
+        if too_deep is not None:
+            raise orjson.JSONDecodeError(f"nested deeper than {MAX_DEPTH} levels", "", too_deep)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -64,7 +75,47 @@ def loads(text: bytes) -> Any:
                 return json.loads(text)
             except ValueError:
                 pass
+            except RecursionError:
+                raise orjson.JSONDecodeError("nested too deep", text.decode("utf-8", "replace")[:0], 0) from None
         raise
+
+
+def depth_exceeded(text: bytes, limit: int, chunk: int = 1 << 24) -> Optional[int]:
+    """The offset of the first bracket nested deeper than `limit` (brackets in strings do not count), or None.
+
+    Vectorised over chunks of the text: a byte table marks brackets and quotes, escaped quotes (rare) are
+    sorted out one by one, and a bracket counts when an even number of quotes precedes it.
+    """
+    depth = 0
+    in_string = False
+    whole = np.frombuffer(text, np.uint8)
+    for start in range(0, len(text), chunk):
+        kinds = _DEPTH_LUT[whole[start : start + chunk]]
+        pos = np.flatnonzero(kinds)
+        kind = kinds[pos]
+        is_quote = kind == 2
+        quotes = pos[is_quote] + start
+        after_backslash = quotes[quotes > 0][whole[quotes[quotes > 0] - 1] == 0x5C]
+        if after_backslash.size:
+            escaped = {int(q) for q in after_backslash if _escaped(text, int(q))}
+            quotes = quotes[[int(q) not in escaped for q in quotes]]
+        brackets = pos[~is_quote] + start
+        outside = (np.searchsorted(quotes, brackets) + int(in_string)) % 2 == 0
+        levels = np.cumsum(kind[~is_quote][outside], dtype=np.int64) + depth
+        over = np.flatnonzero(levels > limit)
+        if over.size:
+            return int(brackets[outside][over[0]])
+        if levels.size:
+            depth = int(levels[-1])
+        in_string = (int(in_string) + quotes.size) % 2 == 1
+    return None
+
+
+def _escaped(text: bytes, quote: int) -> bool:
+    backslashes = 0
+    while quote - 1 - backslashes >= 0 and text[quote - 1 - backslashes] == 0x5C:
+        backslashes += 1
+    return backslashes % 2 == 1
 
 
 def unreadable(err: OSError, source: str) -> InputError:
@@ -101,6 +152,19 @@ def iter_entries(path: Union[str, Path], stream_keys: Collection[str] = (), sour
                 pass
         else:
             yield kind, key, value
+
+
+def _string_end(buf: bytes, start: int) -> Optional[int]:
+    """The index just past the string whose opening quote is at `start`, or None if `buf` ends inside it."""
+    pos = start + 1
+    while (quote := buf.find(b'"', pos)) >= 0:
+        backslashes = 0
+        while buf[quote - 1 - backslashes] == 0x5C:
+            backslashes += 1
+        if backslashes % 2 == 0:  # not escaped
+            return quote + 1
+        pos = quote + 1
+    return None
 
 
 class _Reader:
@@ -173,11 +237,13 @@ class _Reader:
             more *= 2
 
     def _scan(self, start: int) -> Optional[int]:
+        """The end of the value at `start`, or None when the buffer ends first. Strings are skipped with
+        `bytes.find` (a regex over a long string costs ~100 bytes of memory per byte), so the memory is
+        the buffer's: a small multiple of the longest token."""
         buf = self.buf
         first = buf[start : start + 1]
         if first == b'"':
-            match = _STRING.match(buf, start)
-            return match.end() if match else None
+            return _string_end(buf, start)
         if first not in (b"{", b"["):
             match = _SCALAR.match(buf, start)
             if match is None:
@@ -185,18 +251,23 @@ class _Reader:
             # A scalar running into the end of the buffer may continue in the file.
             return match.end() if match.end() < len(buf) or self.eof else None
         depth = 0
-        for token in _TOKEN.finditer(buf, start):
-            text = token.group()
-            if text == b'"':
-                return None  # a string cut off by the end of the buffer
-            if text[0] == 0x22:
+        pos = start
+        while (token := _BRACKET_OR_QUOTE.search(buf, pos)) is not None:
+            byte = buf[token.start()]
+            if byte == 0x22:
+                pos = _string_end(buf, token.start())
+                if pos is None:
+                    return None  # a string cut off by the end of the buffer
                 continue
-            if text in (b"{", b"["):
+            pos = token.end()
+            if byte in (0x7B, 0x5B):
                 depth += 1
+                if depth > MAX_DEPTH:
+                    self.fail(token.start(), f"nested deeper than {MAX_DEPTH} levels")
             else:
                 depth -= 1
                 if depth == 0:
-                    return token.end()
+                    return pos
         return None
 
     def parse(self, start: int, end: int, wrap: bool = False) -> Any:

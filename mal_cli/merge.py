@@ -15,12 +15,82 @@ DATASET keep it; the parts fill the others (and add annotations DATASET lacks, a
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any, Optional, Sequence
+
+import numpy as np
+import orjson
 
 from mal_cli.dataset import read_json, write_json_atomic
 from mal_cli.errors import InputError
+from mal_cli.fileio import remove_stale_temps
 from mal_cli.labeling.progress import is_progress_file as _is_progress_file
 from mal_cli.labeling.progress import read_progress_results
+from mal_cli.safe_paths import refuse_overwrite
+
+
+def records_digest(ids: Sequence, image_ids: Sequence, bboxes: Sequence) -> str:
+    """A fingerprint of which boxes a dataset holds, in order: annotation ids, image ids, boxes (as float64).
+
+    `mal label` writes it into its progress header (`records_digest`), so `merge --into` can tell the
+    dataset that was labelled from another one with as many annotations.
+    """
+    digest = hashlib.sha256()
+    digest.update(orjson.dumps([list(ids), list(image_ids)]))
+    digest.update(np.asarray([_float_box(b) for b in bboxes], dtype=np.float64).reshape(-1, 4).tobytes())
+    return digest.hexdigest()
+
+
+def dataset_records_digest(doc: dict) -> str:
+    """`records_digest` of a parsed dataset document."""
+    anns = doc["annotations"]
+    return records_digest([a.get("id") for a in anns], [a.get("image_id") for a in anns], [a.get("bbox") for a in anns])
+
+
+def _float_box(bbox: Any) -> list[float]:
+    values = bbox if isinstance(bbox, list) and len(bbox) == 4 else [None] * 4
+    return [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan") for v in values]
+
+
+def _check_progress_matches(name: str, header: dict, results: dict, base_doc: dict) -> None:
+    """Refuse a progress file made from another dataset: its fingerprint, else its masks' image sizes."""
+    records = base_doc["annotations"]
+    if header.get("records") != len(records):
+        raise InputError(f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(records)}")
+    digest = header.get("records_digest")
+    if digest is not None and digest != dataset_records_digest(base_doc):
+        raise InputError(f"{name} was made from another dataset than --into (its boxes differ); "
+                         "give --into the very file that was labelled")
+    sizes = {im.get("id"): [im.get("height"), im.get("width")] for im in base_doc.get("images", []) if isinstance(im, dict)}
+    for pos, result in results.items():
+        if pos >= len(records):
+            raise InputError(f"{name}: result for annotation position {pos}, but --into has {len(records)} annotations")
+        seg = result.get("segmentation")
+        size = seg.get("size") if isinstance(seg, dict) else None
+        expected = sizes.get(records[pos].get("image_id")) if isinstance(records[pos], dict) else None
+        if size is not None and expected is not None and size != expected:
+            raise InputError(f"{name} was made from another dataset than --into: the mask at position {pos} is "
+                             f"{size[0]} x {size[1]}, its image in --into {expected[0]} x {expected[1]}")
+
+
+def _check_part(doc: Any, name: str) -> Any:
+    """A dataset part as merge reads it: a results list, or an object with an 'annotations' (or 'results') list
+    of objects, and a well-formed 'mal_shard' if it has one."""
+    records = doc if isinstance(doc, list) else doc.get(_records_key(doc)) if isinstance(doc, dict) else None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f"{name}: not a dataset or results list (needs an 'annotations' list of objects)")
+    if isinstance(doc, dict) and "images" in doc and not (
+            isinstance(doc["images"], list) and all(isinstance(im, dict) for im in doc["images"])):
+        raise InputError(f"{name}: 'images' must be a list of objects")
+    shard = doc.get("mal_shard") if isinstance(doc, dict) else None
+    if shard is not None:
+        ints = ("index", "count", "records")
+        if not (isinstance(shard, dict) and all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ints)
+                and shard["index"] < shard["count"] and "fingerprint" in shard and isinstance(shard.get("positions"), list)
+                and all(isinstance(p, int) and 0 <= p < shard["records"] for p in shard["positions"])):
+            raise InputError(f"{name}: its 'mal_shard' entry is damaged (file edited?); relabel that shard")
+    return doc
 
 
 def _records_key(doc: Any) -> str:
@@ -72,7 +142,6 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
         raise InputError(f"{progress[0][0]} is a progress file: pass --into with the dataset that was labelled")
 
     base_doc = into[1] if into is not None else None
-    merged_records: list[tuple[Any, dict]] = []
 
     # Shards of one run: put the records back at their input positions.
     shards = [(name, doc) for name, doc in documents if isinstance(doc, dict) and "mal_shard" in doc]
@@ -134,10 +203,7 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
         base_records = list(base_doc["annotations"])
         applied: dict[int, dict] = {}
         for name, (header, results) in progress:
-            if header.get("records") != len(base_records):
-                raise InputError(
-                    f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(base_records)}"
-                )
+            _check_progress_matches(name, header, results, base_doc)
             for pos, result in results.items():
                 record = {k: v for k, v in base_records[pos].items() if k != "mal_fallback"}
                 record.update(result)
@@ -174,14 +240,17 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
 
 def merge_files(paths: Sequence[str], out: str, into: Optional[str] = None, prefer: Optional[str] = None) -> dict:
     """Read the parts (datasets, shard outputs or progress files), merge, write OUT atomically ('-' = stdout)."""
+    refuse_overwrite(out, [*paths, into], "--out")
     parts = []
     for path in paths:
         if _is_progress_file(path):
             parts.append((str(path), read_progress_results(path)))
         else:
-            parts.append((str(path), read_json(path)))
-    into_doc = (str(into), read_json(into)) if into else None
+            parts.append((str(path), _check_part(read_json(path), str(path))))
+    into_doc = (str(into), _check_part(read_json(into), f"--into {into}")) if into else None
     merged = merge_documents(parts, into_doc, prefer)
+    if str(out) != "-":
+        remove_stale_temps(Path(out).parent)  # a killed merge's temp files
     write_json_atomic(out, merged)
     records = merged if isinstance(merged, list) else merged["annotations"]
     return {"parts": len(parts), "annotations": len(records)}

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mal_cli import geometry, losses
 from mal_cli.errors import InputError, OutputError
-from mal_cli.images import ImageLoadError, load_rgb
+from mal_cli.images import ImageLoadError, load_rgb, require_trainable_images
 from mal_cli.modeling.image_encoder import load_backbone_weights
 from mal_cli.modeling.labeler import (
     CHECKPOINT_FORMAT,
@@ -584,6 +584,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             f"no trainable boxes in {config.annotations} (non-crowd, w/h > {config.min_box_side}, "
             f"area > {config.min_box_area}): lower --min-box-area?"
         )
+    require_trainable_images([(r.image_path, r.image_hw) for r in records], config.images)
 
     student = build_labeler(config) if resume_state is None else MaskLabeler(LabelerConfig.from_dict(resume_state["config"]["labeler"]))
     if resume_state is not None:

@@ -23,16 +23,22 @@ import colorsys
 import html
 import io
 import math
+import shutil
+import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import orjson
 
-from mal_cli import masks
-from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset, write_json_atomic
+from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset
 from mal_cli.errors import InputError, OutputError
+from mal_cli.fileio import atomic_write
+from mal_cli.images import check_pixel_budget
+from mal_cli.safe_paths import image_path, is_inside, refuse_inputs_under, write_error
+from mal_cli.segmentation_check import checked_decode, checked_rle, validate_segmentation
 
 __all__ = ["ReviewItem", "collect_items", "render_crop", "render_full", "write_review"]
 
@@ -163,16 +169,17 @@ def render_crop(image: np.ndarray, mask: np.ndarray, bbox, color, caption: list[
 
 
 def render_full(image: np.ndarray, instances: list[tuple[np.ndarray, list, tuple, str]]) -> "Any":
-    """Every (mask, bbox, colour, label) drawn on the whole image, scaled to at most FULL_MAX_SIDE."""
+    """Every (mask, bbox, colour, label) drawn on the whole image, scaled to at most FULL_MAX_SIDE.
+
+    The masks may be full-size or already at the picture's size (`_full_size`)."""
     from PIL import Image, ImageDraw
 
     height, width = image.shape[:2]
     scale = min(FULL_MAX_SIDE / max(height, width), 1.0)
-    size = (max(int(round(width * scale)), 1), max(int(round(height * scale)), 1))
+    size = _full_size(height, width)
     canvas = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
-    for mask, _, color, _ in instances:
-        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-        canvas = _paint(canvas, small, color)
+    for mask, _, color, _ in instances:  # full-size masks, or already at the picture's size
+        canvas = _paint(canvas, _resized_mask(mask, size), color)
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     font = _font(12)
@@ -207,9 +214,9 @@ def collect_items(labels: Union[Dataset, list], gt: Optional[Dataset] = None,
         if meta is None:
             raise InputError("LABELS is a results list: pass --image-info DATASET.json (or --gt) for the images")
     images = {im["id"]: im for im in meta.images}
-    names = {c["id"]: str(c.get("name", c["id"])) for c in meta.categories}
+    names = {c["id"]: _label(c.get("name", c["id"])) for c in meta.categories}
     if gt is not None:
-        names.update({c["id"]: str(c.get("name", c["id"])) for c in gt.categories if c["id"] not in names})
+        names.update({c["id"]: _label(c.get("name", c["id"])) for c in gt.categories if c["id"] not in names})
     keyed = {(r["id"] if isinstance(labels, Dataset) else k): r for k, r in enumerate(records)}
     key_of = {id(r): k for k, r in keyed.items()}
 
@@ -224,10 +231,8 @@ def collect_items(labels: Union[Dataset, list], gt: Optional[Dataset] = None,
                 continue
             image = gt.image_by_id[gt_ann["image_id"]]
             h, w = image["height"], image["width"]
-            try:
-                a, b = masks.to_rle(pred["segmentation"], h, w), masks.to_rle(gt_ann["segmentation"], h, w)
-            except ValueError as err:
-                raise InputError(f"annotation {gt_ann['id']}: bad segmentation: {err}") from None
+            a = _checked(pred["segmentation"], h, w, f"annotation {gt_ann['id']}", checked_rle)
+            b = _checked(gt_ann["segmentation"], h, w, f"{gt.source}: GT annotation {gt_ann['id']}", checked_rle)
             key = key_of[id(pred)]
             ious[key] = float(mask_utils.iou([a], [b], [0])[0][0])
             gt_of[key] = gt_ann
@@ -240,11 +245,12 @@ def collect_items(labels: Union[Dataset, list], gt: Optional[Dataset] = None,
         if image is None:
             raise InputError(f"annotation {key} refers to image id {rec['image_id']}, which has no image record")
         score = rec.get("mal_score")
+        _check_box(rec.get("bbox"), f"annotation {key}")
         items.append(ReviewItem(
             rank=0, ann_id=key, image_id=rec["image_id"], file_name=image_file_name(image),
             category_id=rec.get("category_id"), category=names.get(rec.get("category_id"), str(rec.get("category_id"))),
-            mal_score=float(score) if isinstance(score, (int, float)) else None, iou=ious.get(key),
-            fallback=rec.get("mal_fallback"), bbox=list(rec["bbox"]),
+            mal_score=float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None, iou=ious.get(key),
+            fallback=_label(rec["mal_fallback"]) if rec.get("mal_fallback") else None, bbox=list(rec["bbox"]),
         ))
     position = {item.ann_id: k for k, item in enumerate(items)}
 
@@ -256,6 +262,26 @@ def collect_items(labels: Union[Dataset, list], gt: Optional[Dataset] = None,
     for rank, item in enumerate(items, 1):
         item.rank = rank
     return items, keyed, images, gt_of
+
+
+def _label(value: Any, limit: int = 120) -> str:
+    """A name as drawn and listed: one line, at most `limit` characters (a 2 MB name would stall the drawing)."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _check_box(bbox: Any, where: str) -> None:
+    if not (isinstance(bbox, list) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+        raise InputError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {str(bbox)[:60]}")
+
+
+def _checked(segmentation: Any, height: int, width: int, where: str, convert=None):
+    """`segmentation` through `segmentation_check` (the rule eval and export apply too), or InputError."""
+    try:
+        return (convert or checked_decode)(segmentation, height, width)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{where}: bad segmentation: {err}") from None
 
 
 # --- the review folder --------------------------------------------------------------------------------
@@ -310,14 +336,19 @@ category colour; box: rectangle; ground-truth outline (with --gt): dashed white.
 
 def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, Path], worst: Optional[int] = None,
                  gt: Optional[str] = None, image_info: Optional[str] = None, full: bool = False,
-                 context: float = CONTEXT, progress_bar: bool = False) -> dict:
-    """Write OUT/crops, OUT/full (optional), OUT/index.html and OUT/review.json. Returns a summary dict."""
-    from mal_cli.images import ImageLoadError, load_rgb
+                 context: float = CONTEXT, progress_bar: bool = False, allow_outside_images: bool = False) -> dict:
+    """Write OUT/crops, OUT/full (optional), OUT/index.html and OUT/review.json. Returns a summary dict.
 
+    Image files are `file_name` under `images_dir`; absolute and `..` names are refused unless
+    `allow_outside_images` (see `safe_paths`). Every file is written to a temp name and renamed.
+    """
     if worst is not None and worst < 1:
         raise InputError(f"--worst must be at least 1, got {worst}")
-    if context < 0:
-        raise InputError(f"--context must be 0 or more, got {context}")
+    if not context >= 0 or not math.isfinite(context):
+        raise InputError(f"--context must be a finite number, 0 or more, got {context}")
+    out = Path(out_dir)
+    written = [out / "crops", out / "full", out / "index.html", out / "review.json"]
+    refuse_inputs_under(written, [labels, gt, image_info, images_dir], "--out")
     loaded = load_any(labels)
     gt_ds = load_dataset(gt) if gt else None
     info_ds = load_dataset(image_info) if image_info else None
@@ -325,70 +356,153 @@ def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, 
     total = len(items)
     if worst is not None:
         items = items[:worst]
-    out = Path(out_dir)
+    by_image: dict = defaultdict(list)
+    for item in items:
+        by_image[item.image_id].append(item)
+    paths = {image_id: image_path(images_dir, image_file_name(images[image_id]), f"image id {image_id}",
+                                  allow_outside_images) for image_id in by_image}
+    full_names = _full_names(by_image, images) if full else {}
+    _check_before_writing(items, records, images, gt_of)
+    created = not out.exists()
     try:
         (out / "crops").mkdir(parents=True, exist_ok=True)
         if full:
             (out / "full").mkdir(exist_ok=True)
     except OSError as err:
         raise OutputError(f"{out}: cannot create the output folder: {err.strerror or err}") from None
+    for sub in ("crops", "full") if full else ("crops",):
+        if not is_inside(out / sub, out):
+            raise OutputError(f"{out / sub}: a link out of {out}; refusing to write through it (remove it and rerun)")
+    try:
+        return _write_folder(out, items, total, by_image, records, images, gt_of, paths, full_names,
+                             context, progress_bar, labels, gt, gt_ds is not None)
+    except BaseException:
+        if created:  # a folder this run made holds nothing worth keeping
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
-    by_image: dict = defaultdict(list)
+
+def _check_before_writing(items: list, records: dict, images: dict, gt_of: dict) -> None:
+    """Every declared size and every segmentation to draw, checked before OUT is touched."""
     for item in items:
-        by_image[item.image_id].append(item)
+        image = images[item.image_id]
+        if "height" not in image or "width" not in image:
+            continue  # sized from its pixels or boxes later
+        h, w = check_pixel_budget(image["height"], image["width"], f"image id {image['id']}")
+        _checked(records[item.ann_id]["segmentation"], h, w, f"annotation {item.ann_id}", validate_segmentation)
+        gt_ann = gt_of.get(item.ann_id)
+        if gt_ann is not None:
+            _checked(gt_ann["segmentation"], h, w, f"GT annotation {gt_ann['id']}", validate_segmentation)
+
+
+def _write_folder(out: Path, items: list, total: int, by_image: dict, records: dict, images: dict, gt_of: dict,
+                  paths: dict, full_names: dict, context: float, progress_bar: bool, labels: str,
+                  gt: Optional[str], with_gt: bool) -> dict:
+    full = bool(full_names)
+
     thumbs: dict = {}
     missing_images: list[str] = []
     iterator = by_image.items()
     if progress_bar:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, total=len(by_image), desc="mal viz", unit="img", file=__import__("sys").stderr)
+        iterator = tqdm(iterator, total=len(by_image), desc="mal viz", unit="img", file=sys.stderr)
     for image_id, group in iterator:
-        image = images[image_id]
-        path = Path(images_dir) / image_file_name(image)
-        hw = (image["height"], image["width"]) if "height" in image and "width" in image else None
-        try:
-            rgb = load_rgb(path, expected_hw=hw)
-        except ImageLoadError:
-            missing_images.append(str(path))
-            rgb = None
-        if rgb is None or (hw is not None and rgb.shape[:2] != tuple(hw)):
-            # No usable pixels: draw on grey so the mask is still reviewable.
-            h, w = hw if hw is not None else (int(max(b[1] + b[3] for b in (i.bbox for i in group))) + 1,
-                                              int(max(b[0] + b[2] for b in (i.bbox for i in group))) + 1)
-            rgb = np.full((h, w, 3), 96, dtype=np.uint8)
+        rgb = _image_or_grey(paths[image_id], images[image_id], group, missing_images)
         height, width = rgb.shape[:2]
+        full_size = _full_size(height, width)
         instances = []
         for item in group:
-            rec = records[item.ann_id]
-            try:
-                mask = masks.decode(rec["segmentation"], height, width)
-            except ValueError as err:
-                raise InputError(f"annotation {item.ann_id}: bad segmentation: {err}") from None
+            # One full-size mask at a time: the crop and the downscaled copy for --full are all that is kept.
+            mask = _checked(records[item.ann_id]["segmentation"], height, width, f"annotation {item.ann_id}")
             gt_ann = gt_of.get(item.ann_id)
-            gt_mask = masks.decode(gt_ann["segmentation"], height, width) if gt_ann is not None else None
+            gt_mask = _checked(gt_ann["segmentation"], height, width, f"GT annotation {gt_ann['id']}") if gt_ann else None
             color = category_color(item.category_id)
             caption = [f"#{item.rank}  {item.category}  (ann {item.ann_id})",
-                       f"mal_score {_fmt(item.mal_score)}" + (f"   IoU {_fmt(item.iou)}" if gt_ds is not None else "")
+                       f"mal_score {_fmt(item.mal_score)}" + (f"   IoU {_fmt(item.iou)}" if with_gt else "")
                        + (f"   {item.fallback}" if item.fallback else "")]
             picture = render_crop(rgb, mask, item.bbox, color, caption, gt_mask, context)
             item.crop = f"crops/{item.rank:04d}_ann{_safe(item.ann_id)}.png"
-            picture.save(out / item.crop, optimize=True)
+            _save_png(picture, out / item.crop)
             thumbs[item.ann_id] = _thumbnail_b64(picture)
-            instances.append((mask, item.bbox, color, f"#{item.rank} {item.category} {_fmt(item.mal_score)}"))
+            if full:
+                instances.append((_resized_mask(mask, full_size), item.bbox, color,
+                                  f"#{item.rank} {item.category} {_fmt(item.mal_score)}"))
+            del mask, gt_mask
         if full:
-            name = f"full/{_safe(Path(image_file_name(image)).stem)}.png"
-            render_full(rgb, instances).save(out / name, optimize=True)
+            name = full_names[image_id]
+            _save_png(render_full(rgb, instances), out / name)
             for item in group:
                 item.full = name
 
-    sort_key = "IoU" if gt_ds is not None else "mal_score"
+    sort_key = "IoU" if with_gt else "mal_score"
     title = f"mal viz: {Path(labels).name if labels != '-' else '<stdin>'}" + (f" vs {Path(gt).name}" if gt else "")
-    (out / "index.html").write_text(_html(items, thumbs, title, sort_key, total), encoding="utf-8")
-    write_json_atomic(out / "review.json", {"sorted_by": sort_key, "total": total,
-                                            "items": [asdict(item) for item in items]})
+    _write_bytes(out / "index.html", _html(items, thumbs, title, sort_key, total).encode("utf-8"))
+    _write_bytes(out / "review.json", orjson.dumps({"sorted_by": sort_key, "total": total,
+                                                    "items": [asdict(item) for item in items]}))
     return {"instances": len(items), "total": total, "images": len(by_image), "sorted_by": sort_key,
             "missing_images": missing_images, "out": str(out)}
+
+
+def _image_or_grey(path: Path, image: dict, group: list, missing_images: list) -> np.ndarray:
+    """The image's pixels; grey of the declared size (within the pixel budget) when they cannot be used."""
+    from mal_cli.images import ImageLoadError, load_rgb
+
+    where = f"image id {image['id']}"
+    hw = check_pixel_budget(image["height"], image["width"], where) if "height" in image and "width" in image else None
+    try:
+        rgb = load_rgb(path, expected_hw=hw)
+    except ImageLoadError:
+        missing_images.append(str(path))
+        rgb = None
+    if rgb is None or (hw is not None and rgb.shape[:2] != tuple(hw)):
+        # No usable pixels: draw on grey so the mask is still reviewable.
+        if hw is None:
+            boxes = [item.bbox for item in group]
+            hw = (int(max(b[1] + b[3] for b in boxes)) + 1, int(max(b[0] + b[2] for b in boxes)) + 1)
+            hw = check_pixel_budget(max(hw[0], 1), max(hw[1], 1), f"{where} (size from its boxes)")
+        rgb = np.full((hw[0], hw[1], 3), 96, dtype=np.uint8)
+    return rgb
+
+
+def _full_size(height: int, width: int) -> tuple[int, int]:
+    """(width, height) of a --full picture: the image scaled to at most FULL_MAX_SIDE."""
+    scale = min(FULL_MAX_SIDE / max(height, width), 1.0)
+    return max(int(round(width * scale)), 1), max(int(round(height * scale)), 1)
+
+
+def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if (mask.shape[1], mask.shape[0]) == size:
+        return mask.astype(bool)
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+
+
+def _full_names(by_image: dict, images: dict) -> dict:
+    """OUT/full/ names, one per image: the file stem, plus the image id where two images share a stem
+    (train/x.jpg and val/x.jpg)."""
+    stems = {image_id: _safe(Path(image_file_name(images[image_id])).stem) for image_id in by_image}
+    counts: dict = defaultdict(int)
+    for stem in stems.values():
+        counts[stem] += 1
+    return {image_id: f"full/{stem}.png" if counts[stem] == 1 else f"full/{stem}_img{_safe(image_id)}.png"
+            for image_id, stem in stems.items()}
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Temp file + rename: a link planted at `path` is replaced, never written through."""
+    try:
+        with atomic_write(path) as handle:
+            handle.write(data)
+    except OSError as err:
+        raise write_error(err, path) from None
+
+
+def _save_png(picture, path: Path) -> None:
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=True)
+    _write_bytes(path, buf.getvalue())
 
 
 def _safe(value: Any) -> str:

@@ -45,7 +45,10 @@ def check_command(
 
         raise InputError("--decode needs --images DIR (the folder with the image files)")
     if json_out:
+        from mal_cli.safe_paths import refuse_overwrite
+
         ensure_writable(json_out, "--json")
+        refuse_overwrite(json_out, [dataset, image_info], "--json")
     report = check_paths(dataset, images, image_info, decode)
     if json_out:
         write_json_atomic(json_out, report.to_dict())

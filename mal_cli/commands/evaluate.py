@@ -47,8 +47,10 @@ def eval_command(
         raise InputError(f"--reference-ap must be a positive percentage such as 38.6, got {reference_ap}")
     if json_out:
         from mal_cli.probes import ensure_writable
+        from mal_cli.safe_paths import refuse_overwrite
 
         ensure_writable(json_out, "--json")  # before the (long) evaluation
+        refuse_overwrite(json_out, [pred, gt], "--json")
     ground_truth = load_dataset(gt)
     report = evaluate(
         load_any(pred), ground_truth, reference_ap=reference_ap / 100 if reference_ap else None, compute_ap=ap

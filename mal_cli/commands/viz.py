@@ -34,6 +34,9 @@ def viz_command(
     full: bool = typer.Option(False, "--full", help="Also write whole-image overlays to OUT/full/."),
     context: float = typer.Option(0.25, help="Context around the box in a crop, as a fraction of the box size."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    allow_outside_images: bool = typer.Option(
+        False, "--allow-outside-images", help="Read images whose file_name is absolute or climbs out with '..'."
+    ),
 ) -> None:
     """Review labels worst-first: overlay PNGs and a self-contained HTML contact sheet."""
     from mal_cli.viz import write_review
@@ -48,6 +51,7 @@ def viz_command(
         full=full,
         context=context,
         progress_bar=progress,
+        allow_outside_images=allow_outside_images,
     )
     for path in summary["missing_images"][:5]:
         typer.echo(f"mal viz: warning: cannot read {path}; drawn on grey", err=True)

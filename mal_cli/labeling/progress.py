@@ -18,6 +18,7 @@ from typing import Optional
 import orjson
 
 from mal_cli.errors import InputError
+from mal_cli.jsonstream import unreadable
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,10 @@ def read_progress_results(path: str | Path) -> tuple[dict, dict[int, dict]]:
     """A progress file's header and {record position: result}; a torn last line is ignored (`mal merge`)."""
     header: dict = {}
     results: dict[int, dict] = {}
-    lines = Path(path).read_bytes().split(b"\n")
+    try:
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError as err:
+        raise unreadable(err, str(path)) from None
     for number, line in enumerate(lines):
         if not line:
             continue
@@ -102,13 +106,28 @@ def read_progress_results(path: str | Path) -> tuple[dict, dict[int, dict]]:
                 break
             raise InputError(f"{path}: line {number + 1} is not valid JSON") from None
         if number == 0:
-            if entry.get("mal_progress") is None:
+            if not isinstance(entry, dict) or entry.get("mal_progress") is None:
                 raise InputError(f"{path} is not a mal label progress file")
             header = entry
-        else:
-            for pos, result in entry["results"]:
-                results[int(pos)] = result
+            continue
+        pairs = entry.get("results") if isinstance(entry, dict) else None
+        if not isinstance(pairs, list):
+            raise InputError(f"{path}: line {number + 1} is not a progress entry (no 'results' list)")
+        for pair in pairs:
+            if not _is_result_pair(pair):
+                raise InputError(f"{path}: line {number + 1}: a result is not [position, {{...}}]")
+            results[pair[0]] = pair[1]
     return header, results
+
+
+def _is_result_pair(pair) -> bool:
+    return (
+        isinstance(pair, list)
+        and len(pair) == 2
+        and isinstance(pair[0], int)
+        and pair[0] >= 0
+        and isinstance(pair[1], dict)
+    )
 
 
 def image_line(image_position: int, results: list) -> bytes:
