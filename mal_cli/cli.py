@@ -416,6 +416,25 @@ def export_yolo_command(
                f"{stats['classes']} classes -> {out}", err=True)
 
 
+@export_app.command(
+    "results",
+    epilog=(
+        "A results list is what pycocotools' COCO.loadRes and lvis' LVISResults take.\n\n"
+        "Example:\n\n  mal export results labels.json --out results.json --score product --min-score 0.3"
+    ),
+)
+def export_results_command(
+    labels: str = typer.Argument(..., help="Labelled JSON (what `mal label` writes); - = stdin."),
+    out: str = typer.Option(..., "--out", "-o", help="Results list JSON to write; - = stdout."),
+    score: str = typer.Option("mal", "--score", help="mal (mal_score), detector (the box's own score) or product."),
+    min_score: float = typer.Option(0.0, "--min-score", help="Leave out annotations whose detector score is below this."),
+) -> None:
+    """Export labels as a COCO results list ({image_id, category_id, bbox, segmentation, score})."""
+    from mal_cli.results import export_results
+
+    export_results(labels, out, score=score, min_score=min_score)
+
+
 # --- import (issue 21) ------------------------------------------------------------------------------
 
 import_app = typer.Typer(help="Convert YOLO or Pascal VOC boxes into a COCO box JSON.", no_args_is_help=True)

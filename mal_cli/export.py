@@ -21,7 +21,8 @@ per `parts`:
 - `largest`: only the largest part (drops small fragments).
 - `lines`: one line per part. Simple, but YOLO then counts each part as an instance of its own.
 
-Crowd annotations (`iscrowd: 1`) and annotations with an empty mask are left out (counted in the summary).
+Crowd annotations (`iscrowd: 1`), annotations with an empty mask and detections whose `score` is below
+`min_score` (default: results.TRAINING_MIN_SCORE) are left out (counted in the summary).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 from mal_cli import masks
 from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset
 from mal_cli.errors import InputError, OutputError
+from mal_cli.results import TRAINING_MIN_SCORE, below_min_score
 
 __all__ = ["PARTS_MODES", "merge_parts", "instance_polygons", "yolo_lines", "export_yolo", "read_yolo_label"]
 
@@ -163,8 +165,12 @@ def _yaml_str(text: str) -> str:
 
 
 def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], parts: str = "merge",
-                image_info: Optional[str] = None, link_images: Optional[Union[str, Path]] = None) -> dict:
-    """Write OUT/labels/*.txt, OUT/classes.txt and OUT/data.yaml (see module docstring). Returns a summary dict."""
+                image_info: Optional[str] = None, link_images: Optional[Union[str, Path]] = None,
+                min_score: float = TRAINING_MIN_SCORE) -> dict:
+    """Write OUT/labels/*.txt, OUT/classes.txt and OUT/data.yaml (see module docstring). Returns a summary dict.
+
+    Annotations whose detector `score` is below `min_score` are left out (mal_cli.results.below_min_score).
+    """
     if parts not in PARTS_MODES:
         raise InputError(f"--parts must be one of {', '.join(PARTS_MODES)}, got '{parts}'")
     if isinstance(labels, Dataset):
@@ -183,7 +189,11 @@ def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], pa
         raise InputError(f"{dataset.source}: no 'categories'; YOLO needs the class names")
     class_of = {c["id"]: k for k, c in enumerate(categories)}
     by_image: dict[Any, list[dict]] = defaultdict(list)
+    low_score = 0
     for rec in records:
+        if below_min_score(rec, min_score):
+            low_score += 1
+            continue
         by_image[rec["image_id"]].append(rec)
 
     out = Path(out_dir)
@@ -192,7 +202,7 @@ def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], pa
     except OSError as err:
         raise OutputError(f"{out}: cannot create the output folder: {err.strerror or err}") from None
     stats = {"images": 0, "instances": 0, "lines": 0, "skipped_crowd": 0, "skipped_empty": 0,
-             "classes": len(categories), "parts": parts, "out": str(out)}
+             "classes": len(categories), "parts": parts, "out": str(out), "skipped_low_score": low_score}
     seen: set = set()
     for image in dataset.images:
         for key in ("height", "width"):
