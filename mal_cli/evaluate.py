@@ -14,6 +14,9 @@ same image and the identical `bbox`. On those pairs:
   chunks itself (mal_cli.segm_ap): COCOeval's numbers in memory that does not grow with the
   number of (image, category) pairs.
 
+Detector output (no prediction sits on a GT box: `segm_ap.answers_gt_boxes`) has no given-box pairs:
+only the standard COCO/LVIS segm AP applies, every prediction a detection (`protocol` "detections").
+
 All figures are fractions in [0, 1]; the CLI prints them as percentages.
 """
 

