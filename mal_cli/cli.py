@@ -19,10 +19,12 @@ from mal_cli.commands import (  # noqa: F401  (importing a command module regist
     check,
     evaluate,
     export,
+    importers,
     label,
     merge,
     train,
     viz,
+    weights,
 )
 from mal_cli.errors import MalError
 
@@ -71,9 +73,10 @@ def _root(
 
 # --- commands: one module each in mal_cli/commands/, thin (parse options, call the library) ---------------
 
-for _name in ("train", "eval", "label", "merge", "check", "viz", "export", "bench"):  # the order of `mal --help`
-    if _name == "export":
-        app.add_typer(export.export_app, name="export")
+_GROUPS = {"export": export.export_app, "import": importers.import_app}
+for _name in ("train", "eval", "label", "merge", "check", "viz", "export", "import", "weights", "bench"):  # --help order
+    if _name in _GROUPS:
+        app.add_typer(_GROUPS[_name], name=_name)
     else:
         _settings, _function = COMMANDS[_name]
         app.command(_name, cls=MalCommand, **_settings)(_function)

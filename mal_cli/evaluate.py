@@ -14,6 +14,9 @@ same image and the identical `bbox`. On those pairs:
   chunks itself (mal_cli.segm_ap): COCOeval's numbers in memory that does not grow with the
   number of (image, category) pairs.
 
+Detector output (no prediction sits on a GT box: `segm_ap.answers_gt_boxes`) has no given-box pairs:
+only the standard COCO/LVIS segm AP applies, every prediction a detection (`protocol` "detections").
+
 All figures are fractions in [0, 1]; the CLI prints them as percentages.
 """
 
@@ -71,6 +74,7 @@ class EvalReport:
     reference_ap: Optional[float] = None
     retention: Optional[float] = None  # ap["AP"] / reference_ap
     ious: dict = field(default_factory=dict)  # GT annotation id -> IoU of its prediction (crowd included)
+    protocol: str = "given-box"  # or "detections": PRED's boxes are not the GT's; only AP applies
 
     def to_dict(self) -> dict:
         """JSON-ready dict; `ious` becomes a list of [gt annotation id, iou] pairs (ids may not be strings)."""
@@ -187,7 +191,13 @@ def evaluate(
     `reference_ap` (a fraction, e.g. 0.386) gives `retention = AP / reference_ap`.
     """
     pred_source = pred.source if isinstance(pred, Dataset) else "results"
-    pairs, unmatched = pair_predictions(pred, gt)
+    given_boxes = segm_ap.answers_gt_boxes(pred, gt)
+    if given_boxes:
+        pairs, unmatched = pair_predictions(pred, gt)
+    elif not compute_ap:
+        raise InputError(f"{pred_source}: no prediction sits on a GT box (detector output): only AP applies; drop --no-ap")
+    else:  # detector output: every prediction is a detection, matched by COCOeval/LVISEval (segm_ap)
+        pairs, unmatched = [], segm_ap.detections_of(pred, gt, pred_source)
 
     def is_crowd(ann: dict) -> bool:
         return bool(ann.get("iscrowd", 0))
@@ -302,6 +312,8 @@ def evaluate(
         ap_kind=None,
         ious=ious,
     )
+    if not given_boxes:  # no pairs: the given-box figures do not apply
+        report.protocol, report.miou_missing_as_zero, report.missing_ids = "detections", None, []
     if compute_ap:
         report.ap_kind, report.ap = ("lvis-segm" if lvis_ap else "coco-segm"), ap
         if reference_ap:
@@ -480,14 +492,11 @@ def report_table(report: EvalReport, title: str = "mal eval") -> "Any":
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("instances", justify="right")
-    table.add_row("mIoU (instance-averaged, non-crowd)", pct(report.instance_miou), str(report.num_matched))
-    table.add_row("mIoU (class-averaged)", pct(report.class_miou), f"{report.num_classes} classes")
-    for name, bucket in report.by_size.items():
-        table.add_row(f"  mIoU {name}", pct(bucket.miou), str(bucket.count))
-    table.add_row("mIoU counting missing as 0", pct(report.miou_missing_as_zero), str(report.num_gt))
-    table.add_row("non-crowd GT without a prediction", "", str(report.num_gt - report.num_matched))
-    table.add_row("predictions answering no GT", "", str(report.num_unmatched_predictions))
-    table.add_row("crowd mIoU (separate)", pct(report.crowd_miou), f"{report.num_crowd_matched}/{report.num_crowd}")
+    if report.protocol == "detections":
+        table.add_row("detections (PRED's boxes are not the GT's: standard AP)", "", str(report.num_unmatched_predictions))
+        table.add_row("non-crowd GT instances", "", str(report.num_gt))
+    else:
+        _add_given_box_rows(table, report, pct)
     if report.ap_kind:
         label = "LVIS segm" if report.ap_kind == "lvis-segm" else "COCO segm"
         for key, value in report.ap.items():
@@ -496,3 +505,14 @@ def report_table(report: EvalReport, title: str = "mal eval") -> "Any":
     if report.retention is not None:
         table.add_row(f"retention (AP / {pct(report.reference_ap)})", pct(report.retention), "")
     return table
+
+
+def _add_given_box_rows(table, report: EvalReport, pct) -> None:
+    table.add_row("mIoU (instance-averaged, non-crowd)", pct(report.instance_miou), str(report.num_matched))
+    table.add_row("mIoU (class-averaged)", pct(report.class_miou), f"{report.num_classes} classes")
+    for name, bucket in report.by_size.items():
+        table.add_row(f"  mIoU {name}", pct(bucket.miou), str(bucket.count))
+    table.add_row("mIoU counting missing as 0", pct(report.miou_missing_as_zero), str(report.num_gt))
+    table.add_row("non-crowd GT without a prediction", "", str(report.num_gt - report.num_matched))
+    table.add_row("predictions answering no GT", "", str(report.num_unmatched_predictions))
+    table.add_row("crowd mIoU (separate)", pct(report.crowd_miou), f"{report.num_crowd_matched}/{report.num_crowd}")

@@ -21,7 +21,8 @@ per `parts`:
 - `largest`: only the largest part (drops small fragments).
 - `lines`: one line per part. Simple, but YOLO then counts each part as an instance of its own.
 
-Crowd annotations (`iscrowd: 1`) and annotations with an empty mask are left out (counted in the summary).
+Crowd annotations (`iscrowd: 1`), annotations with an empty mask and detections whose `score` is below
+`min_score` (default: results.TRAINING_MIN_SCORE) are left out (counted in the summary).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from mal_cli.fileio import TEMP_TAG, atomic_write, remove_stale_temps
 from mal_cli.images import check_pixel_budget
 from mal_cli.safe_paths import check_file_name, image_path, is_inside, open_exclusive, refuse_inputs_under, write_error
 from mal_cli.segmentation_check import checked_decode
+from mal_cli.results import TRAINING_MIN_SCORE, below_min_score
 
 __all__ = ["PARTS_MODES", "merge_parts", "instance_polygons", "yolo_lines", "export_yolo", "read_yolo_label"]
 
@@ -187,8 +189,11 @@ def _class_names(categories: list[dict], source: str) -> list[str]:
 
 
 def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], parts: str = "merge",
-                image_info: Optional[str] = None, link_images: Optional[Union[str, Path]] = None) -> dict:
+                image_info: Optional[str] = None, link_images: Optional[Union[str, Path]] = None,
+                min_score: float = TRAINING_MIN_SCORE) -> dict:
     """Write OUT/labels/*.txt, OUT/classes.txt and OUT/data.yaml (see module docstring). Returns a summary dict.
+
+    Annotations whose detector `score` is below `min_score` are left out (mal_cli.results.below_min_score).
 
     Nothing is written until the input has been read whole; the label files are written to a fresh folder
     beside OUT/labels and swapped in at the end, so a failed or killed export leaves the previous one (a
@@ -214,7 +219,11 @@ def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], pa
     names = _class_names(categories, dataset.source)
     class_of = {c["id"]: k for k, c in enumerate(categories)}
     by_image: dict[Any, list[dict]] = defaultdict(list)
+    low_score = 0
     for rec in records:
+        if below_min_score(rec, min_score):
+            low_score += 1
+            continue
         by_image[rec["image_id"]].append(rec)
     _require_some_masks(records, source)
 
@@ -245,7 +254,7 @@ def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], pa
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    stats.update(classes=len(categories), parts=parts, out=str(out))
+    stats.update(classes=len(categories), parts=parts, out=str(out), skipped_low_score=low_score)
     _write_small(out / "classes.txt", "".join(n + "\n" for n in names).encode())
     yaml = ["# written by `mal export yolo`; class k = line k of classes.txt = k-th category by COCO id",
             "# put (or link: --link-images DIR) the images in images/ beside this file",

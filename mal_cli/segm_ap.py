@@ -20,6 +20,12 @@ Chunks must come in ascending image-id order (COCOeval's `np.unique(imgIds)` ord
 one chunk only: the stable sort breaks score ties by image order. Within a chunk COCOeval only looks
 at the categories the chunk's GT or detections use; the other (image, category) entries of a full
 run are all None, which `accumulate()` skips, so they are left out.
+
+Detector output (`answers_gt_boxes` false: no prediction sits on a GT box) is scored the standard way:
+every prediction is a detection, COCOeval matches them to GT by mask IoU in `score` order (1.0 when
+absent). As everywhere in `mal eval`, detections go in without `bbox`, so that their small/medium/large
+range comes from the mask's area, not the box's (pycocotools' `loadRes` takes the box's when one is
+given; detectron2 drops it likewise). AP, AP50 and AP75 do not depend on this.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["AP_KEYS", "ChunkedSegmAP", "precision_curve", "summarize_ap"]
+__all__ = ["AP_KEYS", "ChunkedSegmAP", "answers_gt_boxes", "detections_of", "precision_curve", "summarize_ap"]
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -241,3 +247,31 @@ def summarize_ap(precision: np.ndarray, params) -> list[float]:
         mean_ap(area="medium"),
         mean_ap(area="large"),
     ]
+
+
+def _records(pred) -> list[dict]:
+    return pred if isinstance(pred, list) else pred.annotations
+
+
+def answers_gt_boxes(pred, gt) -> bool:
+    """True when PRED was labelled from the GT's own boxes: a prediction has a GT annotation's image id and
+    identical `bbox`. Then `mal eval` uses the given-box protocol; else PRED is detector output."""
+    gt_boxes = {(ann["image_id"], *ann.get("bbox", ())) for ann in gt.annotations}
+    return any((rec["image_id"], *rec.get("bbox", ())) in gt_boxes for rec in _records(pred))
+
+
+def detections_of(pred, gt, source: str) -> list[dict]:
+    """Every prediction of a results list or labelled dataset, as detections on the GT's images.
+
+    Raises `InputError` for a prediction on an image the GT does not have.
+    """
+    from mal_cli.errors import InputError
+
+    records = _records(pred)
+    image_ids = [image["id"] for image in getattr(pred, "images", [])] + [rec["image_id"] for rec in records]
+    for image_id in image_ids:
+        if image_id not in gt.image_by_id:
+            raise InputError(
+                f"{source}: image id {image_id} is not in the GT {gt.source}; evaluate against the GT of the same images"
+            )
+    return records

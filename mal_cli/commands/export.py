@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mal_cli.results import TRAINING_MIN_SCORE
+
 export_app = typer.Typer(help="Convert labels to other formats.", no_args_is_help=True)
 
 
@@ -35,14 +37,36 @@ def export_yolo_command(
     link_images: Optional[Path] = typer.Option(
         None, "--link-images", help="Symlink the images of this folder into OUT/images/."
     ),
+    min_score: float = typer.Option(
+        TRAINING_MIN_SCORE, "--min-score", help="Leave out detections scored below this (boxes without a score stay)."
+    ),
 ) -> None:
     """Export labels as YOLO segmentation text files (Ultralytics layout)."""
     from mal_cli.export import export_yolo
 
-    stats = export_yolo(labels, out, parts=parts, image_info=image_info, link_images=link_images)
+    stats = export_yolo(labels, out, parts=parts, image_info=image_info, link_images=link_images, min_score=min_score)
     typer.echo(
         f"mal export yolo: {stats['images']} images, {stats['lines']} lines ({stats['instances']} instances, "
-        f"{stats['skipped_crowd']} crowd and {stats['skipped_empty']} empty skipped), "
-        f"{stats['classes']} classes -> {out}",
+        f"{stats['skipped_crowd']} crowd, {stats['skipped_empty']} empty and {stats['skipped_low_score']} "
+        f"below --min-score skipped), {stats['classes']} classes -> {out}",
         err=True,
     )
+
+
+@export_app.command(
+    "results",
+    epilog=(
+        "A results list is what pycocotools' COCO.loadRes and lvis' LVISResults take.\n\n"
+        "Example:\n\n  mal export results labels.json --out results.json --score product --min-score 0.3"
+    ),
+)
+def export_results_command(
+    labels: str = typer.Argument(..., help="Labelled JSON (what `mal label` writes); - = stdin."),
+    out: str = typer.Option(..., "--out", "-o", help="Results list JSON to write; - = stdout."),
+    score: str = typer.Option("mal", "--score", help="mal (mal_score), detector (the box's own score) or product."),
+    min_score: float = typer.Option(0.0, "--min-score", help="Leave out annotations whose detector score is below this."),
+) -> None:
+    """Export labels as a COCO results list ({image_id, category_id, bbox, segmentation, score})."""
+    from mal_cli.results import export_results
+
+    export_results(labels, out, score=score, min_score=min_score)

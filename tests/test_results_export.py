@@ -1,0 +1,135 @@
+"""`mal export results` (labels -> a results list COCO.loadRes takes) and the detector-score rule of exports."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import sys
+
+import numpy as np
+import orjson
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mal_cli.cli import main
+from mal_cli.dataset import Dataset
+from mal_cli.errors import InputError
+from mal_cli.evaluate import evaluate
+from mal_cli.export import export_yolo
+from mal_cli.results import TRAINING_MIN_SCORE, to_results
+
+
+def _labels(raw: dict, with_detector_scores: bool = True) -> Dataset:
+    """The fixture as `mal label` output of detector boxes: GT masks, a mal_score, some detector scores."""
+    rng = np.random.default_rng(0)
+    raw = copy.deepcopy(raw)
+    for k, ann in enumerate(raw["annotations"]):
+        ann["mal_score"] = round(float(rng.random()), 4)
+        if with_detector_scores and k % 4:
+            ann["score"] = [0.01, 0.3, 0.7, 0.95][
+                k % 4
+            ]  # every 4th box has none: a human box
+    raw["annotations"][0]["iscrowd"] = 1
+    return Dataset.from_dict(raw, "labels.json")
+
+
+def run_mal(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["mal", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_results_load_in_pycocotools_with_mal_score(mini16_raw):
+    labels = _labels(mini16_raw)
+    results, skipped = to_results(labels)
+    noncrowd = [a for a in labels.annotations if not a.get("iscrowd")]
+    assert skipped == {"crowd": 1, "low_score": 0} and len(results) == len(noncrowd)
+    assert [r["score"] for r in results] == [a["mal_score"] for a in noncrowd]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(mini16_raw)
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(
+            copy.deepcopy(results)
+        )  # what fails on a labels *file*
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert len(coco_dt.getAnnIds()) == len(results)
+    assert (
+        evaluator.stats[1] > 0.9
+    )  # the masks are the GT's: AP50 near 1 (one crowd GT unanswered)
+
+
+def test_score_kinds_and_min_score(mini16_raw):
+    labels = _labels(mini16_raw)
+    detector, _ = to_results(labels, score="detector")
+    noncrowd = [a for a in labels.annotations if not a.get("iscrowd")]
+    assert [r["score"] for r in detector] == [a.get("score", 1.0) for a in noncrowd]
+    results, skipped = to_results(labels, score="product", min_score=0.5)
+    kept = [
+        a
+        for a in labels.annotations
+        if not a.get("iscrowd") and not a.get("score", 1.0) < 0.5
+    ]
+    assert len(results) == len(kept) and skipped["low_score"] > 0
+    assert [r["score"] for r in results] == pytest.approx(
+        [a.get("score", 1.0) * a["mal_score"] for a in kept]
+    )
+    unlabelled = copy.deepcopy(labels.raw)
+    del unlabelled["annotations"][3]["mal_score"]
+    with pytest.raises(InputError, match="no 'mal_score'; label it first"):
+        to_results(Dataset.from_dict(unlabelled, "boxes.json"))
+    with pytest.raises(InputError, match="--score must be one of"):
+        to_results(labels, score="best")
+
+
+def test_exported_results_keep_the_given_box_protocol(
+    tmp_path, mini16_raw, capsys, monkeypatch
+):
+    labels_path = tmp_path / "labels.json"
+    labels_path.write_bytes(
+        orjson.dumps(_labels(mini16_raw, with_detector_scores=False).raw)
+    )
+    out = tmp_path / "results.json"
+    code, stdout, err = run_mal(
+        capsys, monkeypatch, "export", "results", labels_path, "--out", out
+    )
+    assert code == 0 and stdout == "" and "1 crowd" in err
+    results = orjson.loads(out.read_bytes())
+    report = evaluate(
+        results,
+        Dataset.from_dict(copy.deepcopy(mini16_raw), "gt.json"),
+        compute_ap=False,
+    )
+    assert report.protocol == "given-box" and report.instance_miou == pytest.approx(1.0)
+    code, _, err = run_mal(
+        capsys, monkeypatch, "export", "results", out, "--out", tmp_path / "again.json"
+    )
+    assert code == 2 and "already a results list" in err
+
+
+def test_yolo_export_leaves_low_score_detections_out_by_default(tmp_path, mini16_raw):
+    labels = _labels(mini16_raw)
+    stats = export_yolo(labels, tmp_path / "a")
+    low = sum(1 for a in labels.annotations if a.get("score", 1.0) < TRAINING_MIN_SCORE)
+    assert low > 0 and stats["skipped_low_score"] == low
+    everything = export_yolo(labels, tmp_path / "b", min_score=0.0)
+    assert (
+        everything["skipped_low_score"] == 0
+        and everything["instances"] == stats["instances"] + low
+    )
+    lines = sum(
+        len(p.read_text().splitlines())
+        for p in (tmp_path / "a" / "labels").glob("*.txt")
+    )
+    assert lines == stats["lines"]
