@@ -25,7 +25,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from mal_cli import masks
+import oracles  # tests/oracles.py: the reference RLE encoder
 from mal_cli.cli import main
 from mal_cli.merge import dataset_records_digest
 
@@ -41,7 +41,7 @@ DEAD_PID = 4_194_303  # above every pid this test machine hands out (Linux pid_m
 def _box_rle(x0: int, y0: int, x1: int, y1: int) -> dict:
     mask = np.zeros((H, W), np.uint8)
     mask[y0:y1, x0:x1] = 1
-    return masks.encode(mask)
+    return oracles.encode(mask)
 
 
 def _gt() -> dict:
