@@ -232,6 +232,9 @@ def label_command(
         False, "--compile", help="torch.compile the encoder's transformer blocks (a one-off compile: ~30 s on a CPU; masks "
         "within bf16 rounding of eager). Meant for GPUs, where it is not yet measured: compare with `mal bench --compile`. "
         "On a 2-core CPU it did not pay (README 'Performance')."),
+    precision: str = typer.Option(
+        "auto", help="Model precision: auto, fp32, bf16 or fp16. auto: bf16 on a CUDA GPU and on CPUs with fast bf16 "
+        "matmul (AMX), else fp32 (docs/performance.md). The one that ran is in the summary and the resume fingerprint."),
 ) -> None:
     """Turn every box into an instance mask (batched, streaming, resumable, shardable)."""
     import logging
@@ -247,6 +250,7 @@ def label_command(
         method=method, checkpoint=str(checkpoint) if checkpoint else None, teacher=teacher, threshold=threshold,
         flip=flip, format=fmt, only_missing=only_missing, batch_size=batch_size, device=device, workers=workers,
         strict=strict, crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None, compile=compile,
+        precision=precision,
     )
     summary = label(
         boxes, str(images), out, options, image_info=image_info, shard=parse_shard(shard) if shard else None,

@@ -86,6 +86,7 @@ class LabelOptions:
     workers: Optional[int] = None  # None: `auto_workers`
     strict: bool = False  # an unreadable image stops the run instead of becoming a flagged fallback
     compile: bool = False  # torch.compile the encoder's blocks (`modeling.labeler.compile_encoder_blocks`)
+    precision: str = "auto"  # `mal_cli.precision`; the resolved one goes into the fingerprint (it changes the bytes)
 
     def validate(self) -> None:
         if self.method not in ("mal", "box"):
@@ -96,6 +97,8 @@ class LabelOptions:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):  # `mal_cli.precision.CHOICES`
+            raise InputError(f"--precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise InputError(f"--threshold must be between 0 and 1, got {self.threshold}")
 
@@ -653,10 +656,13 @@ def write_output(out: str, inp: LabelInput, labelled_records, shard_info: Option
 
 
 def _fingerprint(inp: LabelInput, options: LabelOptions, shard: tuple[int, int], checkpoint: Optional[Path],
-                 crop_plan=None) -> str:
+                 crop_plan=None, precision: Optional[str] = None) -> str:
     digest = hashlib.sha256()
     digest.update(inp.digest.encode())
-    labels = {k: v for k, v in asdict(options).items() if k not in ("device", "workers", "checkpoint", "strict", "compile")}
+    labels = {k: v for k, v in asdict(options).items()
+              if k not in ("device", "workers", "checkpoint", "strict", "compile", "precision")}
+    if precision is not None:  # the resolved one: `auto` may be bf16 on one machine and fp32 on another
+        labels["precision"] = precision
     if checkpoint is not None:
         stat = checkpoint.stat()
         labels["checkpoint"] = [checkpoint.name, stat.st_size]
@@ -678,6 +684,7 @@ class LabelSummary:
     boxes_per_s: float = 0.0
     method: str = "mal"
     device: str = "cpu"
+    precision: str = ""  # the one that ran ("" for --method box: no model)
     shard: str = "0/1"
     out: str = ""
 
@@ -690,7 +697,7 @@ class LabelSummary:
         return (
             f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed{failed}), "
             f"fallbacks: {fallbacks}; {self.seconds:.1f} s, {self.boxes_per_s:.0f} boxes/s "
-            f"[{self.method} on {self.device}, shard {self.shard}] -> {self.out}"
+            f"[{self.method} on {self.device}{', ' + self.precision if self.precision else ''}, shard {self.shard}] -> {self.out}"
         )
 
 
@@ -719,7 +726,7 @@ def _load_predictor(options: LabelOptions, checkpoint: Path):
 
     model = load_labeler(checkpoint, use_teacher=options.teacher)
     predictor = BoxPredictor(model, device=options.device, threshold=options.threshold, flip=options.flip,
-                             crop_sizes=options.crop_sizes, compile=options.compile)
+                             crop_sizes=options.crop_sizes, compile=options.compile, precision=options.precision)
     if predictor.device.type == "cuda" and predictor.device.index is not None:
         # cuda:N (a torchrun rank, or --device cuda:1) becomes this process's current device: page-locked
         # buffers and the loader's pin thread then use it, instead of opening a context on cuda:0.
@@ -770,7 +777,8 @@ def _label_input(inp: LabelInput, images_dir: str, out: str, options: LabelOptio
     k, n = shard
     my_groups = [g for gi, g in enumerate(groups) if gi % n == k]
     crop_plan = predictor.crop_plan if predictor else None
-    fingerprint = _fingerprint(inp, options, shard, checkpoint, crop_plan)
+    run_precision = predictor.precision if predictor else None
+    fingerprint = _fingerprint(inp, options, shard, checkpoint, crop_plan, run_precision)
 
     # Progress file: beside OUT, or a temp file when writing to stdout.
     if out == "-":
@@ -792,7 +800,7 @@ def _label_input(inp: LabelInput, images_dir: str, out: str, options: LabelOptio
     writer = ProgressWriter(progress_path, None if done else header)
 
     summary = LabelSummary(method=options.method, shard=f"{k}/{n}", out=out,
-                           device=str(predictor.device) if predictor else "cpu")
+                           device=str(predictor.device) if predictor else "cpu", precision=run_precision or "")
     todo_jobs = [job for g in my_groups if not all(j.position in done for j in g) for job in g]
     todo_groups = [g for g in my_groups if not all(j.position in done for j in g)]
     summary.resumed_images = sum(len(g) for g in my_groups) - len(todo_jobs)
@@ -824,7 +832,7 @@ def _label_input(inp: LabelInput, images_dir: str, out: str, options: LabelOptio
             for j in g:
                 image_shard[j.position] = gi % n
         keep = image_shard[inp.record_image] == k
-        shard_info = {"index": k, "count": n, "fingerprint": _fingerprint(inp, options, (0, 1), checkpoint, crop_plan),
+        shard_info = {"index": k, "count": n, "fingerprint": _fingerprint(inp, options, (0, 1), checkpoint, crop_plan, run_precision),
                       "records": inp.num_records, "positions": np.flatnonzero(keep).tolist()}
     if not my_positions_set <= set(offsets):  # cannot happen unless the progress file was edited meanwhile
         raise OutputError(f"{progress_path}: images missing after the run; rerun with --resume")
