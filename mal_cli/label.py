@@ -362,38 +362,47 @@ class LoadedGroup:
 def load_image_crops(job: ImageJob, index: int, need_pixels: bool, crop_plan,
                      margins: geometry.Margins) -> tuple[LoadedImage, Any]:
     """Decodes one image and crops its labellable boxes: the image's record and the uint8 crops of its model
-    boxes (predictor.BoxCrops, or None). Errors become a value, never an exception."""
-    from mal_cli.images import load_rgb  # PIL import stays out of `mal --help`
+    boxes (predictor.BoxCrops, or None). Errors become a value, never an exception. A JPEG whose boxes are all
+    large enough is decoded at a reduced size (`images.draft_reduction`)."""
+    from mal_cli.images import draft_reduction, load_rgb_reduced, scale_regions  # PIL stays out of `mal --help`
 
-    hw, error, image = job.recorded_hw, None, None
+    hw, error, image, scale = job.recorded_hw, None, None, 1.0
+    model_boxes, regions, areas = _model_boxes(job, hw, margins) if need_pixels and hw else ([], [], [])
+    reduce = draft_reduction(regions, [crop_plan.size_for(a) for a in areas]) if regions else 1
     if need_pixels or hw is None:
         try:
-            image = load_rgb(job.path, expected_hw=job.recorded_hw)
-            decoded_hw = (int(image.shape[0]), int(image.shape[1]))
+            image, decoded_hw, scale = load_rgb_reduced(job.path, expected_hw=job.recorded_hw, reduce=reduce)
             if hw is not None and decoded_hw != hw:
                 error = f"{job.path}: decoded size {decoded_hw[0]}x{decoded_hw[1]} differs from the recorded {hw[0]}x{hw[1]}"
                 image = None
+            if hw is None and need_pixels:
+                model_boxes, regions, areas = _model_boxes(job, decoded_hw, margins)
             hw = hw or decoded_hw
         except Exception as err:  # noqa: BLE001 - any unreadable image is a fallback, not a crash
             error = str(err)
-    model_boxes, regions, areas = [], [], []
-    if image is not None and need_pixels:
-        boxes = job.boxes_xywh.tolist()
-        for i, bbox in enumerate(boxes):
-            xyxy = _box_xyxy(bbox)
-            if xyxy is None:
-                continue
-            row0, row1, col0, col1 = geometry.box_pixel_bounds(xyxy, hw)
-            if row1 <= row0 or col1 <= col0:
-                continue
-            model_boxes.append(i)
-            regions.append(geometry.crop_region(xyxy, margins))
-            areas.append(geometry.box_area(bbox))
+    if image is None:
+        model_boxes, regions, areas = [], [], []
     crops = None
     if model_boxes:
         chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
-        crops = crop_plan.crops(chw, regions, areas)
+        crops = crop_plan.crops(chw, scale_regions(regions, scale), areas)
     return LoadedImage(index, hw, error, model_boxes, regions, areas), crops
+
+
+def _model_boxes(job: ImageJob, hw: tuple[int, int], margins: geometry.Margins) -> tuple[list, list, list]:
+    """The boxes of `job` that go to the model (not degenerate, not empty on the image): indices, crop regions, areas."""
+    model_boxes, regions, areas = [], [], []
+    for i, bbox in enumerate(job.boxes_xywh.tolist()):
+        xyxy = _box_xyxy(bbox)
+        if xyxy is None:
+            continue
+        row0, row1, col0, col1 = geometry.box_pixel_bounds(xyxy, hw)
+        if row1 <= row0 or col1 <= col0:
+            continue
+        model_boxes.append(i)
+        regions.append(geometry.crop_region(xyxy, margins))
+        areas.append(geometry.box_area(bbox))
+    return model_boxes, regions, areas
 
 
 class _GroupCropDataset(torch.utils.data.Dataset):
