@@ -154,6 +154,7 @@ def end_to_end(
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
         "boxes_per_cpu_s": round(boxes / (usage.ru_utime + usage.ru_stime), 2) if usage.ru_utime + usage.ru_stime else None,
         "device": summary.get("device"),
+        "precision": summary.get("precision"),
         "batch_size": batch_size,
         "workers": workers,
     }
@@ -245,6 +246,7 @@ def pipeline_ceiling(
         "workers_cpu_ms_per_box": round(1000 * info["workers_cpu_seconds"] / boxes, 4) if boxes else None,
         "main_process_ceiling_boxes_per_s": round(1000 / main_ms, 1) if main_ms else None,
         "device": summary.get("device"),
+        "precision": summary.get("precision"),
         "batch_size": batch_size,
         "workers": workers,
     }
@@ -269,6 +271,7 @@ def stage_benchmark(
     method: str = "mal",
     max_boxes: Optional[int] = None,
     crop_sizes: Optional[str] = None,
+    precision: str = "auto",
 ) -> dict:
     """Serial pass timing decode / crop / model / paste / RLE / write apart (seconds and ms per box)."""
     import torch
@@ -290,7 +293,7 @@ def stage_benchmark(
         from mal_cli.predictor import BoxCrops, BoxPredictor, paste_prob
 
         predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device,
-                                 crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None)
+                                 crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None, precision=precision)
     sync = _timer()
     dev = predictor.device if predictor else torch.device("cpu")
     t = dict.fromkeys(("decode", "crop", "model", "paste", "rle", "write"), 0.0)
@@ -377,7 +380,7 @@ def _route_areas(dataset: str, n: int) -> np.ndarray:
 
 
 def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, areas: np.ndarray, iterations: int = 3,
-                    crop_sizes: Optional[str] = None, compile: bool = False) -> dict:
+                    crop_sizes: Optional[str] = None, compile: bool = False, precision: str = "auto") -> dict:
     """Encoder + decoder alone on one batch of random uint8 crops sized and routed like `areas`: boxes/s and
     FLOP/s (FlopCounterMode). With `compile`, FLOPs are counted on the eager model, then its blocks are
     compiled (in the warm-up call, timed apart) and timed."""
@@ -389,7 +392,7 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
     from mal_cli.predictor import BoxCrops, BoxPredictor
 
     predictor = BoxPredictor(load_labeler(checkpoint or default_checkpoint()), device=device,
-                             crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None)
+                             crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None, precision=precision)
     model, dev, plan = predictor.model, predictor.device, predictor.crop_plan
     gen = torch.Generator().manual_seed(0)
     area_list = [float(a) for a in areas[:batch_size]]
@@ -466,6 +469,7 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
         "seconds_per_batch": [round(x, 4) for x in times],
         "boxes_per_s": round(batch_size / best, 1),
         "tflop_per_s": round(batch_flops / best / 1e12, 4),
+        "precision": predictor.precision,
     }
 
 
@@ -621,7 +625,9 @@ def train_step_split(config, steps: int = 10, warmup: int = 3) -> dict:
         if first is None:
             first = batch
     loader_rate = steps * config.batch_size / (arrivals[-1] - arrivals[warmup - 1]) if warmup >= 1 else None
-    amp_dtype = torch.bfloat16 if config.amp else None
+    from mal_cli.precision import training_dtype
+
+    _, amp_dtype = training_dtype(config.precision, config.amp, device)
     batch = {k: v.to(device) for k, v in first.items()}
     crops = batch["crop"]
     stages = ("augment", "forward", "losses", "backward", "optimizer")
@@ -718,6 +724,7 @@ def train_benchmark(
     count_flops: bool = True,
     split_steps: int = 10,
     compile: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Training throughput: `steps` steps of the `mal train` loop in a subprocess (see the module docstring, 6).
 
@@ -738,7 +745,7 @@ def train_benchmark(
         batch_size=batch_size, max_steps=steps, device=device,
         workers=defaults.workers if workers is None else workers, log_every=log_every,
         checkpoint_every=steps,  # one checkpoint, after the last logged step (outside the timed window)
-        val=None, compile=compile,
+        val=None, compile=compile, precision=precision,
     )
     with tempfile.TemporaryDirectory(prefix="mal-bench-train-", dir=folder) as tmp:
         run_dir = Path(tmp) / "run"
@@ -871,6 +878,7 @@ def run_bench(
     pipeline: bool = True,
     repeat: int = 1,
     compile: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """All measurements (see the module docstring) as one JSON-able dict. `methods` may be empty (e.g. only `train`)."""
     import torch
@@ -889,6 +897,7 @@ def run_bench(
         "limit": limit,
         "repeat": repeat,
         "compile": compile,
+        "precision": precision,  # as given; the rows that run a model say which one ran
     }
     with tempfile.TemporaryDirectory(prefix="mal-bench-") as tmp:
         folder = Path(tmp)
@@ -897,7 +906,8 @@ def run_bench(
         result["end_to_end"] = {}
         for method in methods:
             result["end_to_end"][method] = end_to_end(subset, images, method, checkpoint, device, batch_size, workers, folder,
-                                                      extra=["--compile"] if compile and method == "mal" else [],
+                                                      extra=(["--compile"] if compile else []) + ["--precision", precision]
+                                                      if method == "mal" else [],
                                                       crop_sizes=crop_sizes)
         if pipeline and "mal" in methods:
             result["pipeline"] = pipeline_ceiling(subset, images, checkpoint, device, batch_size, workers, folder, crop_sizes)
@@ -906,13 +916,13 @@ def run_bench(
             # On the whole DATASET (--limit applies to labelling only).
             result["train"] = train_benchmark(dataset, images, device, train_crop_size, train_batch_size, train_steps,
                                               train_warmup, train_workers, backbone_weights, backbone, folder=folder,
-                                              split_steps=train_split_steps, compile=compile)
+                                              split_steps=train_split_steps, compile=compile, precision=precision)
         if stages:
             result["stages"] = {m: stage_benchmark(subset, images, checkpoint, device, batch_size, m,
-                                                   stage_limit if m == "mal" else None, crop_sizes) for m in methods}
+                                                   stage_limit if m == "mal" else None, crop_sizes, precision) for m in methods}
     if model and "mal" in methods:
         result["model"] = model_benchmark(checkpoint, device, batch_size, _route_areas(dataset, batch_size),
-                                          crop_sizes=crop_sizes, compile=compile)
+                                          crop_sizes=crop_sizes, compile=compile, precision=precision)
     if peak:
         result["peak"] = measure_peak_flops(device)
         if "model" in result and result["peak"]["tflop_per_s"]:
@@ -930,7 +940,8 @@ def bench_table(result: dict):
     table.add_column("figure")
     table.add_column("value", justify="right")
     for method, e2e in result.get("end_to_end", {}).items():
-        table.add_row(f"end to end --method {method}: boxes/s (in run / with start-up)",
+        ran = f", {e2e['precision']}" if e2e.get("precision") else ""
+        table.add_row(f"end to end --method {method}{ran}: boxes/s (in run / with start-up)",
                       f"{e2e['boxes_per_s']} / {e2e['boxes_per_s_wall']}")
         table.add_row(f"end to end --method {method}: peak RSS", f"{e2e['peak_rss_mib']} MiB")
     if "pipeline" in result:
@@ -947,7 +958,8 @@ def bench_table(result: dict):
         m = result["model"]
         sizes = ",".join(str(v) for v in m["crop_sizes"])
         compiled = f", compiled in {m['seconds_warmup']:.1f} s" if m.get("compile") else ""
-        table.add_row(f"model alone (crops {sizes}, batch {m['batch_size']}{compiled}): boxes/s", str(m["boxes_per_s"]))
+        table.add_row(f"model alone (crops {sizes}, batch {m['batch_size']}, {m.get('precision')}{compiled}): boxes/s",
+                      str(m["boxes_per_s"]))
         table.add_row("model GFLOP/box (batch mix; the exact model: full crop, trained decoder)",
                       f"{m['gflop_per_box']} ({m['gflop_per_box_full_crop']})")
         for route, f in m["gflop_per_box_by_route"].items():

@@ -95,7 +95,10 @@ def train_command(
     workers: Optional[int] = typer.Option(
         None, min=0, help="Data-loading worker processes (default: 2 on a CPU; on a GPU, the process's share of the cores less 2, 2 to 8)."),
     seed: int = typer.Option(0, help="Seed of every random draw (same seed, same run)."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast (CPU and GPU)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Autocast at --precision; --no-amp: fp32."),
+    precision: str = typer.Option(
+        "auto", help="auto, fp32 or bf16 (fp16 is for labelling). auto: bf16 on a CUDA GPU and on CPUs with fast bf16 "
+        "matmul (AMX), else fp32 (docs/performance.md). The log's first line says which runs."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder's transformer blocks (student and teacher; "
                                  "a one-off compile of forward and backward). Meant for GPUs, not yet measured there "
                                  "(`mal bench --train --compile`); on a 2-core CPU, steady steps within noise of eager."),
@@ -120,8 +123,8 @@ def train_command(
         min_box_area=min_box_area, margin_max=margin_max, color_jitter=color_jitter, grayscale_prob=grayscale_prob,
         blur_prob=blur_prob, grad_clip=grad_clip, mil_weight=mil_weight, mil_ramp_steps=mil_ramp_steps, crf_weight=crf_weight,
         crf_ramp_steps=crf_ramp_steps, crf_iterations=crf_iterations, crf_zeta=crf_zeta, ema_momentum=ema_momentum,
-        device=device, workers=workers, seed=seed, amp=amp, compile=compile, checkpoint_every=checkpoint_every,
-        val=str(val) if val else None, val_images=str(val_images) if val_images else None, val_every=val_every,
+        device=device, workers=workers, seed=seed, amp=amp, precision=precision, compile=compile,
+        checkpoint_every=checkpoint_every, val=str(val) if val else None, val_images=str(val_images) if val_images else None, val_every=val_every,
         val_limit=val_limit, resume=resume,
     )
     result = train(config)
@@ -474,6 +477,7 @@ def bench_command(
     ),
     backbone: Optional[str] = typer.Option(None, help="timm ViT name for the training run (default: mal train's, vit_small_patch14_dinov2)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all figures as JSON here."),
+    precision: str = typer.Option("auto", help="As `mal label --precision` / `mal train --precision`, for every row that runs the model."),
 ) -> None:
     """Benchmark `mal label` and, with --train, `mal train`: throughput, memory, FLOP/s vs the device peak.
 
@@ -486,6 +490,8 @@ def bench_command(
 
     if method not in ("both", "mal", "box", "none"):
         raise typer.BadParameter("--method must be both, mal, box or none")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):  # `mal_cli.precision.CHOICES`
+        raise typer.BadParameter("--precision must be auto, fp32, bf16 or fp16")
     if train and train_steps <= train_warmup:
         raise typer.BadParameter("--train-steps must exceed --train-warmup")
     methods = {"both": ("mal", "box"), "none": ()}.get(method, (method,))
@@ -494,7 +500,8 @@ def bench_command(
                        train_crop_size=train_crop_size, train_batch_size=train_batch_size, train_steps=train_steps,
                        train_warmup=train_warmup, train_workers=train_workers,
                        backbone_weights=str(backbone_weights) if backbone_weights else None, backbone=backbone,
-                       train_split_steps=train_split_steps, pipeline=pipeline, repeat=repeat, compile=compile)
+                       train_split_steps=train_split_steps, pipeline=pipeline, repeat=repeat, compile=compile,
+                       precision=precision)
     Console(stderr=True).print(bench_table(result))
     if json_out:
         import orjson

@@ -9,8 +9,8 @@ ones; then the boxes were drawn on the stored pixels and those are used. Colour:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps

@@ -74,6 +74,15 @@ def resolve(precision: str, device: torch.device | str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def training_dtype(precision: str, amp: bool, device: torch.device | str) -> tuple[str, torch.dtype | None]:
+    """`mal train`'s precision: the resolved name and its autocast dtype. amp=False (`--no-amp`) is fp32.
+    fp16 is refused: training at fp16 needs loss scaling, which `mal train` does not do."""
+    resolved = resolve(precision if amp else "fp32", device)
+    if resolved == "fp16":
+        raise InputError("--precision fp16 is for labelling: training at fp16 needs loss scaling; use bf16 or fp32")
+    return resolved, autocast_dtype(resolved)
+
+
 def autocast_dtype(resolved: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision (None: fp32, no autocast)."""
     return DTYPES[resolved]

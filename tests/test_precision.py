@@ -114,7 +114,8 @@ def test_precision_is_in_the_summary_and_the_resume_fingerprint(tmp_path, tiny_c
     """bf16 and fp32 give different bytes (measured on this fixture: see docs/performance.md), so a progress
     file made at one precision cannot be resumed at the other."""
     cpu(NO_AMX)
-    options = dict(method="mal", checkpoint=str(tiny_checkpoint), threshold=0.499, batch_size=16, workers=0, device="cpu")
+    options = {"method": "mal", "checkpoint": str(tiny_checkpoint), "threshold": 0.499, "batch_size": 16, "workers": 0,
+               "device": "cpu"}
     outs = {}
     for choice in ("fp32", "bf16"):
         out = tmp_path / f"{choice}.json"
@@ -134,3 +135,13 @@ def test_precision_is_in_the_summary_and_the_resume_fingerprint(tmp_path, tiny_c
     box = label(str(MINI16_JSON), str(MINI16_IMAGES), str(tmp_path / "box.json"), LabelOptions(method="box", workers=0),
                 progress_bar=False)
     assert box.precision == "" and "[box on cpu, shard" in box.line()
+
+
+def test_training_precision(cpu):
+    cpu(NO_AMX)
+    assert precision.training_dtype("auto", True, "cpu") == ("fp32", None)
+    assert precision.training_dtype("bf16", True, "cpu") == ("bf16", torch.bfloat16)
+    assert precision.training_dtype("bf16", False, "cpu") == ("fp32", None)  # --no-amp
+    assert precision.training_dtype("auto", True, "cuda") == ("bf16", torch.bfloat16)
+    with pytest.raises(InputError, match="loss scaling"):
+        precision.training_dtype("fp16", True, "cpu")
