@@ -21,7 +21,7 @@ from mal_cli.errors import InputError
 CHOICES = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPUINFO = Path("/proc/cpuinfo")
-# bf16 counts as fast when a timed bf16 matmul beats fp32 by this much (AMX: ~2x here; emulated: ~0.6x).
+# bf16 counts as fast when a timed bf16 matmul beats fp32 by this much (AMX beats it by far; emulated bf16 loses).
 TIMED_SPEEDUP = 1.3
 
 
@@ -38,7 +38,7 @@ def cpu_flags() -> set[str] | None:
 
 
 def _timed_bf16_speedup(n: int = 256, repeats: int = 3) -> float:
-    """fp32 time / bf16 time of an n x n matmul, best of `repeats` (one-off: ~20 ms on a laptop)."""
+    """fp32 time / bf16 time of an n x n matmul, best of `repeats` (a one-off of a few tens of milliseconds)."""
     def best(dtype: torch.dtype) -> float:
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
