@@ -59,8 +59,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each tool (default: torch's)")
     parser.add_argument("--peer-script", type=Path, default=HERE / "mobilesam_peer.py")
-    parser.add_argument("mal_options", nargs="*", help="after --: extra `mal label` options (e.g. --precision fp32)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    mal_options = argv[argv.index("--") + 1 :] if "--" in argv else []  # after --: extra `mal label` options
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -69,7 +70,7 @@ def main() -> None:
         boxes, n_boxes = subset(args.boxes, args.limit, folder)
         summary = folder / "summary.json"
         mal_cmd = [sys.executable, "-m", "mal_cli", "label", str(boxes), "--images", args.images, "--out",
-                   str(folder / "mal.json"), "--no-progress", "--summary-json", str(summary), *args.mal_options]
+                   str(folder / "mal.json"), "--no-progress", "--summary-json", str(summary), *mal_options]
         _, mal_wall, mal_cpu = run_child(mal_cmd, env)
         mal = orjson.loads(summary.read_bytes())
         peer_cmd = [sys.executable, str(args.peer_script), str(boxes), "--images", args.images, "--time-only"]
