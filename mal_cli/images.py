@@ -51,7 +51,7 @@ def load_rgb(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np
 
 def load_rgb_reduced(path: str | Path, expected_hw: tuple[int, int] | None = None,
                      reduce: int = 1) -> tuple[np.ndarray, tuple[int, int], float]:
-    """`load_rgb` decoded at up to 1/`reduce` of the full size where the format allows it (JPEG's DCT scaling:
+    """`load_rgb` decoded at up to 1/`reduce` of the full size where the format allows it (JPEG and MPO: DCT scaling,
     `reduce` 2, 4 or 8; other formats decode in full). Returns the (h, w, 3) array, the full image's oriented
     (H, W) (what boxes and masks refer to) and the scale the pixels were decoded at (1 / the reduction):
     full-image coordinate x is x * scale in the array.
@@ -63,7 +63,7 @@ def load_rgb_reduced(path: str | Path, expected_hw: tuple[int, int] | None = Non
             with Image.open(path) as raw:
                 full_wh = raw.size
                 scale = 1.0
-                if reduce > 1 and raw.format == "JPEG":
+                if reduce > 1 and raw.format in ("JPEG", "MPO"):  # MPO: phone photos, a JPEG with extra frames
                     raw.draft(raw.mode, (max(full_wh[0] // reduce, 1), max(full_wh[1] // reduce, 1)))  # >= these
                     scale = raw.size[0] / full_wh[0]  # the DCT scale libjpeg picked: 1, 1/2, 1/4 or 1/8
                     scale = 1.0 / round(1.0 / scale)
