@@ -72,11 +72,31 @@ def crop_image(image: torch.Tensor, region_xyxy: Sequence[float], size: int) -> 
 
 
 def crop_images(image: torch.Tensor, regions_xyxy: Sequence[Sequence[float]], size: int) -> torch.Tensor:
-    """Crop many regions of one image (C, H, W) at once -> (N, C, size, size) float32."""
+    """Crop many regions of one image (C, H, W), any dtype -> (N, C, size, size) float32.
+
+    Each crop first gathers the (at most 2 x size) rows and columns of pixels its bilinear samples read, and
+    converts only those to float: the cost does not grow with the image (a float copy of a 12-megapixel
+    photo is 144 MB). Same samples and weights as `crop_image`, up to float32 rounding of the coordinates.
+    """
     height, width = image.shape[-2], image.shape[-1]
-    grids = torch.cat([crop_grid(r, (height, width), size) for r in regions_xyxy], dim=0)
-    source = image.unsqueeze(0).float().expand(len(regions_xyxy), -1, -1, -1)
-    return F.grid_sample(source, grids, mode="bilinear", padding_mode="border", align_corners=False)
+    crops = []
+    for x0, y0, x1, y1 in regions_xyxy:
+        cols, gx = _gathered_axis(_reflect(_axis_sample_points(x0, x1, size), width), width)
+        rows, gy = _gathered_axis(_reflect(_axis_sample_points(y0, y1, size), height), height)
+        source = image[..., rows[:, None], cols].unsqueeze(0).float()
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).unsqueeze(0)
+        crops.append(F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False))
+    return torch.cat(crops) if crops else torch.zeros((0, image.shape[-3], size, size))
+
+
+def _gathered_axis(coords: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixel indices bilinear sampling at image coordinates `coords` reads along one axis (sorted, unique),
+    and the `grid_sample` coordinates of the same samples in the image made of those pixels alone."""
+    pixel = (coords - 0.5).clamp(0, length - 1)  # pixel-index units; "border" padding clamps the same way
+    low = pixel.floor().long()
+    index = torch.unique(torch.cat([low, (low + 1).clamp(max=length - 1)]))
+    local = torch.searchsorted(index, low) + (pixel - low)  # low's neighbour low + 1 is the next gathered pixel
+    return index, ((local + 0.5) / len(index) * 2 - 1).float()
 
 
 def box_mask(box_xyxy: Sequence[float], region_xyxy: Sequence[float], size: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ ones; then the boxes were drawn on the stored pixels and those are used. Colour:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from mal_cli.errors import InputError
 # Refuse decompression bombs outright: 50k x 50k would be 7.5 GB of RGB.
 MAX_IMAGE_PIXELS = 400_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+ORIENTATION_TAG = 0x0112  # EXIF Orientation, as ImageOps.exif_transpose reads it
 
 
 class ImageLoadError(InputError):
@@ -44,18 +46,36 @@ def load_rgb(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np
 
     Raises ImageLoadError (one clear line) for missing, corrupt, truncated or oversized images.
     """
+    return load_rgb_reduced(path, expected_hw)[0]
+
+
+def load_rgb_reduced(path: str | Path, expected_hw: tuple[int, int] | None = None,
+                     reduce: int = 1) -> tuple[np.ndarray, tuple[int, int], float]:
+    """`load_rgb` decoded at up to 1/`reduce` of the full size where the format allows it (JPEG and MPO: DCT scaling,
+    `reduce` 2, 4 or 8; other formats decode in full). Returns the (h, w, 3) array, the full image's oriented
+    (H, W) (what boxes and masks refer to) and the scale the pixels were decoded at (1 / the reduction):
+    full-image coordinate x is x * scale in the array.
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as raw:
+                full_wh = raw.size
+                scale = 1.0
+                if reduce > 1 and raw.format in ("JPEG", "MPO"):  # MPO: phone photos, a JPEG with extra frames
+                    raw.draft(raw.mode, (max(full_wh[0] // reduce, 1), max(full_wh[1] // reduce, 1)))  # >= these
+                    scale = raw.size[0] / full_wh[0]  # the DCT scale libjpeg picked: 1, 1/2, 1/4 or 1/8
+                    scale = 1.0 / round(1.0 / scale)
                 raw.load()
-                oriented = ImageOps.exif_transpose(raw)
-                image = oriented
-                if expected_hw is not None and (oriented.height, oriented.width) != tuple(expected_hw):
-                    if (raw.height, raw.width) == tuple(expected_hw):
-                        image = raw
-                return np.asarray(_to_rgb(image))
+                # Orientation is decided on the full sizes (the recorded size refers to them), then applied.
+                swaps = raw.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+                raw_hw = (full_wh[1], full_wh[0])
+                oriented_hw = raw_hw[::-1] if swaps else raw_hw
+                image, full_hw = ImageOps.exif_transpose(raw), oriented_hw
+                if expected_hw is not None and oriented_hw != tuple(expected_hw) and raw_hw == tuple(expected_hw):
+                    image, full_hw = raw, raw_hw
+                return np.asarray(_to_rgb(image)), full_hw, scale
     except FileNotFoundError:
         raise ImageLoadError(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -108,3 +128,23 @@ def require_trainable_images(images: "list[tuple[str, tuple[int, int]]]", images
             f"none of the {len(seen)} training images under {images_dir} can be decoded (e.g. {last_error}); "
             "nothing to train on"
         )
+
+
+def draft_reduction(regions_xyxy: Sequence[Sequence[float]], crop_sizes: Sequence[int]) -> int:
+    """The largest JPEG decode reduction (1, 2, 4 or 8) at which every crop region still spans at least its
+    crop size in pixels along both axes: the crops then resample a smaller, DCT-filtered image instead of
+    the full one, with as many source pixels as they have samples (docs/performance.md: masks' IoU with the
+    full decode). 1 when any region is smaller."""
+    smallest = min((min(x1 - x0, y1 - y0) / size for (x0, y0, x1, y1), size in zip(regions_xyxy, crop_sizes)),
+                   default=0.0)
+    for reduce in (8, 4, 2):
+        if smallest >= reduce:
+            return reduce
+    return 1
+
+
+def scale_regions(regions_xyxy: Sequence[Sequence[float]], scale: float) -> list[tuple[float, float, float, float]]:
+    """Full-image regions in the coordinates of an image decoded at `scale` (see `load_rgb_reduced`)."""
+    if scale == 1.0:
+        return [tuple(r) for r in regions_xyxy]
+    return [(x0 * scale, y0 * scale, x1 * scale, y1 * scale) for x0, y0, x1, y1 in regions_xyxy]

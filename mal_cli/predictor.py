@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mal_cli import geometry
+from mal_cli import precision as precisions
 from mal_cli.device import resolve_device
 from mal_cli.errors import InputError
 from mal_cli.labeling.postprocess import BoxPrediction, paste_prob, window_to_full
@@ -121,8 +122,10 @@ class BoxPredictor:
         amp: bool = True,
         crop_sizes: Sequence[int] | str | None = None,
         compile: bool = False,
+        precision: str = "auto",
     ):
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.precision = precisions.resolve(precision if amp else "fp32", self.device)  # amp=False: fp32 as before
         self.model = model.to(self.device).eval()
         # NHWC for the decoder's 3x3 convs: faster with oneDNN (CPU) and cuDNN (GPU), same math.
         self.model.decoder.to(memory_format=torch.channels_last)
@@ -153,9 +156,8 @@ class BoxPredictor:
         """
         crops = self.to_device(crops).float()
         areas = box_areas.float()
-        dtype = torch.bfloat16
         scales = self.crop_plan.decoder_scales
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
+        with precisions.autocast(self.device, self.precision):
             logits = self.model(crops, areas, scales).float()
             if self.flip:
                 flipped = self.model(crops.flip(-1), areas, scales).float().flip(-1)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mal_cli import geometry, losses
+from mal_cli import precision as precisions
 from mal_cli.errors import InputError, OutputError
 from mal_cli.images import ImageLoadError, load_rgb, require_trainable_images
 from mal_cli.modeling.image_encoder import load_backbone_weights
@@ -87,7 +88,8 @@ class TrainConfig:
     device: str = "auto"
     workers: Optional[int] = None  # None: auto_train_workers
     seed: int = 0
-    amp: bool = True
+    amp: bool = True  # False (--no-amp): fp32 whatever `precision` says
+    precision: str = "auto"  # `mal_cli.precision.training_dtype`
     compile: bool = False  # torch.compile the student's and teacher's encoder blocks
     checkpoint_every: int = 500
     log_every: int = 10
@@ -613,15 +615,16 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
-    amp_dtype = torch.bfloat16 if config.amp else None
+    run_precision, amp_dtype = precisions.training_dtype(config.precision, config.amp, device)
     workers = loader_workers(config, device)
 
     metrics_file = out_dir / "metrics.jsonl"
     if dist_info.is_main:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         log.info(
-            "training on %d boxes, %d steps (%d per epoch), batch %d x %d process(es), device %s, %d loader workers",
-            len(records), total_steps, steps_per_epoch, config.batch_size, dist_info.world_size, device, workers,
+            "training on %d boxes, %d steps (%d per epoch), batch %d x %d process(es), device %s, %s, %d loader workers",
+            len(records), total_steps, steps_per_epoch, config.batch_size, dist_info.world_size, device, run_precision,
+            workers,
         )
 
     def save(step_now: int, last_metrics: dict) -> None:
@@ -727,7 +730,7 @@ def validate(model: MaskLabeler, config: TrainConfig, device: torch.device) -> d
     val = _val_cache(config.val)
     images_dir = config.val_images or config.images
     was_training = model.training
-    predictor = BoxPredictor(model, device=device, amp=config.amp)
+    predictor = BoxPredictor(model, device=device, amp=config.amp, precision=config.precision)
     ious: list[float] = []
     for image in val.images:
         anns = [a for a in val.annotations_by_image.get(image["id"], []) if not a.get("iscrowd", 0)]

@@ -116,6 +116,7 @@ def test_fast_paste_matches_grid_sample():
             np.testing.assert_allclose(fast, slow, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bench_train_only_json_fields(tmp_path):
     """`--method none --train`: only the training benchmark, a tiny ViT on CPU; figures consistent with the log."""
     out = tmp_path / "bench.json"

@@ -47,6 +47,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None
     raise AssertionError(f"condition not met (exit code {proc.poll()}): {out[-2000:]}")
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume_matches_uninterrupted(tmp_path):
     steps = ["--max-steps", "14", "--checkpoint-every", "2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -80,6 +81,7 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted(tmp_path):
         assert {k: x[k] for k in ("loss", "mil", "crf", "grad_norm", "lr")} == {k: y[k] for k in ("loss", "mil", "crf", "grad_norm", "lr")}
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_writes_a_checkpoint_and_exits_130(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(_mal(*TRAIN, "--out", run, "--max-steps", "5000", "--checkpoint-every", "5000"),
@@ -141,6 +143,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_nan_on_one_ddp_rank_skips_the_step_on_all_ranks(tmp_path):
     script = tmp_path / "nan_rank0.py"
     script.write_text(NAN_ON_RANK0)

@@ -214,6 +214,7 @@ def _label_cmd(boxes, out, checkpoint, *extra):
             "--device", "cpu", "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_byte_identical(tmp_path, tiny_checkpoint, tiny_single_run):
     out = tmp_path / "labels.json"
     progress = progress_path_for(out)
@@ -258,6 +259,7 @@ def test_shards_merge_to_the_single_run(tmp_path, tiny_checkpoint, tiny_single_r
     assert out.read_bytes() == tiny_single_run
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_single(tmp_path, tiny_checkpoint, tiny_single_run):
     out = tmp_path / "labels.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -121,6 +121,7 @@ def test_resolve_device_checks_the_cuda_index(monkeypatch):
         resolve_device("cuda:2")
 
 
+@pytest.mark.slow
 @ON_CPU_AND_GPU
 def test_compiled_blocks_are_one_graph_with_the_eager_probabilities(model, device):
     from torch._dynamo.utils import counters

@@ -161,6 +161,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert oa.keys() == ob.keys() and all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
 
 
+@pytest.mark.slow
 def test_compiled_training_follows_the_eager_run_and_keeps_checkpoint_keys(tmp_path):
     from mal_cli.modeling.labeler import load_labeler
 
@@ -259,6 +260,7 @@ def test_torchrun_two_process_gloo_run_writes_one_checkpoint(tmp_path):
     assert "training on 77 boxes, 2 steps" in proc.stderr and "2 process(es)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_short_cpu_training_lowers_the_losses(tmp_path):
     """30 steps on random tiny-ViT weights: the MIL and total losses fall well below their first step."""
     out = tmp_path / "fall"

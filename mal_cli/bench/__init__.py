@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mal_cli.errors import InputError
+from mal_cli.precision import CHOICES as PRECISIONS
 
 __all__ = ["BenchConfig", "run_bench"]
 
@@ -65,6 +66,7 @@ class BenchConfig:
     workers: Optional[int] = None  # None: `mal label`'s default
     crop_sizes: Optional[str] = None  # as `mal label --crop-sizes`
     compile: bool = False
+    precision: str = "auto"  # as `mal label --precision`, for every row that runs the model
     limit: Optional[int] = None  # the first whole images holding at least this many boxes
     repeat: int = 1  # label the (limited) dataset this many times over, new ids each time
     method: str = "both"  # both, mal, box or none (no labelling benchmark)
@@ -90,6 +92,8 @@ class BenchConfig:
     def validate(self) -> None:
         if self.method not in BENCH_METHODS:
             raise InputError(f"--method must be one of {', '.join(BENCH_METHODS)}, got '{self.method}'")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.repeat < 1:
             raise InputError(f"--repeat must be at least 1, got {self.repeat}")
         if self.train_split_steps < 0:
@@ -106,7 +110,7 @@ def _labelling(config: BenchConfig, result: dict, folder: Path) -> None:
     result["images"], result["boxes"] = n_images, n_boxes
     result["end_to_end"] = {}
     for method in c.methods:
-        extra = ["--compile"] if c.compile and method == "mal" else []
+        extra = (["--compile"] if c.compile else []) + ["--precision", c.precision] if method == "mal" else []
         result["end_to_end"][method] = end_to_end(
             subset,
             c.images,
@@ -142,6 +146,7 @@ def _labelling(config: BenchConfig, result: dict, folder: Path) -> None:
             folder=folder,
             split_steps=c.train_split_steps,
             compile=c.compile,
+            precision=c.precision,
         )
     if c.stages:
         from mal_cli.bench.labelling import stage_benchmark
@@ -156,6 +161,7 @@ def _labelling(config: BenchConfig, result: dict, folder: Path) -> None:
                 m,
                 c.stage_limit if m == "mal" else None,
                 c.crop_sizes,
+                c.precision,
             )
             for m in c.methods
         }
@@ -193,6 +199,7 @@ def run_bench(config: BenchConfig) -> dict:
         "limit": c.limit,
         "repeat": c.repeat,
         "compile": c.compile,
+        "precision": c.precision,  # as given; the rows that run a model say which one ran
     }
     with tempfile.TemporaryDirectory(prefix="mal-bench-") as tmp:
         _labelling(config, result, Path(tmp))
@@ -206,6 +213,7 @@ def run_bench(config: BenchConfig) -> dict:
             route_areas(c.dataset, c.batch_size),
             crop_sizes=c.crop_sizes,
             compile=c.compile,
+            precision=c.precision,
         )
     if c.peak:
         _peak(config, result)

@@ -111,6 +111,7 @@ def end_to_end(
         if usage.ru_utime + usage.ru_stime
         else None,
         "device": summary.get("device"),
+        "precision": summary.get("precision"),
         "batch_size": batch_size,
         "workers": workers,
     }
@@ -225,6 +226,7 @@ def pipeline_ceiling(
         "workers_cpu_ms_per_box": round(1000 * info["workers_cpu_seconds"] / boxes, 4) if boxes else None,
         "main_process_ceiling_boxes_per_s": round(1000 / main_ms, 1) if main_ms else None,
         "device": summary.get("device"),
+        "precision": summary.get("precision"),
         "batch_size": batch_size,
         "workers": workers,
     }
@@ -268,7 +270,7 @@ def _load_group(group, predictor, t: dict) -> tuple[list, Any, Any]:
     margins = predictor.margins if predictor else Margins.uniform()
     for i, job in enumerate(group):
         s = time.perf_counter()
-        item, image = load_image(job, i, predictor is not None, margins)
+        item, image, _ = load_image(job, i, predictor is not None, margins)
         t["decode"] += time.perf_counter() - s
         loaded.append(item)
         if item.regions:
@@ -289,6 +291,7 @@ def stage_benchmark(
     method: str = "mal",
     max_boxes: Optional[int] = None,
     crop_sizes: Optional[str] = None,
+    precision: str = "auto",
 ) -> dict:
     """A serial pass over `mal label`'s own plan, loader and post-processing functions, timing decode / crop /
     model / paste / RLE / write apart (seconds and ms per box)."""
@@ -302,7 +305,9 @@ def stage_benchmark(
     if method == "mal":
         from mal_cli.labeling.run import load_predictor
 
-        options = LabelOptions(device=device, crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None)
+        options = LabelOptions(
+            device=device, crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None, precision=precision
+        )
         predictor = load_predictor(options, Path(checkpoint) if checkpoint else default_checkpoint())
     t = dict.fromkeys(("decode", "crop", "model", "paste", "rle", "write"), 0.0)
     boxes_done = 0

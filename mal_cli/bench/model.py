@@ -88,6 +88,7 @@ def model_benchmark(
     iterations: int = 3,
     crop_sizes: Optional[str] = None,
     compile: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Encoder + decoder alone on one batch of random uint8 crops sized and routed like `areas`: boxes/s and
     FLOP/s (FlopCounterMode). With `compile`, FLOPs are counted on the eager model, then its blocks are
@@ -95,6 +96,7 @@ def model_benchmark(
     import torch
 
     from mal_cli.labeling.options import default_checkpoint, parse_crop_sizes
+    from mal_cli import precision as precisions
     from mal_cli.modeling.labeler import compile_encoder_blocks, load_labeler
     from mal_cli.predictor import BoxCrops, BoxPredictor
 
@@ -102,6 +104,7 @@ def model_benchmark(
         load_labeler(checkpoint or default_checkpoint()),
         device=device,
         crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None,
+        precision=precision,
     )
     model, dev, plan = predictor.model, predictor.device, predictor.crop_plan
     gen = torch.Generator().manual_seed(0)
@@ -120,7 +123,7 @@ def model_benchmark(
     with torch.inference_mode():
         for size, size_crops in crops.by_size.items():
             idx = [i for i, s in enumerate(sizes) if s == size]
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
+            with precisions.autocast(dev, predictor.precision):
                 batch_flops += _count_flops(
                     lambda c=size_crops, i=idx: model(c.to(dev).float(), area_t[i].to(dev), plan.decoder_scales)
                 )
@@ -148,6 +151,7 @@ def model_benchmark(
         "seconds_per_batch": [round(x, 4) for x in times],
         "boxes_per_s": round(batch_size / best, 1),
         "tflop_per_s": round(batch_flops / best / 1e12, 4),
+        "precision": predictor.precision,
     }
 
 

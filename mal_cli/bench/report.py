@@ -11,7 +11,8 @@ def bench_table(result: dict):
     table.add_column("value", justify="right")
     for method, e2e in result.get("end_to_end", {}).items():
         table.add_row(
-            f"end to end --method {method}: boxes/s (in run / with start-up)",
+            f"end to end --method {method}{', ' + e2e['precision'] if e2e.get('precision') else ''}: boxes/s "
+            "(in run / with start-up)",
             f"{e2e['boxes_per_s']} / {e2e['boxes_per_s_wall']}",
         )
         table.add_row(f"end to end --method {method}: peak RSS", f"{e2e['peak_rss_mib']} MiB")
@@ -33,7 +34,10 @@ def bench_table(result: dict):
         m = result["model"]
         sizes = ",".join(str(v) for v in m["crop_sizes"])
         compiled = f", compiled in {m['seconds_warmup']:.1f} s" if m.get("compile") else ""
-        table.add_row(f"model alone (crops {sizes}, batch {m['batch_size']}{compiled}): boxes/s", str(m["boxes_per_s"]))
+        table.add_row(
+            f"model alone (crops {sizes}, batch {m['batch_size']}, {m.get('precision')}{compiled}): boxes/s",
+            str(m["boxes_per_s"]),
+        )
         table.add_row(
             "model GFLOP/box (batch mix; the exact model: full crop, trained decoder)",
             f"{m['gflop_per_box']} ({m['gflop_per_box_full_crop']})",

@@ -147,7 +147,9 @@ def train_step_split(config, steps: int = 10, warmup: int = 3) -> dict:
         if first is None:
             first = batch
     loader_rate = steps * config.batch_size / (arrivals[-1] - arrivals[warmup - 1]) if warmup >= 1 else None
-    amp_dtype = torch.bfloat16 if config.amp else None
+    from mal_cli.precision import training_dtype
+
+    _, amp_dtype = training_dtype(config.precision, config.amp, device)
     batch = {k: v.to(device) for k, v in first.items()}
     crops = batch["crop"]
     stages = ("augment", "forward", "losses", "backward", "optimizer")
@@ -261,7 +263,8 @@ def _flop_rates(dataset: str, images: str, config, device: str, rate: Optional[f
 
 
 def _train_config(
-    dataset, images, device, crop_size, batch_size, steps, workers, backbone_weights, backbone, log_every, compile
+    dataset, images, device, crop_size, batch_size, steps, workers, backbone_weights, backbone, log_every, compile,
+    precision="auto",
 ):
     """`mal train`'s config for the benchmark run: its defaults, no validation, one checkpoint at the end."""
     from mal_cli.train import TrainConfig
@@ -281,6 +284,7 @@ def _train_config(
         checkpoint_every=steps,  # one checkpoint, after the last logged step (outside the timed window)
         val=None,
         compile=compile,
+        precision=precision,
     )
 
 
@@ -300,6 +304,7 @@ def train_benchmark(
     count_flops: bool = True,
     split_steps: int = 10,
     compile: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Training throughput: `steps` steps of the `mal train` loop in a subprocess (see the module docstring, 6).
 
@@ -312,7 +317,8 @@ def train_benchmark(
     if steps <= warmup_steps:
         raise ValueError(f"train steps ({steps}) must exceed the warm-up steps ({warmup_steps})")
     config = _train_config(
-        dataset, images, device, crop_size, batch_size, steps, workers, backbone_weights, backbone, log_every, compile
+        dataset, images, device, crop_size, batch_size, steps, workers, backbone_weights, backbone, log_every, compile,
+        precision,
     )
     usage, wall, rows, info = _run_train_child(config, backbone_weights, folder, split_steps)
     log = [

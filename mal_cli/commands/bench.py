@@ -25,6 +25,9 @@ _CropSizes = Annotated[
     Optional[str], typer.Option("--crop-sizes", metavar="S,M,L|full", help="As `mal label --crop-sizes`.")
 ]
 _Compile = Annotated[bool, typer.Option("--compile", help="torch.compile for the end-to-end, model and training rows.")]
+_Precision = Annotated[
+    str, typer.Option(metavar="auto|fp32|bf16|fp16", help="As `mal label --precision`, for every row that runs the model.")
+]
 _Limit = Annotated[Optional[int], typer.Option(help="Use the first whole images holding at least N boxes.")]
 _Repeat = Annotated[int, typer.Option(min=1, help="Label the (limited) dataset N times over, new ids each time.")]
 _Method = Annotated[
@@ -71,6 +74,7 @@ def bench_command(
     workers: _Workers = _BENCH.workers,
     crop_sizes: _CropSizes = _BENCH.crop_sizes,
     compile: _Compile = _BENCH.compile,
+    precision: _Precision = _BENCH.precision,
     limit: _Limit = _BENCH.limit,
     repeat: _Repeat = _BENCH.repeat,
     method: _Method = _BENCH.method,
@@ -104,6 +108,7 @@ def bench_command(
         workers=workers,
         crop_sizes=crop_sizes,
         compile=compile,
+        precision=precision,
         limit=limit,
         repeat=repeat,
         method=method,

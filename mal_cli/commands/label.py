@@ -10,6 +10,7 @@ import typer
 
 from mal_cli.commands import command
 from mal_cli.labeling.options import FORMATS, METHODS, LabelOptions
+from mal_cli.precision import CHOICES as PRECISIONS
 
 _LABEL = LabelOptions
 
@@ -65,6 +66,13 @@ _Strict = Annotated[
 _Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the encoder's blocks (a one-off compile; meant for GPUs).")
 ]
+_Precision = Annotated[
+    str,
+    typer.Option(
+        metavar="|".join(PRECISIONS),
+        help="Model precision. auto: bf16 on a GPU or a CPU with fast bf16 (AMX), else fp32.",
+    ),
+]
 
 
 @command(
@@ -103,6 +111,7 @@ def label_command(
     progress: _Progress = True,
     strict: _Strict = _LABEL.strict,
     compile: _Compile = _LABEL.compile,
+    precision: _Precision = _LABEL.precision,
 ) -> None:
     """Turn every box into an instance mask (batched, streaming, resumable, shardable)."""
     import logging
@@ -128,6 +137,7 @@ def label_command(
         strict=strict,
         crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None,
         compile=compile,
+        precision=precision,
     )
     summary = label(
         boxes,

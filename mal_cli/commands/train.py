@@ -52,7 +52,14 @@ _Workers = Annotated[
     ),
 ]
 _Seed = Annotated[int, typer.Option(help="Seed of every random draw (same seed, same run).")]
-_Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast (CPU and GPU).")]
+_Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="Autocast at --precision; --no-amp: fp32.")]
+_Precision = Annotated[
+    str,
+    typer.Option(
+        metavar="auto|fp32|bf16",
+        help="auto: bf16 on a GPU or a CPU with fast bf16 (AMX), else fp32. The log says which runs.",
+    ),
+]
 _Compile = Annotated[
     bool,
     typer.Option(
@@ -110,6 +117,7 @@ def train_command(
     workers: _Workers = None,
     seed: _Seed = 0,
     amp: _Amp = True,
+    precision: _Precision = "auto",
     compile: _Compile = False,
     checkpoint_every: _CheckpointEvery = 500,
     val: _Val = None,

@@ -42,54 +42,72 @@ class LoadedGroup:
         return LoadedGroup(self.images, self.crops.pin_memory() if self.crops is not None else None, self.box_areas)
 
 
-def _decode(job: ImageJob) -> tuple[Optional[tuple[int, int]], Optional[str], Optional[np.ndarray]]:
-    """The image, its size and an error message (errors become a value, never an exception)."""
-    from mal_cli.images import load_rgb  # PIL import stays out of `mal --help`
+def _decode(job: ImageJob, reduce: int = 1) -> tuple[Optional[tuple[int, int]], Optional[str], Optional[np.ndarray], float]:
+    """The image, its size, an error message (errors become a value, never an exception) and the scale its pixels
+    were decoded at (`images.load_rgb_reduced`: a JPEG may decode at 1/`reduce` of its size)."""
+    from mal_cli.images import load_rgb_reduced  # PIL import stays out of `mal --help`
 
     hw = job.recorded_hw
     try:
-        image = load_rgb(job.path, expected_hw=job.recorded_hw)
+        image, decoded_hw, scale = load_rgb_reduced(job.path, expected_hw=job.recorded_hw, reduce=reduce)
     except Exception as err:  # noqa: BLE001 - any unreadable image is a fallback, not a crash
-        return hw, str(err), None
-    decoded_hw = (int(image.shape[0]), int(image.shape[1]))
+        return hw, str(err), None, 1.0
     if hw is not None and decoded_hw != hw:
         error = f"{job.path}: decoded size {decoded_hw[0]}x{decoded_hw[1]} differs from the recorded {hw[0]}x{hw[1]}"
-        return hw, error, None
-    return decoded_hw, None, image
+        return hw, error, None, 1.0
+    return decoded_hw, None, image, scale
 
 
-def load_image(job: ImageJob, index: int, need_pixels: bool, margins: Margins) -> tuple[LoadedImage, Any]:
-    """Decodes one image (when its pixels or its size are needed) and decides which of its boxes are labellable:
-    those covering a pixel centre (pycocotools' rule). Returns the image's record and its pixels (or None)."""
-    hw, error, image = job.recorded_hw, None, None
-    if need_pixels or hw is None:
-        hw, error, image = _decode(job)
+def _labellable(job: ImageJob, hw: tuple[int, int], margins: Margins) -> tuple[list[int], list, list[float]]:
+    """Per box its row among the labellable boxes (-1: covers no pixel centre, pycocotools' rule); per labellable
+    box its crop region and area."""
     model_index, regions, areas = [], [], []
-    for bbox in job.boxes_xywh.tolist() if not error else ():
+    for bbox in job.boxes_xywh.tolist():
         xyxy = box_xyxy(bbox)
         if xyxy is None or window_is_empty(box_pixel_bounds(xyxy, hw)):
             model_index.append(-1)
             continue
-        model_index.append(len(regions) if need_pixels else 0)
-        if need_pixels:
-            regions.append(crop_region(xyxy, margins))
-            areas.append(box_area(bbox))
+        model_index.append(len(regions))
+        regions.append(crop_region(xyxy, margins))
+        areas.append(box_area(bbox))
+    return model_index, regions, areas
+
+
+def load_image(
+    job: ImageJob, index: int, need_pixels: bool, margins: Margins, reduce: int = 1
+) -> tuple[LoadedImage, Any, float]:
+    """Decodes one image (when its pixels or its size are needed) and decides which of its boxes are labellable.
+    Returns the image's record, its pixels (or None) and the scale they were decoded at."""
+    hw, error, image, scale = job.recorded_hw, None, None, 1.0
+    if need_pixels or hw is None:
+        hw, error, image, scale = _decode(job, reduce)
     if error:
-        model_index = [-1] * job.num_boxes
-    return LoadedImage(index, hw, error, model_index, regions, areas), image
+        return LoadedImage(index, hw, error, [-1] * job.num_boxes, [], []), None, 1.0
+    model_index, regions, areas = _labellable(job, hw, margins)
+    if not need_pixels:
+        model_index, regions, areas = [0 if i >= 0 else -1 for i in model_index], [], []
+    return LoadedImage(index, hw, error, model_index, regions, areas), image, scale
 
 
 def load_image_crops(
     job: ImageJob, index: int, need_pixels: bool, crop_plan, margins: Margins
 ) -> tuple[LoadedImage, Any]:
-    """`load_image` plus the uint8 crops of its model boxes (predictor.BoxCrops, or None)."""
-    loaded, image = load_image(job, index, need_pixels, margins)
+    """`load_image` plus the uint8 crops of its model boxes (predictor.BoxCrops, or None). A JPEG whose every box
+    region spans its crop size at a reduced scale is decoded at that scale (`images.draft_reduction`)."""
+    from mal_cli.images import draft_reduction, scale_regions
+
+    reduce = 1
+    if need_pixels and job.recorded_hw is not None:
+        _, regions, areas = _labellable(job, job.recorded_hw, margins)
+        if regions:
+            reduce = draft_reduction(regions, [crop_plan.size_for(a) for a in areas])
+    loaded, image, scale = load_image(job, index, need_pixels, margins, reduce)
     if not loaded.regions:
         return loaded, None
     import torch
 
     chw = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
-    return loaded, crop_plan.crops(chw, loaded.regions, loaded.box_areas)
+    return loaded, crop_plan.crops(chw, scale_regions(loaded.regions, scale), loaded.box_areas)
 
 
 class GroupCropDataset:

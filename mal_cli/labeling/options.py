@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mal_cli.errors import InputError
+from mal_cli.precision import CHOICES as PRECISIONS
 
 DEFAULT_CHECKPOINT_NAME = "mal_vits14_coco343.pth"
 METHODS = ("mal", "box")
 FORMATS = ("rle", "polygon")
 # Options that change speed, not results: left out of the resume and shard fingerprints.
-SPEED_OPTIONS = ("device", "workers", "checkpoint", "strict", "compile")
+# Not in the fingerprint as given; `precision` goes in resolved (`auto` is bf16 on one machine, fp32 on another).
+SPEED_OPTIONS = ("device", "workers", "checkpoint", "strict", "compile", "precision")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class LabelOptions:
     workers: Optional[int] = None  # None: `auto_workers`
     strict: bool = False  # an unreadable image stops the run instead of becoming a flagged fallback
     compile: bool = False  # torch.compile the encoder's blocks (`modeling.labeler.compile_encoder_blocks`)
+    precision: str = "auto"  # `mal_cli.precision`
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -46,6 +49,8 @@ class LabelOptions:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise InputError(f"--threshold must be between 0 and 1, got {self.threshold}")
 

@@ -32,7 +32,12 @@ from mal_cli.labeling.progress import (
 
 
 def fingerprint(
-    index: BoxIndex, options: LabelOptions, shard: tuple[int, int], checkpoint: Optional[Path], crop_plan=None
+    index: BoxIndex,
+    options: LabelOptions,
+    shard: tuple[int, int],
+    checkpoint: Optional[Path],
+    crop_plan=None,
+    precision: Optional[str] = None,
 ) -> str:
     """What the results depend on: the input, the options that change labels, the checkpoint, the plan, the shard."""
     digest = hashlib.sha256()
@@ -41,6 +46,8 @@ def fingerprint(
     if checkpoint is not None:
         stat = checkpoint.stat()
         labels["checkpoint"] = [checkpoint.name, stat.st_size]
+    if precision is not None:  # the resolved one: bf16 and fp32 give different bytes
+        labels["precision"] = precision
     if crop_plan is not None:  # the resolved plan, not only --crop-sizes: a default that changes between versions
         labels["plan"] = [crop_plan.sizes, crop_plan.decoder_scales]
     digest.update(orjson.dumps([labels, list(shard)], option=orjson.OPT_SORT_KEYS))
@@ -59,6 +66,7 @@ class LabelSummary:
     boxes_per_s: float = 0.0
     method: str = "mal"
     device: str = "cpu"
+    precision: str = ""  # the one that ran ("" for --method box: no model)
     shard: str = "0/1"
     out: str = ""
 
@@ -71,7 +79,8 @@ class LabelSummary:
         return (
             f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed{failed}), "
             f"fallbacks: {fallbacks}; {self.seconds:.1f} s, {self.boxes_per_s:.0f} boxes/s "
-            f"[{self.method} on {self.device}, shard {self.shard}] -> {self.out}"
+            f"[{self.method} on {self.device}{', ' + self.precision if self.precision else ''}, shard {self.shard}] "
+            f"-> {self.out}"
         )
 
 
@@ -112,6 +121,7 @@ def load_predictor(options: LabelOptions, checkpoint: Path):
         flip=options.flip,
         crop_sizes=options.crop_sizes,
         compile=options.compile,
+        precision=options.precision,
     )
     if predictor.device.type == "cuda" and predictor.device.index is not None:
         # cuda:N (a torchrun rank, or --device cuda:1) becomes this process's current device: page-locked
@@ -187,7 +197,8 @@ def _label_index(
     groups = group_jobs(plan_jobs(index, images_dir, options.only_missing), options.batch_size)
     my_groups = shard_groups(groups, shard)
     crop_plan = predictor.crop_plan if predictor else None
-    this_fingerprint = fingerprint(index, options, shard, checkpoint, crop_plan)
+    run_precision = predictor.precision if predictor else None
+    this_fingerprint = fingerprint(index, options, shard, checkpoint, crop_plan, run_precision)
     header = progress_header(this_fingerprint, index.num_records, shard, index.source)
     writer, done = _open_progress(out, resume, this_fingerprint, header)
 
@@ -196,6 +207,7 @@ def _label_index(
         shard=f"{shard[0]}/{shard[1]}",
         out=out,
         device=str(predictor.device) if predictor else "cpu",
+        precision=run_precision or "",
     )
     todo_groups = [g for g in my_groups if not all(j.position in done for j in g)]
     todo_jobs = [job for g in todo_groups for job in g]
@@ -215,7 +227,7 @@ def _label_index(
         shard_info = {
             "index": shard[0],
             "count": shard[1],
-            "fingerprint": fingerprint(index, options, (0, 1), checkpoint, crop_plan),
+            "fingerprint": fingerprint(index, options, (0, 1), checkpoint, crop_plan, run_precision),
         }
     _write_from_progress(out, index, writer.path, this_fingerprint, groups, my_groups, shard, shard_info)
     if out == "-" or not keep_progress:
