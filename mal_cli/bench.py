@@ -473,16 +473,16 @@ def model_benchmark(checkpoint: Optional[str], device: str, batch_size: int, are
     }
 
 
-def measure_peak_flops(device: str, size: Optional[int] = None, iterations: int = 5) -> dict:
-    """A bf16 matmul on the device: the practical ceiling the model's FLOP/s is compared with."""
+def measure_peak_flops(device: str, size: Optional[int] = None, iterations: int = 5, dtype=None) -> dict:
+    """A bf16 (or `dtype`) matmul on the device: the practical ceiling the model's FLOP/s is compared with."""
     import torch
 
     from mal_cli.predictor import resolve_device
 
     dev = resolve_device(device)
     n = size or (8192 if dev.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=dev, dtype=dtype or torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=dtype or torch.bfloat16)
     sync = _timer()
     a @ b
     sync(dev)
@@ -883,6 +883,7 @@ def run_bench(
     """All measurements (see the module docstring) as one JSON-able dict. `methods` may be empty (e.g. only `train`)."""
     import torch
 
+    from mal_cli.precision import cpu_has_fast_bf16, cpu_model_name
     from mal_cli.predictor import resolve_device
 
     result: dict[str, Any] = {
@@ -891,6 +892,8 @@ def run_bench(
         "device": str(resolve_device(device)),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model_name(),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),  # what `--precision auto` goes by on a CPU
         "batch_size": batch_size,
         "workers": workers,
         "crop_sizes": crop_sizes,
@@ -925,6 +928,8 @@ def run_bench(
                                           crop_sizes=crop_sizes, compile=compile, precision=precision)
     if peak:
         result["peak"] = measure_peak_flops(device)
+        # fp32 too: on a CPU without AMX it is the faster of the two (`--precision auto` picks it there)
+        result["peak"]["fp32_tflop_per_s"] = measure_peak_flops(device, dtype=torch.float32)["tflop_per_s"]
         if "model" in result and result["peak"]["tflop_per_s"]:
             result["model"]["fraction_of_peak"] = round(result["model"]["tflop_per_s"] / result["peak"]["tflop_per_s"], 4)
         if result.get("train", {}).get("tflop_per_s") and result["peak"]["tflop_per_s"]:
@@ -936,7 +941,8 @@ def run_bench(
 def bench_table(result: dict):
     from rich.table import Table
 
-    table = Table(title=f"mal bench: {result['boxes']} boxes, {result['images']} images, device {result['device']}")
+    cpu = f" ({result.get('cpu_model')}, {result.get('cpu_count')} cores)" if result.get("cpu_model") else ""
+    table = Table(title=f"mal bench: {result['boxes']} boxes, {result['images']} images, device {result['device']}{cpu}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for method, e2e in result.get("end_to_end", {}).items():
@@ -990,7 +996,8 @@ def bench_table(result: dict):
         if t.get("skipped_nonfinite"):
             table.add_row("train: steps skipped (non-finite loss)", str(t["skipped_nonfinite"]))
     if "peak" in result:
-        table.add_row(f"bf16 matmul peak TFLOP/s (n={result['peak']['matmul_n']})", str(result["peak"]["tflop_per_s"]))
+        table.add_row(f"bf16 / fp32 matmul peak TFLOP/s (n={result['peak']['matmul_n']})",
+                      f"{result['peak']['tflop_per_s']} / {result['peak'].get('fp32_tflop_per_s')}")
         if "model" in result and "fraction_of_peak" in result["model"]:
             table.add_row("model / peak", f"{100 * result['model']['fraction_of_peak']:.1f} %")
         if "fraction_of_peak" in result.get("train", {}):
