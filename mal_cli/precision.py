@@ -39,6 +39,19 @@ def cpu_flags() -> set[str] | None:
     return set()
 
 
+def cpu_model_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (`lscpu`'s "Model name"), else `platform.processor()`, else None."""
+    try:
+        for line in CPUINFO.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None
+
+
 def _timed_bf16_speedup(n: int = 256, repeats: int = 3) -> float:
     """fp32 time / bf16 time of an n x n matmul, best of `repeats` (a one-off of a few tens of milliseconds)."""
     import torch

@@ -145,3 +145,8 @@ def test_training_precision(cpu):
     assert precision.training_dtype("auto", True, "cuda") == ("bf16", torch.bfloat16)
     with pytest.raises(InputError, match="loss scaling"):
         precision.training_dtype("fp16", True, "cpu")
+
+
+def test_cpu_model_name(cpu):
+    cpu("processor\t: 0\nmodel name\t: Example CPU @ 2.00GHz\n" + NO_AMX.split("\n", 1)[1])
+    assert precision.cpu_model_name() == "Example CPU @ 2.00GHz"

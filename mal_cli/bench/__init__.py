@@ -171,6 +171,10 @@ def _peak(config: BenchConfig, result: dict) -> None:
     from mal_cli.bench.model import measure_peak_flops
 
     result["peak"] = measure_peak_flops(config.device)
+    # fp32 too: on a CPU without AMX it is the faster of the two (`--precision auto` picks it there)
+    import torch
+
+    result["peak"]["fp32_tflop_per_s"] = measure_peak_flops(config.device, dtype=torch.float32)["tflop_per_s"]
     peak = result["peak"]["tflop_per_s"]
     if "model" in result and peak:
         result["model"]["fraction_of_peak"] = round(result["model"]["tflop_per_s"] / peak, 4)
@@ -184,6 +188,7 @@ def run_bench(config: BenchConfig) -> dict:
 
     from mal_cli.bench.common import rss_mib
     from mal_cli.device import resolve_device
+    from mal_cli.precision import cpu_has_fast_bf16, cpu_model_name
 
     config.validate()
     c = config
@@ -193,6 +198,8 @@ def run_bench(config: BenchConfig) -> dict:
         "device": str(resolve_device(c.device)),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model_name(),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),  # what `--precision auto` goes by on a CPU
         "batch_size": c.batch_size,
         "workers": c.workers,
         "crop_sizes": c.crop_sizes,

@@ -155,16 +155,16 @@ def model_benchmark(
     }
 
 
-def measure_peak_flops(device: str, size: Optional[int] = None, iterations: int = 5) -> dict:
-    """A bf16 matmul on the device: the practical ceiling the model's FLOP/s is compared with."""
+def measure_peak_flops(device: str, size: Optional[int] = None, iterations: int = 5, dtype=None) -> dict:
+    """A bf16 (or `dtype`) matmul on the device: the practical ceiling the model's FLOP/s is compared with."""
     import torch
 
     from mal_cli.device import resolve_device
 
     dev = resolve_device(device)
     n = size or (8192 if dev.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=dev, dtype=dtype or torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=dtype or torch.bfloat16)
     a @ b
     sync(dev)
     times = []

@@ -6,7 +6,10 @@ from __future__ import annotations
 def bench_table(result: dict):
     from rich.table import Table
 
-    table = Table(title=f"mal bench: {result['boxes']} boxes, {result['images']} images, device {result['device']}")
+    cpu = f" ({result.get('cpu_model')}, {result.get('cpu_count')} cores)" if result.get("cpu_model") else ""
+    table = Table(
+        title=f"mal bench: {result['boxes']} boxes, {result['images']} images, device {result['device']}{cpu}"
+    )
     table.add_column("figure")
     table.add_column("value", justify="right")
     for method, e2e in result.get("end_to_end", {}).items():
@@ -79,7 +82,10 @@ def bench_table(result: dict):
         if t.get("skipped_nonfinite"):
             table.add_row("train: steps skipped (non-finite loss)", str(t["skipped_nonfinite"]))
     if "peak" in result:
-        table.add_row(f"bf16 matmul peak TFLOP/s (n={result['peak']['matmul_n']})", str(result["peak"]["tflop_per_s"]))
+        table.add_row(
+            f"bf16 / fp32 matmul peak TFLOP/s (n={result['peak']['matmul_n']})",
+            f"{result['peak']['tflop_per_s']} / {result['peak'].get('fp32_tflop_per_s')}",
+        )
         if "model" in result and "fraction_of_peak" in result["model"]:
             table.add_row("model / peak", f"{100 * result['model']['fraction_of_peak']:.1f} %")
         if "fraction_of_peak" in result.get("train", {}):
