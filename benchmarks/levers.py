@@ -25,7 +25,7 @@ from mal_cli.dataset import load_dataset
 from mal_cli.evaluate import evaluate, spearman
 from mal_cli.images import load_rgb
 from mal_cli.refine import GuidedConfig, MeanFieldConfig, guided_refine, meanfield_refine
-from mal_cli.score import mask_quality
+from mal_cli.score import fill_consistency, mask_agreement, mask_quality
 
 THRESHOLD = 0.5
 
@@ -35,30 +35,22 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.count_nonzero(a | b)
-    return np.count_nonzero(a & b) / union if union else 1.0
-
-
-def fill_consistency(mask: np.ndarray) -> float:
-    """MIL's bag rule as a score: the fraction of the box's rows, times that of its columns, that hold a mask pixel."""
-    if mask.size == 0:
-        return 0.0
-    return float(mask.any(1).mean() * mask.any(0).mean())
-
-
 def variants_of(prob: np.ndarray, prob_flip: np.ndarray, image_win: np.ndarray, names: list[str], mf: MeanFieldConfig,
-                gd: GuidedConfig) -> dict[str, np.ndarray]:
+                gd: GuidedConfig, seconds: dict[str, float]) -> dict[str, np.ndarray]:
+    """Each mask variant's probability window; adds each variant's own compute time to `seconds` (process time)."""
+    makers = {
+        "flip": lambda out: 1 / (1 + np.exp(-(_logit(prob) + _logit(prob_flip)) / 2)),
+        "mf": lambda out: meanfield_refine(prob, image_win, mf),
+        "guided": lambda out: guided_refine(prob, image_win, gd),
+        "flip_mf": lambda out: meanfield_refine(out["flip"], image_win, mf),
+    }
     out = {"base": prob}
-    if "flip" in names or "flip_mf" in names:
-        out["flip"] = 1 / (1 + np.exp(-(_logit(prob) + _logit(prob_flip)) / 2))
-    if "mf" in names:
-        out["mf"] = meanfield_refine(prob, image_win, mf)
-    if "guided" in names:
-        out["guided"] = guided_refine(prob, image_win, gd)
-    if "flip_mf" in names:
-        out["flip_mf"] = meanfield_refine(out["flip"], image_win, mf)
-    return {k: v.astype(np.float32) for k, v in out.items() if k in names or k == "base"}
+    wanted = [n for n in ("flip", "mf", "guided", "flip_mf") if n in names or (n == "flip" and "flip_mf" in names)]
+    for n in wanted:
+        t0 = time.process_time()
+        out[n] = makers[n](out).astype(np.float32)
+        seconds[n] = seconds.get(n, 0.0) + time.process_time() - t0
+    return out
 
 
 def main() -> None:
@@ -97,12 +89,7 @@ def main() -> None:
         prob_flip, _ = geometry.paste_box_prob(cache["probs_flip"][k].astype(np.float32), box, region, hw)
         r0, r1, c0, c1 = window
         image_win = image[r0:r1, c0:c1]
-        t0 = time.perf_counter()
-        var = variants_of(prob, prob_flip, image_win, names, mf, gd)
-        seconds["base"] += 0.0
-        for n in var:
-            if n != "base":
-                seconds[n] += time.perf_counter() - t0  # cumulative: flip_mf includes flip
+        var = variants_of(prob, prob_flip, image_win, names, mf, gd, seconds)
         base_mask = prob >= THRESHOLD
         for n in names:
             m = var[n] >= THRESHOLD
@@ -114,10 +101,10 @@ def main() -> None:
         cues["confidence"].append(float(np.abs(2 * p - 1).mean()) if p.size else 0.0)
         low, high = np.count_nonzero(p >= 0.4), np.count_nonzero(p >= 0.6)
         cues["stability"].append(high / low if low else 0.0)
-        cues["flip_iou"].append(_iou(base_mask, prob_flip >= THRESHOLD))
+        cues["flip_iou"].append(mask_agreement(base_mask, prob_flip >= THRESHOLD))
         cues["fill"].append(fill_consistency(base_mask))
-        cues["mf_iou"].append(_iou(base_mask, var["mf"] >= THRESHOLD) if "mf" in var else np.nan)
-        cues["guided_iou"].append(_iou(base_mask, var["guided"] >= THRESHOLD) if "guided" in var else np.nan)
+        cues["mf_iou"].append(mask_agreement(base_mask, var["mf"] >= THRESHOLD) if "mf" in var else np.nan)
+        cues["guided_iou"].append(mask_agreement(base_mask, var["guided"] >= THRESHOLD) if "guided" in var else np.nan)
         if k % 50 == 0:
             print(f"\r{k}/{len(cache['ann_ids'])}", end="", file=sys.stderr)
     print(file=sys.stderr)
@@ -137,7 +124,7 @@ def main() -> None:
     np.savez(out_dir / "cues.npz", iou=iou_arr, **{k: np.array(v) for k, v in cues.items()})
     for n, row in rows.items():
         print(n, {k: (round(100 * v, 2) if isinstance(v, float) and k != "seconds_per_box" else v)
-                  for k, v in row.items() if k not in ("ious",)}, f"{row['seconds_per_box'] * 1e3:.1f} ms/box")
+                  for k, v in row.items() if k not in ("ious",)}, f"{row['seconds_per_box'] * 1e3:.1f} ms/box (CPU time, flip: model cost not included)")
     for c in cues:
         if c == "ann_id":
             continue
