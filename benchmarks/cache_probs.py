@@ -25,7 +25,9 @@ from mal_cli.modeling.labeler import load_labeler
 from mal_cli.predictor import BoxCrops, BoxPredictor
 
 
-def image_probs(predictor: BoxPredictor, image_hwc: np.ndarray, boxes_xywh: list) -> tuple[np.ndarray, np.ndarray, list]:
+def image_probs(
+    predictor: BoxPredictor, image_hwc: np.ndarray, boxes_xywh: list
+) -> tuple[np.ndarray, np.ndarray, list]:
     """(N, M, M) probabilities, the same of the mirrored crops (mirrored back), and the crop regions."""
     image = torch.from_numpy(np.ascontiguousarray(image_hwc)).permute(2, 0, 1)
     boxes = [geometry.xywh_to_xyxy(b) for b in boxes_xywh]
@@ -34,7 +36,9 @@ def image_probs(predictor: BoxPredictor, image_hwc: np.ndarray, boxes_xywh: list
     crops = predictor.crop_plan.crops(image, regions, areas.tolist())
     probs = predictor.predict_crops(crops, areas, batch_size=len(boxes))
     mirrored = BoxCrops(crops.sizes, {s: c.flip(-1) for s, c in crops.by_size.items()})
-    probs_flip = predictor.predict_crops(mirrored, areas, batch_size=len(boxes)).flip(-1)
+    probs_flip = predictor.predict_crops(mirrored, areas, batch_size=len(boxes)).flip(
+        -1
+    )
     return probs.numpy(), probs_flip.numpy(), regions
 
 
@@ -44,13 +48,20 @@ def main() -> None:
     parser.add_argument("--images", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--crop-sizes", default=None, help="'full' for the exact model (default: mal label's plan)")
+    parser.add_argument(
+        "--crop-sizes",
+        default=None,
+        help="'full' for the exact model (default: mal label's plan)",
+    )
     args = parser.parse_args()
     data = orjson.loads(Path(args.boxes).read_bytes())
-    predictor = BoxPredictor(load_labeler(args.checkpoint or default_checkpoint()), crop_sizes=args.crop_sizes)
+    predictor = BoxPredictor(
+        load_labeler(args.checkpoint or default_checkpoint()),
+        crop_sizes=args.crop_sizes,
+    )
     by_image: dict = {}
     for ann in data["annotations"]:
-        x, y, w, h = ann["bbox"]
+        _, _, w, h = ann["bbox"]
         if w > 0 and h > 0:
             by_image.setdefault(ann["image_id"], []).append(ann)
     ids, probs, probs_flip, regions = [], [], [], []
@@ -64,10 +75,19 @@ def main() -> None:
         probs_flip.append(pf.astype(np.float16))
         regions += r
         n += len(anns)
-        print(f"\r{k + 1} images, {n / (time.perf_counter() - t0):.2f} boxes/s (x2: plain + flipped)", end="", file=sys.stderr)
+        print(
+            f"\r{k + 1} images, {n / (time.perf_counter() - t0):.2f} boxes/s (x2: plain + flipped)",
+            end="",
+            file=sys.stderr,
+        )
     print(file=sys.stderr)
-    np.savez(args.out, ann_ids=np.array(ids), probs=np.concatenate(probs), probs_flip=np.concatenate(probs_flip),
-             regions=np.array(regions, dtype=np.float64))
+    np.savez(
+        args.out,
+        ann_ids=np.array(ids),
+        probs=np.concatenate(probs),
+        probs_flip=np.concatenate(probs_flip),
+        regions=np.array(regions, dtype=np.float64),
+    )
 
 
 if __name__ == "__main__":

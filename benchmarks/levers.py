@@ -24,7 +24,12 @@ from mal_cli import geometry, masks
 from mal_cli.dataset import load_dataset
 from mal_cli.evaluate import evaluate, spearman
 from mal_cli.images import load_rgb
-from mal_cli.refine import GuidedConfig, MeanFieldConfig, guided_refine, meanfield_refine
+from mal_cli.refine import (
+    GuidedConfig,
+    MeanFieldConfig,
+    guided_refine,
+    meanfield_refine,
+)
 from mal_cli.score import fill_consistency, mask_agreement, mask_quality
 
 THRESHOLD = 0.5
@@ -35,8 +40,15 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def variants_of(prob: np.ndarray, prob_flip: np.ndarray, image_win: np.ndarray, names: list[str], mf: MeanFieldConfig,
-                gd: GuidedConfig, seconds: dict[str, float]) -> dict[str, np.ndarray]:
+def variants_of(
+    prob: np.ndarray,
+    prob_flip: np.ndarray,
+    image_win: np.ndarray,
+    names: list[str],
+    mf: MeanFieldConfig,
+    gd: GuidedConfig,
+    seconds: dict[str, float],
+) -> dict[str, np.ndarray]:
     """Each mask variant's probability window; adds each variant's own compute time to `seconds` (process time)."""
     makers = {
         "flip": lambda out: 1 / (1 + np.exp(-(_logit(prob) + _logit(prob_flip)) / 2)),
@@ -45,7 +57,11 @@ def variants_of(prob: np.ndarray, prob_flip: np.ndarray, image_win: np.ndarray, 
         "flip_mf": lambda out: meanfield_refine(out["flip"], image_win, mf),
     }
     out = {"base": prob}
-    wanted = [n for n in ("flip", "mf", "guided", "flip_mf") if n in names or (n == "flip" and "flip_mf" in names)]
+    wanted = [
+        n
+        for n in ("flip", "mf", "guided", "flip_mf")
+        if n in names or (n == "flip" and "flip_mf" in names)
+    ]
     for n in wanted:
         t0 = time.process_time()
         out[n] = makers[n](out).astype(np.float32)
@@ -65,7 +81,10 @@ def main() -> None:
     parser.add_argument("--no-ap", action="store_true")
     args = parser.parse_args()
     names = args.variants.split(",")
-    mf, gd = MeanFieldConfig(**json.loads(args.mf)), GuidedConfig(**json.loads(args.guided))
+    mf, gd = (
+        MeanFieldConfig(**json.loads(args.mf)),
+        GuidedConfig(**json.loads(args.guided)),
+    )
     cache = np.load(args.cache)
     gt = load_dataset(args.gt)
     ann_by_id = {a["id"]: a for a in gt.annotations}
@@ -73,7 +92,19 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {n: [] for n in names}
-    cues = {k: [] for k in ("ann_id", "shipped", "confidence", "stability", "flip_iou", "fill", "mf_iou", "guided_iou")}
+    cues = {
+        k: []
+        for k in (
+            "ann_id",
+            "shipped",
+            "confidence",
+            "stability",
+            "flip_iou",
+            "fill",
+            "mf_iou",
+            "guided_iou",
+        )
+    }
     seconds = {n: 0.0 for n in names}
     current_image, image = None, None
     for k, ann_id in enumerate(cache["ann_ids"].tolist()):
@@ -85,8 +116,12 @@ def main() -> None:
         hw = image.shape[:2]
         box = geometry.xywh_to_xyxy(ann["bbox"])
         region = cache["regions"][k]
-        prob, window = geometry.paste_box_prob(cache["probs"][k].astype(np.float32), box, region, hw)
-        prob_flip, _ = geometry.paste_box_prob(cache["probs_flip"][k].astype(np.float32), box, region, hw)
+        prob, window = geometry.paste_box_prob(
+            cache["probs"][k].astype(np.float32), box, region, hw
+        )
+        prob_flip, _ = geometry.paste_box_prob(
+            cache["probs_flip"][k].astype(np.float32), box, region, hw
+        )
         r0, r1, c0, c1 = window
         image_win = image[r0:r1, c0:c1]
         var = variants_of(prob, prob_flip, image_win, names, mf, gd, seconds)
@@ -94,7 +129,14 @@ def main() -> None:
         for n in names:
             m = var[n] >= THRESHOLD
             seg = masks.encode_window(m.view(np.uint8), r0, c0, hw[0], hw[1])
-            results[n].append({**ann, "segmentation": seg, "area": int(m.sum()), "mal_score": mask_quality(var[n])})
+            results[n].append(
+                {
+                    **ann,
+                    "segmentation": seg,
+                    "area": int(m.sum()),
+                    "mal_score": mask_quality(var[n]),
+                }
+            )
         p = prob.astype(np.float64)
         cues["ann_id"].append(ann_id)
         cues["shipped"].append(mask_quality(prob))
@@ -103,35 +145,67 @@ def main() -> None:
         cues["stability"].append(high / low if low else 0.0)
         cues["flip_iou"].append(mask_agreement(base_mask, prob_flip >= THRESHOLD))
         cues["fill"].append(fill_consistency(base_mask))
-        cues["mf_iou"].append(mask_agreement(base_mask, var["mf"] >= THRESHOLD) if "mf" in var else np.nan)
-        cues["guided_iou"].append(mask_agreement(base_mask, var["guided"] >= THRESHOLD) if "guided" in var else np.nan)
+        cues["mf_iou"].append(
+            mask_agreement(base_mask, var["mf"] >= THRESHOLD) if "mf" in var else np.nan
+        )
+        cues["guided_iou"].append(
+            mask_agreement(base_mask, var["guided"] >= THRESHOLD)
+            if "guided" in var
+            else np.nan
+        )
         if k % 50 == 0:
             print(f"\r{k}/{len(cache['ann_ids'])}", end="", file=sys.stderr)
     print(file=sys.stderr)
     rows = {}
     for n in names:
-        labelled = {**{k: v for k, v in orjson.loads(Path(args.gt).read_bytes()).items() if k != "annotations"},
-                    "annotations": results[n]}
+        labelled = {
+            **{
+                k: v
+                for k, v in orjson.loads(Path(args.gt).read_bytes()).items()
+                if k != "annotations"
+            },
+            "annotations": results[n],
+        }
         path = out_dir / f"{n}.json"
         path.write_bytes(orjson.dumps(labelled))
         report = evaluate(load_dataset(path), gt, compute_ap=not args.no_ap)
-        rows[n] = {"miou": report.instance_miou, **{s: b.miou for s, b in report.by_size.items()},
-                   "AP": report.ap.get("AP"), "seconds_per_box": seconds[n] / len(results[n]), "ious": report.ious}
+        rows[n] = {
+            "miou": report.instance_miou,
+            **{s: b.miou for s, b in report.by_size.items()},
+            "AP": report.ap.get("AP"),
+            "seconds_per_box": seconds[n] / len(results[n]),
+            "ious": report.ious,
+        }
     ious = rows["base"]["ious"]
     ids = cues["ann_id"]
     iou_arr = np.array([ious.get(i, np.nan) for i in ids])
     keep = ~np.isnan(iou_arr)
-    np.savez(out_dir / "cues.npz", iou=iou_arr, **{k: np.array(v) for k, v in cues.items()})
+    np.savez(
+        out_dir / "cues.npz", iou=iou_arr, **{k: np.array(v) for k, v in cues.items()}
+    )
     for n, row in rows.items():
-        print(n, {k: (round(100 * v, 2) if isinstance(v, float) and k != "seconds_per_box" else v)
-                  for k, v in row.items() if k not in ("ious",)}, f"{row['seconds_per_box'] * 1e3:.1f} ms/box (CPU time, flip: model cost not included)")
+        print(
+            n,
+            {
+                k: (
+                    round(100 * v, 2)
+                    if isinstance(v, float) and k != "seconds_per_box"
+                    else v
+                )
+                for k, v in row.items()
+                if k not in ("ious",)
+            },
+            f"{row['seconds_per_box'] * 1e3:.1f} ms/box (CPU time, flip: model cost not included)",
+        )
     for c in cues:
         if c == "ann_id":
             continue
         s = np.array(cues[c], dtype=np.float64)[keep]
         if np.isnan(s).any():
             continue
-        print(f"cue {c}: spearman {spearman(s, iou_arr[keep]):.3f}, low5/rest {low5(s, iou_arr[keep])}")
+        print(
+            f"cue {c}: spearman {spearman(s, iou_arr[keep]):.3f}, low5/rest {low5(s, iou_arr[keep])}"
+        )
 
 
 def low5(score: np.ndarray, iou: np.ndarray) -> str:

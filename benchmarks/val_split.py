@@ -27,7 +27,9 @@ def split_dataset(data: dict) -> tuple[dict, dict]:
     def subset(keep_val: bool) -> dict:
         out = {k: v for k, v in data.items() if k not in ("images", "annotations")}
         out["images"] = [i for i in data["images"] if (i["id"] in val_ids) == keep_val]
-        anns = [a for a in data["annotations"] if (a["image_id"] in val_ids) == keep_val]
+        anns = [
+            a for a in data["annotations"] if (a["image_id"] in val_ids) == keep_val
+        ]
         if not keep_val:
             anns = [{k: v for k, v in a.items() if k != "segmentation"} for a in anns]
         out["annotations"] = anns
@@ -47,8 +49,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "val.json").write_text(json.dumps(val))
     (out / "train_boxes.json").write_text(json.dumps(train))
-    print(f"val: {len(val['images'])} images, {len(val['annotations'])} boxes; "
-          f"train: {len(train['images'])} images, {len(train['annotations'])} boxes -> {out}")
+    print(
+        f"val: {len(val['images'])} images, {len(val['annotations'])} boxes; "
+        f"train: {len(train['images'])} images, {len(train['annotations'])} boxes -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 PROB_EPS = 1e-4
 
 
@@ -33,19 +32,32 @@ class MeanFieldConfig:
     iterations: int = 10
     weight: float = 4.0  # pairwise strength: the most logits the colour-weighted vote of the neighbours can add
     zeta: float = 0.1  # colour bandwidth, image in [0, 1] (MAL's CRF loss uses 0.1)
-    max_side: int = 128  # working resolution: longest side of the window at most this many pixels
-    dilations: tuple[int, ...] = (1, 2, 4, 8)  # neighbour rings: a vote reaches past one logit's footprint
+    max_side: int = (
+        128  # working resolution: longest side of the window at most this many pixels
+    )
+    dilations: tuple[int, ...] = (
+        1,
+        2,
+        4,
+        8,
+    )  # neighbour rings: a vote reaches past one logit's footprint
 
 
 @dataclass(frozen=True)
 class GuidedConfig:
-    radius_fraction: float = 1 / 64  # radius = this x the window's longest side (one logit's footprint)
+    radius_fraction: float = (
+        1 / 64
+    )  # radius = this x the window's longest side (one logit's footprint)
     eps: float = 1e-3  # regularisation: larger keeps the labeler's map, smaller follows the colours
 
 
-def _window_tensors(window_prob: np.ndarray, image_window: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_tensors(
+    window_prob: np.ndarray, image_window: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
     prob = torch.from_numpy(np.asarray(window_prob, dtype=np.float32))[None, None]
-    image = torch.from_numpy(np.ascontiguousarray(image_window, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    image = torch.from_numpy(
+        np.ascontiguousarray(image_window, dtype=np.float32) / 255.0
+    ).permute(2, 0, 1)[None]
     return prob, image
 
 
@@ -58,20 +70,35 @@ def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 
 def _offsets(dilations: tuple[int, ...]) -> list[tuple[int, int]]:
-    return [(d * dy, d * dx) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    return [
+        (d * dy, d * dx)
+        for d in dilations
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+        if (dy, dx) != (0, 0)
+    ]
 
 
-def _affinities(image: torch.Tensor, offsets: list[tuple[int, int]], zeta: float) -> torch.Tensor:
+def _affinities(
+    image: torch.Tensor, offsets: list[tuple[int, int]], zeta: float
+) -> torch.Tensor:
     """(K, H, W) colour affinity exp(-|I_i - I_j|^2 / (2 zeta^2)) to the neighbour at each offset (0 past the border),
     MAL's CRF kernel (`losses.colour_affinity`) on a multi-scale ring of neighbours."""
     inside = torch.ones_like(image[:, :1])
-    out = [torch.exp(-(_shift(image, dy, dx) - image).pow(2).sum(1) / (2 * zeta * zeta)) * _shift(inside, dy, dx)[:, 0]
-           for dy, dx in offsets]
+    out = [
+        torch.exp(-(_shift(image, dy, dx) - image).pow(2).sum(1) / (2 * zeta * zeta))
+        * _shift(inside, dy, dx)[:, 0]
+        for dy, dx in offsets
+    ]
     return torch.cat(out, 0)
 
 
 @torch.no_grad()
-def meanfield_refine(window_prob: np.ndarray, image_window: np.ndarray, config: MeanFieldConfig = MeanFieldConfig()) -> np.ndarray:
+def meanfield_refine(
+    window_prob: np.ndarray,
+    image_window: np.ndarray,
+    config: MeanFieldConfig = MeanFieldConfig(),
+) -> np.ndarray:
     """Refined probabilities of one box window: (h, w) float32 in, (h, w) float32 out.
 
     image_window: the image pixels of the same window, (h, w, 3) uint8. Mean field of a binary CRF whose unary is
@@ -92,7 +119,10 @@ def meanfield_refine(window_prob: np.ndarray, image_window: np.ndarray, config: 
     norm = config.weight / len(offsets)
     q = prob[:, 0]
     for _ in range(config.iterations):
-        vote = sum(affinity[k] * _shift(2 * q - 1, dy, dx) for k, (dy, dx) in enumerate(offsets))
+        vote = sum(
+            affinity[k] * _shift(2 * q - 1, dy, dx)
+            for k, (dy, dx) in enumerate(offsets)
+        )
         q = torch.sigmoid(z0 + norm * vote)
     if size != (h, w):
         q = F.interpolate(q[None], size=(h, w), mode="bilinear", align_corners=False)[0]
@@ -107,7 +137,11 @@ def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def guided_refine(window_prob: np.ndarray, image_window: np.ndarray, config: GuidedConfig = GuidedConfig()) -> np.ndarray:
+def guided_refine(
+    window_prob: np.ndarray,
+    image_window: np.ndarray,
+    config: GuidedConfig = GuidedConfig(),
+) -> np.ndarray:
     """The probabilities guided-filtered by the window's colours (He et al., colour guide), clipped to [0, 1]."""
     h, w = window_prob.shape
     if h == 0 or w == 0:
@@ -118,9 +152,13 @@ def guided_refine(window_prob: np.ndarray, image_window: np.ndarray, config: Gui
     mean_p = _box_mean(p, r)
     cov_ip = _box_mean(image * p, r) - mean_i * mean_p
     outer = (image[:, :, None] * image[:, None]).flatten(1, 2)  # (1, 9, H, W): I_a I_b
-    var_i = (_box_mean(outer, r) - (mean_i[:, :, None] * mean_i[:, None]).flatten(1, 2)).reshape(1, 3, 3, h, w)
+    var_i = (
+        _box_mean(outer, r) - (mean_i[:, :, None] * mean_i[:, None]).flatten(1, 2)
+    ).reshape(1, 3, 3, h, w)
     sigma = var_i.permute(0, 3, 4, 1, 2) + config.eps * torch.eye(3)  # (1, H, W, 3, 3)
-    a = torch.linalg.solve(sigma, cov_ip.permute(0, 2, 3, 1)[..., None])[..., 0].permute(0, 3, 1, 2)  # (1, 3, H, W)
+    a = torch.linalg.solve(sigma, cov_ip.permute(0, 2, 3, 1)[..., None])[
+        ..., 0
+    ].permute(0, 3, 1, 2)  # (1, 3, H, W)
     b = mean_p - (a * mean_i).sum(1, keepdim=True)
     q = (_box_mean(a, r) * image).sum(1, keepdim=True) + _box_mean(b, r)
     return q[0, 0].clamp(0.0, 1.0).numpy()
