@@ -60,7 +60,9 @@ def variants_of(
     wanted = [
         n
         for n in ("flip", "mf", "guided", "flip_mf")
-        if n in names or (n == "flip" and "flip_mf" in names)
+        if n in names
+        or (n == "flip" and "flip_mf" in names)
+        or (n == "mf" and "mf_ml" in names)
     ]
     for n in wanted:
         t0 = time.process_time()
@@ -125,6 +127,12 @@ def main() -> None:
         r0, r1, c0, c1 = window
         image_win = image[r0:r1, c0:c1]
         var = variants_of(prob, prob_flip, image_win, names, mf, gd, seconds)
+        if (
+            "mf_ml" in names
+        ):  # refinement for medium and large boxes only (box area >= 32^2, the decoder's route)
+            var["mf_ml"] = (
+                var["mf"] if ann["bbox"][2] * ann["bbox"][3] >= 32**2 else prob
+            )
         base_mask = prob >= THRESHOLD
         for n in names:
             m = var[n] >= THRESHOLD
@@ -173,7 +181,7 @@ def main() -> None:
             "miou": report.instance_miou,
             **{s: b.miou for s, b in report.by_size.items()},
             "AP": report.ap.get("AP"),
-            "seconds_per_box": seconds[n] / len(results[n]),
+            "seconds_per_box": seconds.get(n, 0.0) / len(results[n]),
             "ious": report.ious,
         }
     ious = rows["base"]["ious"]

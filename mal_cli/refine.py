@@ -49,6 +49,7 @@ class GuidedConfig:
         1 / 64
     )  # radius = this x the window's longest side (one logit's footprint)
     eps: float = 1e-3  # regularisation: larger keeps the labeler's map, smaller follows the colours
+    max_side: int = 128  # the linear model is fitted at this working resolution (fast guided filter)
 
 
 def _window_tensors(
@@ -61,12 +62,18 @@ def _window_tensors(
     return prob, image
 
 
-def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """x (..., H, W) moved so that pixel (y, x) holds the value at (y + dy, x + dx); zeros past the border."""
+def _shifted_stack(x: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """(K, ..., H, W): x moved by each offset, so that pixel (y, x) holds the value at (y + dy, x + dx); zeros
+    past the border. One pad for all offsets (views of it), not one per offset."""
     h, w = x.shape[-2:]
-    pad = max(abs(dy), abs(dx))
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     padded = F.pad(x, (pad, pad, pad, pad))
-    return padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+    return torch.stack(
+        [
+            padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+            for dy, dx in offsets
+        ]
+    )
 
 
 def _offsets(dilations: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -82,15 +89,11 @@ def _offsets(dilations: tuple[int, ...]) -> list[tuple[int, int]]:
 def _affinities(
     image: torch.Tensor, offsets: list[tuple[int, int]], zeta: float
 ) -> torch.Tensor:
-    """(K, H, W) colour affinity exp(-|I_i - I_j|^2 / (2 zeta^2)) to the neighbour at each offset (0 past the border),
-    MAL's CRF kernel (`losses.colour_affinity`) on a multi-scale ring of neighbours."""
-    inside = torch.ones_like(image[:, :1])
-    out = [
-        torch.exp(-(_shift(image, dy, dx) - image).pow(2).sum(1) / (2 * zeta * zeta))
-        * _shift(inside, dy, dx)[:, 0]
-        for dy, dx in offsets
-    ]
-    return torch.cat(out, 0)
+    """(K, H, W) colour affinity exp(-|I_i - I_j|^2 / (2 zeta^2)) to the neighbour at each offset (0 past the
+    border): MAL's CRF kernel (`losses.colour_affinity`) on a multi-scale ring of neighbours. image (3, H, W)."""
+    inside = _shifted_stack(torch.ones_like(image[:1]), offsets)[:, 0]
+    dist2 = (_shifted_stack(image, offsets) - image).pow(2).sum(1)
+    return torch.exp(dist2 / (-2 * zeta * zeta)) * inside
 
 
 @torch.no_grad()
@@ -113,20 +116,20 @@ def meanfield_refine(
     if size != (h, w):
         prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
         image = F.interpolate(image, size=size, mode="area")
-    z0 = torch.logit(prob[:, 0].clamp(PROB_EPS, 1 - PROB_EPS))
+    z0 = torch.logit(prob[0, 0].clamp(PROB_EPS, 1 - PROB_EPS))
     offsets = _offsets(config.dilations)
-    affinity = _affinities(image, offsets, config.zeta)
-    norm = config.weight / len(offsets)
-    q = prob[:, 0]
+    affinity = _affinities(image[0], offsets, config.zeta) * (
+        config.weight / len(offsets)
+    )
+    q = prob[0, 0]
     for _ in range(config.iterations):
-        vote = sum(
-            affinity[k] * _shift(2 * q - 1, dy, dx)
-            for k, (dy, dx) in enumerate(offsets)
-        )
-        q = torch.sigmoid(z0 + norm * vote)
+        vote = (affinity * _shifted_stack(2 * q - 1, offsets)).sum(0)
+        q = torch.sigmoid(z0 + vote)
     if size != (h, w):
-        q = F.interpolate(q[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    return q[0].numpy()
+        q = F.interpolate(
+            q[None, None], size=(h, w), mode="bilinear", align_corners=False
+        )[0, 0]
+    return q.numpy()
 
 
 def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -142,23 +145,46 @@ def guided_refine(
     image_window: np.ndarray,
     config: GuidedConfig = GuidedConfig(),
 ) -> np.ndarray:
-    """The probabilities guided-filtered by the window's colours (He et al., colour guide), clipped to [0, 1]."""
+    """The probabilities guided-filtered by the window's colours (He et al., colour guide), clipped to [0, 1].
+
+    The fast guided filter (He & Sun 2015): the per-pixel linear model (a, b) is fitted at a working
+    resolution (longest side at most `max_side`), upsampled, and applied to the full-resolution colours,
+    so the output follows the image's edges at every pixel.
+    """
     h, w = window_prob.shape
     if h == 0 or w == 0:
         return np.asarray(window_prob, dtype=np.float32)
-    p, image = _window_tensors(window_prob, image_window)
-    r = max(1, round(config.radius_fraction * max(h, w)))
-    mean_i = _box_mean(image, r)  # (1, 3, H, W)
+    p_full, image_full = _window_tensors(window_prob, image_window)
+    scale = min(1.0, config.max_side / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    p = F.interpolate(p_full, size=size, mode="area") if size != (h, w) else p_full
+    image = (
+        F.interpolate(image_full, size=size, mode="area")
+        if size != (h, w)
+        else image_full
+    )
+    r = max(1, round(config.radius_fraction * max(size)))
+    mean_i = _box_mean(image, r)  # (1, 3, h', w')
     mean_p = _box_mean(p, r)
     cov_ip = _box_mean(image * p, r) - mean_i * mean_p
-    outer = (image[:, :, None] * image[:, None]).flatten(1, 2)  # (1, 9, H, W): I_a I_b
-    var_i = (
-        _box_mean(outer, r) - (mean_i[:, :, None] * mean_i[:, None]).flatten(1, 2)
-    ).reshape(1, 3, 3, h, w)
-    sigma = var_i.permute(0, 3, 4, 1, 2) + config.eps * torch.eye(3)  # (1, H, W, 3, 3)
+    outer = (image[:, :, None] * image[:, None]).flatten(
+        1, 2
+    )  # (1, 9, h', w'): I_a I_b
+    var_i = _box_mean(outer, r) - (mean_i[:, :, None] * mean_i[:, None]).flatten(1, 2)
+    sigma = var_i.reshape(1, 3, 3, *size).permute(
+        0, 3, 4, 1, 2
+    ) + config.eps * torch.eye(3)
     a = torch.linalg.solve(sigma, cov_ip.permute(0, 2, 3, 1)[..., None])[
         ..., 0
-    ].permute(0, 3, 1, 2)  # (1, 3, H, W)
+    ].permute(0, 3, 1, 2)
     b = mean_p - (a * mean_i).sum(1, keepdim=True)
-    q = (_box_mean(a, r) * image).sum(1, keepdim=True) + _box_mean(b, r)
+    mean_a, mean_b = _box_mean(a, r), _box_mean(b, r)
+    if size != (h, w):
+        mean_a = F.interpolate(
+            mean_a, size=(h, w), mode="bilinear", align_corners=False
+        )
+        mean_b = F.interpolate(
+            mean_b, size=(h, w), mode="bilinear", align_corners=False
+        )
+    q = (mean_a * image_full).sum(1, keepdim=True) + mean_b
     return q[0, 0].clamp(0.0, 1.0).numpy()
