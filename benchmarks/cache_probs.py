@@ -26,15 +26,18 @@ from mal_cli.predictor import BoxCrops, BoxPredictor
 
 
 def image_probs(
-    predictor: BoxPredictor, image_hwc: np.ndarray, boxes_xywh: list
+    predictor: BoxPredictor, image_hwc: np.ndarray, boxes_xywh: list, flip: bool = True
 ) -> tuple[np.ndarray, np.ndarray, list]:
-    """(N, M, M) probabilities, the same of the mirrored crops (mirrored back), and the crop regions."""
+    """(N, M, M) probabilities, the same of the mirrored crops (mirrored back; None without `flip`), and the
+    crop regions."""
     image = torch.from_numpy(np.ascontiguousarray(image_hwc)).permute(2, 0, 1)
     boxes = [geometry.xywh_to_xyxy(b) for b in boxes_xywh]
     regions = predictor.regions(boxes)
     areas = torch.tensor([geometry.box_area(b) for b in boxes_xywh])
     crops = predictor.crop_plan.crops(image, regions, areas.tolist())
     probs = predictor.predict_crops(crops, areas, batch_size=len(boxes))
+    if not flip:
+        return probs.numpy(), None, regions
     mirrored = BoxCrops(crops.sizes, {s: c.flip(-1) for s, c in crops.by_size.items()})
     probs_flip = predictor.predict_crops(mirrored, areas, batch_size=len(boxes)).flip(
         -1
@@ -48,6 +51,11 @@ def main() -> None:
     parser.add_argument("--images", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument(
+        "--no-flip",
+        action="store_true",
+        help="plain crops only (half the cost; no flip cue)",
+    )
     parser.add_argument(
         "--crop-sizes",
         default=None,
@@ -69,10 +77,13 @@ def main() -> None:
     for k, img in enumerate(i for i in data["images"] if i["id"] in by_image):
         anns = by_image[img["id"]]
         image = load_rgb(Path(args.images) / img["file_name"])
-        p, pf, r = image_probs(predictor, image, [a["bbox"] for a in anns])
+        p, pf, r = image_probs(
+            predictor, image, [a["bbox"] for a in anns], flip=not args.no_flip
+        )
         ids += [a["id"] for a in anns]
         probs.append(p.astype(np.float16))
-        probs_flip.append(pf.astype(np.float16))
+        if pf is not None:
+            probs_flip.append(pf.astype(np.float16))
         regions += r
         n += len(anns)
         print(
@@ -85,7 +96,7 @@ def main() -> None:
         args.out,
         ann_ids=np.array(ids),
         probs=np.concatenate(probs),
-        probs_flip=np.concatenate(probs_flip),
+        **({"probs_flip": np.concatenate(probs_flip)} if probs_flip else {}),
         regions=np.array(regions, dtype=np.float64),
     )
 

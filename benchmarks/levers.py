@@ -121,9 +121,11 @@ def main() -> None:
         prob, window = geometry.paste_box_prob(
             cache["probs"][k].astype(np.float32), box, region, hw
         )
-        prob_flip, _ = geometry.paste_box_prob(
-            cache["probs_flip"][k].astype(np.float32), box, region, hw
-        )
+        prob_flip = None
+        if "probs_flip" in cache.files:  # caches made with --no-flip have none
+            prob_flip, _ = geometry.paste_box_prob(
+                cache["probs_flip"][k].astype(np.float32), box, region, hw
+            )
         r0, r1, c0, c1 = window
         image_win = image[r0:r1, c0:c1]
         var = variants_of(prob, prob_flip, image_win, names, mf, gd, seconds)
@@ -151,7 +153,11 @@ def main() -> None:
         cues["confidence"].append(float(np.abs(2 * p - 1).mean()) if p.size else 0.0)
         low, high = np.count_nonzero(p >= 0.4), np.count_nonzero(p >= 0.6)
         cues["stability"].append(high / low if low else 0.0)
-        cues["flip_iou"].append(mask_agreement(base_mask, prob_flip >= THRESHOLD))
+        cues["flip_iou"].append(
+            np.nan
+            if prob_flip is None
+            else mask_agreement(base_mask, prob_flip >= THRESHOLD)
+        )
         cues["fill"].append(fill_consistency(base_mask))
         cues["mf_iou"].append(
             mask_agreement(base_mask, var["mf"] >= THRESHOLD) if "mf" in var else np.nan

@@ -30,7 +30,7 @@ PROB_EPS = 1e-4
 @dataclass(frozen=True)
 class MeanFieldConfig:
     iterations: int = 10
-    weight: float = 4.0  # pairwise strength: the most logits the colour-weighted vote of the neighbours can add
+    weight: float = 8.0  # pairwise strength: the most logits the colour-weighted vote can add (chosen on the val split)
     zeta: float = 0.1  # colour bandwidth, image in [0, 1] (MAL's CRF loss uses 0.1)
     max_side: int = (
         128  # working resolution: longest side of the window at most this many pixels
