@@ -87,7 +87,7 @@ def main() -> None:
         regions += r
         n += len(anns)
         print(
-            f"\r{k + 1} images, {n / (time.perf_counter() - t0):.2f} boxes/s (x2: plain + flipped)",
+            f"\r{k + 1} images, {n / (time.perf_counter() - t0):.2f} boxes/s",
             end="",
             file=sys.stderr,
         )

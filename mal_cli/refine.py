@@ -30,26 +30,24 @@ PROB_EPS = 1e-4
 @dataclass(frozen=True)
 class MeanFieldConfig:
     iterations: int = 10
-    weight: float = 8.0  # pairwise strength: the most logits the colour-weighted vote can add (chosen on the val split)
-    zeta: float = 0.1  # colour bandwidth, image in [0, 1] (MAL's CRF loss uses 0.1)
-    max_side: int = (
-        128  # working resolution: longest side of the window at most this many pixels
-    )
-    dilations: tuple[int, ...] = (
-        1,
-        2,
-        4,
-        8,
-    )  # neighbour rings: a vote reaches past one logit's footprint
+    # Pairwise strength: the most logits the colour-weighted vote can add (8: chosen on the val split).
+    weight: float = 8.0
+    # Colour bandwidth, image in [0, 1] (MAL's CRF loss uses 0.1).
+    zeta: float = 0.1
+    # Working resolution: the window's longest side at most this many pixels.
+    max_side: int = 128
+    # Neighbour rings: a vote reaches past one logit's footprint.
+    dilations: tuple[int, ...] = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
 class GuidedConfig:
-    radius_fraction: float = (
-        1 / 64
-    )  # radius = this x the window's longest side (one logit's footprint)
-    eps: float = 1e-3  # regularisation: larger keeps the labeler's map, smaller follows the colours
-    max_side: int = 128  # the linear model is fitted at this working resolution (fast guided filter)
+    # Radius = this x the working window's longest side.
+    radius_fraction: float = 1 / 64
+    # Regularisation: larger keeps the labeler's map, smaller follows the colours.
+    eps: float = 1e-3
+    # The linear model is fitted at this working resolution (fast guided filter).
+    max_side: int = 128
 
 
 def _window_tensors(
