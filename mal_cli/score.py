@@ -44,3 +44,20 @@ def mask_quality(window_prob: np.ndarray, threshold: float = 0.5, delta: float =
     stability = high / low if low else 0.0
     return round(min(max((confidence + stability) / 2, 0.0), 1.0), 4)
 
+
+def fill_consistency(window_mask: np.ndarray) -> float:
+    """MIL's bag rule as a cue: the fraction of the box window's rows that hold a mask pixel, times that of its
+    columns. A tight box touches its object in every row and column, so a mask that leaves some empty has
+    missed part of the object (or the box frames something else). 0 for an empty window."""
+    mask = np.asarray(window_mask, dtype=bool)
+    if mask.size == 0:
+        return 0.0
+    return float(mask.any(axis=1).mean() * mask.any(axis=0).mean())
+
+
+def mask_agreement(window_mask: np.ndarray, other_mask: np.ndarray) -> float:
+    """IoU of two masks of the same window (e.g. the labeler's and its colour-refined one); 1 when both are empty."""
+    a, b = np.asarray(window_mask, dtype=bool), np.asarray(other_mask, dtype=bool)
+    union = int(np.count_nonzero(a | b))
+    return int(np.count_nonzero(a & b)) / union if union else 1.0
+
