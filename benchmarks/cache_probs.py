@@ -20,7 +20,7 @@ import torch
 
 from mal_cli import geometry
 from mal_cli.images import load_rgb
-from mal_cli.label import default_checkpoint
+from mal_cli.labeling.options import default_checkpoint
 from mal_cli.modeling.labeler import load_labeler
 from mal_cli.predictor import BoxCrops, BoxPredictor
 
