@@ -94,7 +94,10 @@ def load_backbone_weights(encoder: ImageEncoder, path: str | Path) -> dict[str, 
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"backbone weights not found: {path}")
+        raise InputError(
+            f"backbone weights not found: {path}; for DINOv2 ViT-S/14 run `mal weights dinov2-s14` and pass the "
+            "path it prints (--backbone-weights $(mal weights dinov2-s14))"
+        )
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
