@@ -62,6 +62,10 @@ _Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progr
 _Strict = Annotated[
     bool, typer.Option("--strict", help="Stop at the first unreadable image instead of a flagged fallback.")
 ]
+_AllowOutside = Annotated[
+    bool,
+    typer.Option("--allow-outside-images", help="Read file_names that are absolute or climb out of --images with '..'."),
+]
 _Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the encoder's blocks (a one-off compile; meant for GPUs).")
 ]
@@ -103,6 +107,7 @@ def label_command(
     progress: _Progress = True,
     strict: _Strict = _LABEL.strict,
     compile: _Compile = _LABEL.compile,
+    allow_outside_images: _AllowOutside = _LABEL.allow_outside_images,
 ) -> None:
     """Turn every box into an instance mask (batched, streaming, resumable, shardable)."""
     import logging
@@ -110,7 +115,10 @@ def label_command(
     from mal_cli.dataset import write_json_atomic
     from mal_cli.labeling import label, parse_crop_sizes, parse_shard
     from mal_cli.probes import ensure_writable
+    from mal_cli.safe_paths import refuse_overwrite
 
+    refuse_overwrite(summary_json, [boxes, image_info, out], "--summary-json")
+    refuse_overwrite(out, [boxes, image_info], "--out")
     if summary_json:
         ensure_writable(summary_json, "--summary-json")
     logging.basicConfig(level=logging.INFO, format="mal: %(levelname)s %(message)s", stream=sys.stderr)
@@ -128,6 +136,7 @@ def label_command(
         strict=strict,
         crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None,
         compile=compile,
+        allow_outside_images=allow_outside_images,
     )
     summary = label(
         boxes,

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +36,8 @@ class BoxIndex:
     digest: str  # of the records' ids, images and boxes and the images' ids and sizes (the resume fingerprint)
     temp_copy: bool = False  # `path` is a copy of stdin, removed by `close`
     stat: tuple = ()  # (size, mtime) of `path` when read: it is read again for the output
+    image_ids: list = field(default_factory=list)  # per image position: its id (for messages)
+    records_digest: str = ""  # `merge.records_digest` of the records (the progress header: `mal merge --into`)
 
     def ensure_unchanged(self) -> None:
         """The output streams BOXES again: it must still be the file that was labelled."""
@@ -129,6 +131,17 @@ def _digest(columns) -> str:
     return digest.hexdigest()
 
 
+def _records_digest(columns) -> str:
+    """`merge.records_digest` of the records, computed from the columns as merge computes it from the JSON."""
+    from mal_cli.columns import MISSING
+    from mal_cli.merge import records_digest
+
+    def values(column) -> list:
+        return [None if v is MISSING else v for v in (column[i] for i in range(len(column)))]
+
+    return records_digest(values(columns.record_ids), values(columns.record_image_ids), columns.record_bbox)
+
+
 def read_boxes(boxes: str, image_info: Optional[str] = None) -> BoxIndex:
     """Read BOXES (dataset or results list, '-' = stdin) in one streaming pass, checking it as `mal check` does
     (every error at once; per-box problems become flagged fallbacks). A results list needs `image_info`."""
@@ -158,6 +171,8 @@ def read_boxes(boxes: str, image_info: Optional[str] = None) -> BoxIndex:
             _digest(c),
             temp_copy=boxes == "-",
             stat=(stat.st_size, stat.st_mtime_ns),
+            image_ids=c.image_ids,
+            records_digest=_records_digest(c),
         )
     except BaseException:
         if boxes == "-":

@@ -15,7 +15,7 @@ DEFAULT_CHECKPOINT_NAME = "mal_vits14_coco343.pth"
 METHODS = ("mal", "box")
 FORMATS = ("rle", "polygon")
 # Options that change speed, not results: left out of the resume and shard fingerprints.
-SPEED_OPTIONS = ("device", "workers", "checkpoint", "strict", "compile")
+SPEED_OPTIONS = ("device", "workers", "checkpoint", "strict", "compile", "allow_outside_images")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class LabelOptions:
     workers: Optional[int] = None  # None: `auto_workers`
     strict: bool = False  # an unreadable image stops the run instead of becoming a flagged fallback
     compile: bool = False  # torch.compile the encoder's blocks (`modeling.labeler.compile_encoder_blocks`)
+    allow_outside_images: bool = False  # file_names may be absolute or climb out with '..' (`safe_paths`)
 
     def validate(self) -> None:
         if self.method not in METHODS:

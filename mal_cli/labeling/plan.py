@@ -38,28 +38,42 @@ class ImageJob:
         return len(self.record_positions)
 
 
-def plan_jobs(index: BoxIndex, images_dir: str | Path, only_missing: bool) -> list[ImageJob]:
-    """Every image with at least one box to label, in input image order."""
+def plan_jobs(
+    index: BoxIndex, images_dir: str | Path, only_missing: bool, allow_outside: bool = False
+) -> list[ImageJob]:
+    """Every image with at least one box to label, in input image order. Its file_name must stay under
+    `images_dir` (unless `allow_outside`) and its declared size within the pixel budget: both are refused
+    here, before anything is decoded or allocated from them."""
+    from mal_cli.images import check_pixel_budget
+    from mal_cli.safe_paths import image_path
+
     records = np.flatnonzero(~index.record_has_segmentation) if only_missing else np.arange(index.num_records)
     images = index.record_image[records]
     order = np.argsort(images, kind="stable")  # by image; input order within an image
     records, images = records[order], images[order]
     starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]]) if len(images) else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(images)]
-    folder = Path(images_dir)
     jobs = []
     for start, end in zip(starts.tolist(), ends.tolist()):
         position = int(images[start])
+        where = f"{index.source}: image id {_image_id(index, position)}"
+        hw = index.image_hw[position]
+        if hw is not None:
+            hw = check_pixel_budget(hw[0], hw[1], where)
         jobs.append(
             ImageJob(
                 position,
-                str(folder / index.image_names[position]),
-                index.image_hw[position],
+                str(image_path(images_dir, index.image_names[position], where, allow_outside)),
+                hw,
                 records[start:end],
                 index.record_bbox,
             )
         )
     return jobs
+
+
+def _image_id(index: BoxIndex, position: int):
+    return index.image_ids[position] if position < len(index.image_ids) else position
 
 
 def group_jobs(jobs: Sequence[ImageJob], batch_size: int) -> list[list[ImageJob]]:

@@ -3,6 +3,7 @@ then write OUT from it. `label()` is the public entry point (it shards over torc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -29,6 +30,7 @@ from mal_cli.labeling.progress import (
     progress_path_for,
     read_progress,
 )
+from mal_cli.safe_paths import held_by_live_run, lock_for_run, open_append, open_exclusive, write_error
 
 
 def fingerprint(
@@ -151,22 +153,48 @@ def label_shard(
 
 
 def _open_progress(out: str, resume: bool, fingerprint_: str, header: dict) -> tuple[ProgressWriter, dict[int, int]]:
-    """The progress file (beside OUT, or a temp file when writing to stdout) and the images it already holds."""
+    """The progress file (beside OUT, or a temp file when writing to stdout) and the images it already holds.
+
+    Opened without following a planted link (O_EXCL when new, O_NOFOLLOW when resumed) and locked for the run,
+    so a second run writing the same OUT is told so instead of interleaving lines."""
     if out == "-":
         fd, tmp = tempfile.mkstemp(prefix="mal-label-", suffix=PROGRESS_SUFFIX)
-        os.close(fd)
-        progress_path = Path(tmp)
-    else:
-        progress_path = progress_path_for(out)
+        return ProgressWriter(Path(tmp), header, os.fdopen(fd, "wb")), {}
+    progress_path = progress_path_for(out)
+    if os.path.islink(progress_path):
+        raise write_error(OSError(errno.ELOOP, "symbolic link"), progress_path)
     done: dict[int, int] = {}
-    if progress_path.exists() and out != "-":
-        if not resume:
-            raise InputError(
-                f"{progress_path} exists from an earlier, unfinished run: rerun with --resume to continue it, "
-                f"or delete it to start over"
-            )
-        _, done = read_progress(progress_path, fingerprint_)
-    return ProgressWriter(progress_path, None if done else header), done
+    try:
+        if os.path.lexists(progress_path):  # lexists: a dangling planted link counts too
+            if held_by_live_run(progress_path):
+                raise InputError(f"another mal label run is writing {out} now; wait for it or choose another --out")
+            if not resume:
+                raise InputError(
+                    f"{progress_path} exists from an earlier, unfinished run: rerun with --resume to continue it, "
+                    f"or delete it to start over"
+                )
+            fd = open_append(progress_path)
+            try:
+                _, done = read_progress(progress_path, fingerprint_)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            fd = open_exclusive(progress_path)
+    except FileExistsError:  # created between the check and the open: another run started just now
+        raise InputError(f"another mal label run is writing {out} now; wait for it or choose another --out") from None
+    except OSError as err:
+        raise write_error(err, progress_path) from None
+    try:
+        lock_for_run(fd)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"another mal label run is writing {out} now; wait for it or choose another --out") from None
+    if done:
+        return ProgressWriter(progress_path, None, os.fdopen(fd, "ab")), done
+    if os.fstat(fd).st_size:  # resumed a file without finished images: start it over from its header
+        os.ftruncate(fd, 0)
+    return ProgressWriter(progress_path, header, os.fdopen(fd, "ab")), done
 
 
 def _label_index(
@@ -180,15 +208,17 @@ def _label_index(
     progress_bar: bool,
     start: float,
 ) -> LabelSummary:
+    # The plan first: its file_name and image-size errors come before the model loads.
+    jobs = plan_jobs(index, images_dir, options.only_missing, options.allow_outside_images)
+    groups = group_jobs(jobs, options.batch_size)
     checkpoint = predictor = None
     if options.method == "mal":
         checkpoint = Path(options.checkpoint) if options.checkpoint else default_checkpoint()
         predictor = load_predictor(options, checkpoint)
-    groups = group_jobs(plan_jobs(index, images_dir, options.only_missing), options.batch_size)
     my_groups = shard_groups(groups, shard)
     crop_plan = predictor.crop_plan if predictor else None
     this_fingerprint = fingerprint(index, options, shard, checkpoint, crop_plan)
-    header = progress_header(this_fingerprint, index.num_records, shard, index.source)
+    header = progress_header(this_fingerprint, index.num_records, shard, index.source, index.records_digest)
     writer, done = _open_progress(out, resume, this_fingerprint, header)
 
     summary = LabelSummary(
