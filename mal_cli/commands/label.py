@@ -64,7 +64,7 @@ _Strict = Annotated[
 ]
 _AllowOutside = Annotated[
     bool,
-    typer.Option("--allow-outside-images", help="Read file_names that are absolute or climb out of --images with '..'."),
+    typer.Option("--allow-outside-images", help="Read file_names that are absolute or climb out of --images (..)."),
 ]
 _Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the encoder's blocks (a one-off compile; meant for GPUs).")
