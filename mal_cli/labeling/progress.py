@@ -3,7 +3,8 @@
 
 Line 1 is a header `{"mal_progress": PROGRESS_VERSION, "fingerprint": ..., "records": N, "shard": [K, N],
 "source": ..., "records_digest": ...}`; every further line is one finished image, `{"image": position,
-"results": [[record position, result], ...]}`. The file is append-only, so only its last line can be torn (a killed run).
+"results": [[record position, result], ...]}`. The file is append-only, so only its last line can be torn (a killed
+run).
 """
 
 from __future__ import annotations
