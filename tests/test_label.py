@@ -465,3 +465,39 @@ def test_a_gpu_labels_like_the_cpu(tmp_path, mini16_raw, shipped_cpu_labels, com
     ious = np.array(list(report.ious.values()))
     assert len(ious) == len(mini16_raw["annotations"])
     assert ious.mean() > 0.97 and np.quantile(ious, 0.05) > 0.85, (ious.mean(), np.sort(ious)[:10])
+
+
+def _label_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mal_cli", "label", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_a_wrong_images_folder_is_one_line_and_writes_nothing(tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for method in ("box", "mal"):
+        done = _label_cli(MINI16_JSON, "--images", wrong, "--out", tmp_path / "o.json", "--method", method,
+                          "--no-progress")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "none of the 16 images" in done.stderr, done.stderr
+        assert "is it the right folder?" in done.stderr and str(wrong / "") in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong"]
+
+
+def test_missing_images_warn_five_times_then_count(tmp_path, mini16_raw):
+    some = tmp_path / "some"
+    some.mkdir()
+    names = [im["file_name"] for im in mini16_raw["images"]]
+    for name in names[:9]:  # 7 of the 16 are missing
+        (some / name).symlink_to(MINI16_IMAGES / name)
+    done = _label_cli(MINI16_JSON, "--images", some, "--out", tmp_path / "o.json", "--method", "box", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("image error") == 5, done.stderr
+    assert "...and 2 more images could not be read" in done.stderr
+    doc = orjson.loads((tmp_path / "o.json").read_bytes())
+    missing_ids = {im["id"] for im in mini16_raw["images"][9:]}
+    flagged = {a["image_id"] for a in doc["annotations"] if a.get("mal_fallback") == "image_error"}
+    assert flagged == missing_ids and len(doc["annotations"]) == 141
+    strict = _label_cli(MINI16_JSON, "--images", some, "--out", tmp_path / "s.json", "--method", "box",
+                        "--no-progress", "--strict")
+    assert strict.returncode == 2 and "--strict" in strict.stderr and not (tmp_path / "s.json").exists()

@@ -17,6 +17,7 @@ from mal_cli.labeling.postprocess import ImageTask, results_of_tasks
 from mal_cli.pixels import Margins
 
 log = logging.getLogger("mal_cli.labeling")
+MAX_IMAGE_WARNINGS = 5  # per-image warnings printed; the rest are counted in one line
 
 
 def auto_workers(predictor) -> int:
@@ -71,6 +72,7 @@ def run_groups(groups, jobs, done, predictor, options, writer, summary, fallback
     if in_flight is not None:
         results.dispatch(*in_flight)
     results.drain()
+    results.finish()
     items.close()
     if pool is not None:
         pool.close()
@@ -161,7 +163,13 @@ class ResultDispatch:
         self.summary.failed_images += 1
         if len(self.summary.image_errors) < 10:
             self.summary.image_errors.append(error)
-        log.warning("image error, boxes get the filled-box fallback: %s", error)
+        if self.summary.failed_images <= MAX_IMAGE_WARNINGS:  # a wrong folder must not flood the terminal
+            log.warning("image error, boxes get the filled-box fallback: %s", error)
+
+    def finish(self) -> None:
+        more = self.summary.failed_images - MAX_IMAGE_WARNINGS
+        if more > 0:
+            log.warning("...and %d more images could not be read", more)
 
     def _write_next(self) -> None:
         n_boxes, result = self.pending.popleft()

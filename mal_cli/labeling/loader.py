@@ -7,6 +7,7 @@ torch is imported only where crops are made: `--method box` runs this module wit
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -64,6 +65,8 @@ def load_image(job: ImageJob, index: int, need_pixels: bool, margins: Margins) -
     hw, error, image = job.recorded_hw, None, None
     if need_pixels or hw is None:
         hw, error, image = _decode(job)
+    elif not os.path.exists(job.path):  # the box method needs no pixels, but a missing image is still an error
+        error = f"{job.path}: no such image file"
     model_index, regions, areas = [], [], []
     for bbox in job.boxes_xywh.tolist() if not error else ():
         xyxy = box_xyxy(bbox)

@@ -9,12 +9,14 @@ the groups g with g % N == K.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from mal_cli.errors import InputError
 from mal_cli.labeling.index import BoxIndex
 
 
@@ -70,6 +72,18 @@ def plan_jobs(
             )
         )
     return jobs
+
+
+def require_some_images(jobs: Sequence[ImageJob], images_dir: str | Path, source: str) -> int:
+    """A cheap stat of every image to label: none there is a wrong --images folder (InputError, before any work).
+    Returns how many are missing (each becomes an image_error fallback, or stops a --strict run)."""
+    missing = [job for job in jobs if not os.path.exists(job.path)]
+    if jobs and len(missing) == len(jobs):
+        raise InputError(
+            f"--images {images_dir}: none of the {len(jobs)} images of {source} are there "
+            f"(e.g. {missing[0].path}); is it the right folder?"
+        )
+    return len(missing)
 
 
 def _image_id(index: BoxIndex, position: int):

@@ -21,7 +21,7 @@ from mal_cli.labeling.dispatch import run_groups
 from mal_cli.labeling.index import BoxIndex, read_boxes
 from mal_cli.labeling.options import SPEED_OPTIONS, LabelOptions, default_checkpoint
 from mal_cli.labeling.output import labelled_records, write_output
-from mal_cli.labeling.plan import group_jobs, plan_jobs, shard_groups, shard_records
+from mal_cli.labeling.plan import group_jobs, plan_jobs, require_some_images, shard_groups, shard_records
 from mal_cli.labeling.progress import (
     PROGRESS_SUFFIX,
     ProgressIndex,
@@ -210,6 +210,7 @@ def _label_index(
 ) -> LabelSummary:
     # The plan first: its file_name and image-size errors come before the model loads.
     jobs = plan_jobs(index, images_dir, options.only_missing, options.allow_outside_images)
+    require_some_images(jobs, images_dir, index.source)
     groups = group_jobs(jobs, options.batch_size)
     checkpoint = predictor = None
     if options.method == "mal":
