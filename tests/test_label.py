@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -501,3 +502,65 @@ def test_missing_images_warn_five_times_then_count(tmp_path, mini16_raw):
     strict = _label_cli(MINI16_JSON, "--images", some, "--out", tmp_path / "s.json", "--method", "box",
                         "--no-progress", "--strict")
     assert strict.returncode == 2 and "--strict" in strict.stderr and not (tmp_path / "s.json").exists()
+
+
+def test_replaced_segmentations_are_counted_and_said(tmp_path, mini16_raw):
+    doc = mini16_raw
+    for ann in doc["annotations"][::3]:
+        ann.pop("segmentation")
+    had = sum("segmentation" in a for a in doc["annotations"])
+    boxes = tmp_path / "boxes.json"
+    boxes.write_bytes(orjson.dumps(doc))
+    summary_path = tmp_path / "summary.json"
+    done = _label_cli(boxes, "--images", MINI16_IMAGES, "--out", tmp_path / "o.json", "--method", "box",
+                      "--no-progress", "--summary-json", summary_path)
+    assert done.returncode == 0, done.stderr
+    assert f"mal label: replaced {had} existing segmentations (keep them with --only-missing)" in done.stderr
+    assert orjson.loads(summary_path.read_bytes())["replaced"] == had
+    kept = run_label(boxes, tmp_path / "k.json", LabelOptions(method="box", workers=0, only_missing=True))
+    assert kept.replaced == 0
+
+
+def test_min_score_leaves_low_detections_out_and_shards_still_merge(tmp_path, mini16_raw):
+    from mal_cli.merge import merge_files
+
+    anns = mini16_raw["annotations"]
+    detections = [
+        {"image_id": a["image_id"], "bbox": a["bbox"], "category_id": a["category_id"], "score": (i % 10) / 10}
+        for i, a in enumerate(anns)
+    ]
+    detections[1].pop("score")  # no score: a box that always stays
+    boxes = tmp_path / "dets.json"
+    boxes.write_bytes(orjson.dumps(detections))
+    options = dict(method="box", workers=0, batch_size=8)
+    summary = run_label(boxes, tmp_path / "o.json", LabelOptions(min_score=0.5, **options), image_info=str(MINI16_JSON))
+    out = orjson.loads((tmp_path / "o.json").read_bytes())
+    kept = [d for d in detections if d.get("score", 1.0) >= 0.5]
+    assert [(d["bbox"], d.get("score")) for d in out] == [(d["bbox"], d.get("score")) for d in kept]
+    assert all("segmentation" in d for d in out)
+    assert summary.below_min_score == len(detections) - len(kept) and summary.boxes == len(kept)
+    assert "below --min-score left out" in summary.line()
+    parts = []
+    for k in range(3):
+        parts.append(tmp_path / f"p{k}.json")
+        part = run_label(boxes, parts[-1], LabelOptions(min_score=0.5, **options), image_info=str(MINI16_JSON),
+                         shard=(k, 3))
+        assert "shard " in part.line()
+    merge_files([str(p) for p in parts], str(tmp_path / "m.json"))
+    assert (tmp_path / "m.json").read_bytes() == (tmp_path / "o.json").read_bytes()
+    with pytest.raises(InputError, match="--min-score"):
+        LabelOptions(min_score=float("nan")).validate()
+
+
+def test_summary_line_counts_fallback_boxes_and_hides_the_single_shard(tmp_path, mini16_raw):
+    mini16_raw["annotations"][0]["bbox"] = [1, 1, 0, 3]
+    mini16_raw["annotations"][1]["bbox"] = [1, 1, 0.2, 0.2]
+    boxes = tmp_path / "boxes.json"
+    boxes.write_bytes(orjson.dumps(mini16_raw))
+    done = _label_cli(boxes, "--images", MINI16_IMAGES, "--out", tmp_path / "o.json", "--method", "box",
+                      "--no-progress")
+    assert done.returncode == 0, done.stderr
+    line = next(s for s in done.stderr.splitlines() if s.startswith("mal label: 16 images"))
+    assert "2 boxes got fallbacks (degenerate_box: 2)" in line and "shard" not in line
+    assert re.search(r" \d+\.\d boxes/s \[box on cpu\] ->", line), line
+    assert "problem(s)" not in done.stderr

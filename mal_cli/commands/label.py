@@ -66,6 +66,9 @@ _AllowOutside = Annotated[
     bool,
     typer.Option("--allow-outside-images", help="Read file_names that are absolute or climb out of --images (..)."),
 ]
+_MinScore = Annotated[
+    float, typer.Option("--min-score", help="Leave out detections scored below this (boxes without a score stay).")
+]
 _Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the encoder's blocks (a one-off compile; meant for GPUs).")
 ]
@@ -108,6 +111,7 @@ def label_command(
     strict: _Strict = _LABEL.strict,
     compile: _Compile = _LABEL.compile,
     allow_outside_images: _AllowOutside = _LABEL.allow_outside_images,
+    min_score: _MinScore = _LABEL.min_score,
 ) -> None:
     """Turn every box into an instance mask (batched, streaming, resumable, shardable)."""
     import logging
@@ -137,6 +141,7 @@ def label_command(
         crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None,
         compile=compile,
         allow_outside_images=allow_outside_images,
+        min_score=min_score,
     )
     summary = label(
         boxes,
@@ -151,5 +156,8 @@ def label_command(
     )
     if summary.out == out:  # torchrun ranks other than 0 return their shard's summary: print only the merged one
         typer.echo(summary.line(), err=True)
+        if summary.replaced:
+            replaced = f"mal label: replaced {summary.replaced} existing segmentations (keep them with --only-missing)"
+            typer.echo(replaced, err=True)
         if summary_json:
             write_json_atomic(summary_json, summary.to_dict())

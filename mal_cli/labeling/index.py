@@ -38,6 +38,16 @@ class BoxIndex:
     stat: tuple = ()  # (size, mtime) of `path` when read: it is read again for the output
     image_ids: list = field(default_factory=list)  # per image position: its id (for messages)
     records_digest: str = ""  # `merge.records_digest` of the records (the progress header: `mal merge --into`)
+    record_score: Optional[np.ndarray] = None  # (N,) float64 detector scores, NaN without one
+
+    def below_min_score(self, min_score: float) -> np.ndarray:
+        """(N,) bool: records `--min-score` leaves out (`results.below_min_score`, the one rule)."""
+        from mal_cli.results import below_min_score
+
+        if self.record_score is None or np.isnan(self.record_score).all():
+            return np.zeros(self.num_records, dtype=bool)
+        scores = [None if np.isnan(s) else s for s in self.record_score.tolist()]
+        return np.fromiter((below_min_score({"score": s}, min_score) for s in scores), bool, len(scores))
 
     def ensure_unchanged(self) -> None:
         """The output streams BOXES again: it must still be the file that was labelled."""
@@ -152,9 +162,8 @@ def read_boxes(boxes: str, image_info: Optional[str] = None) -> BoxIndex:
         report.raise_errors()
         if report.warnings:
             log.warning(
-                "%s: %d box/image problem(s), labelled with flagged fallbacks: %s",
+                "%s: box/image problems, their boxes get flagged fallbacks (counted at the end): %s",
                 source,
-                report.warnings,
                 report.summary("warning"),
             )
         stat = path.stat()
@@ -173,6 +182,7 @@ def read_boxes(boxes: str, image_info: Optional[str] = None) -> BoxIndex:
             stat=(stat.st_size, stat.st_mtime_ns),
             image_ids=c.image_ids,
             records_digest=_records_digest(c),
+            record_score=np.frombuffer(c.record_score_values, dtype=np.float64).copy(),
         )
     except BaseException:
         if boxes == "-":

@@ -37,6 +37,7 @@ class LabelOptions:
     strict: bool = False  # an unreadable image stops the run instead of becoming a flagged fallback
     compile: bool = False  # torch.compile the encoder's blocks (`modeling.labeler.compile_encoder_blocks`)
     allow_outside_images: bool = False  # file_names may be absolute or climb out with '..' (`safe_paths`)
+    min_score: float = 0.0  # detections scored below it are neither labelled nor written (`results.below_min_score`)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -47,6 +48,8 @@ class LabelOptions:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
+        if not self.min_score >= 0.0:  # NaN too
+            raise InputError(f"--min-score must be 0 or more, got {self.min_score}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise InputError(f"--threshold must be between 0 and 1, got {self.threshold}")
 

@@ -41,15 +41,20 @@ class ImageJob:
 
 
 def plan_jobs(
-    index: BoxIndex, images_dir: str | Path, only_missing: bool, allow_outside: bool = False
+    index: BoxIndex,
+    images_dir: str | Path,
+    only_missing: bool,
+    allow_outside: bool = False,
+    left_out: Optional[np.ndarray] = None,
 ) -> list[ImageJob]:
     """Every image with at least one box to label, in input image order. Its file_name must stay under
     `images_dir` (unless `allow_outside`) and its declared size within the pixel budget: both are refused
-    here, before anything is decoded or allocated from them."""
+    here, before anything is decoded or allocated from them. `left_out`: records not to label (`--min-score`)."""
     from mal_cli.images import check_pixel_budget
     from mal_cli.safe_paths import image_path
 
-    records = np.flatnonzero(~index.record_has_segmentation) if only_missing else np.arange(index.num_records)
+    wanted = ~index.record_has_segmentation if only_missing else np.ones(index.num_records, dtype=bool)
+    records = np.flatnonzero(wanted if left_out is None else wanted & ~left_out)
     images = index.record_image[records]
     order = np.argsort(images, kind="stable")  # by image; input order within an image
     records, images = records[order], images[order]

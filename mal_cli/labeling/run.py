@@ -63,17 +63,22 @@ class LabelSummary:
     device: str = "cpu"
     shard: str = "0/1"
     out: str = ""
+    replaced: int = 0  # records that had a segmentation and got a new one (not --only-missing)
+    below_min_score: int = 0  # detections left out by --min-score
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        fallbacks = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallbacks.items())) or "none"
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallbacks.items()))
+        fallbacks = f"{sum(self.fallbacks.values())} boxes got fallbacks ({kinds})" if kinds else "no fallbacks"
         failed = f", {self.failed_images} unreadable images skipped" if self.failed_images else ""
+        below = f", {self.below_min_score} below --min-score left out" if self.below_min_score else ""
+        shard = f", shard {self.shard}" if self.shard != "0/1" else ""
         return (
-            f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed{failed}), "
-            f"fallbacks: {fallbacks}; {self.seconds:.1f} s, {self.boxes_per_s:.0f} boxes/s "
-            f"[{self.method} on {self.device}, shard {self.shard}] -> {self.out}"
+            f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed{failed}"
+            f"{below}), {fallbacks}; {self.seconds:.1f} s, {self.boxes_per_s:.1f} boxes/s "
+            f"[{self.method} on {self.device}{shard}] -> {self.out}"
         )
 
 
@@ -209,7 +214,8 @@ def _label_index(
     start: float,
 ) -> LabelSummary:
     # The plan first: its file_name and image-size errors come before the model loads.
-    jobs = plan_jobs(index, images_dir, options.only_missing, options.allow_outside_images)
+    left_out = index.below_min_score(options.min_score)
+    jobs = plan_jobs(index, images_dir, options.only_missing, options.allow_outside_images, left_out)
     require_some_images(jobs, images_dir, index.source)
     groups = group_jobs(jobs, options.batch_size)
     checkpoint = predictor = None
@@ -248,11 +254,15 @@ def _label_index(
             "count": shard[1],
             "fingerprint": fingerprint(index, options, (0, 1), checkpoint, crop_plan),
         }
-    _write_from_progress(out, index, writer.path, this_fingerprint, groups, my_groups, shard, shard_info)
+    _write_from_progress(out, index, writer.path, this_fingerprint, groups, my_groups, shard, shard_info, left_out)
     if out == "-" or not keep_progress:
         writer.path.unlink(missing_ok=True)
 
     summary.images = sum(len(g) for g in my_groups)
+    labelled = np.concatenate([j.record_positions for g in my_groups for j in g] or [np.zeros(0, np.int64)])
+    summary.replaced = int(index.record_has_segmentation[labelled].sum())
+    mine = shard_records(index, groups, shard) if shard[1] > 1 else np.ones(index.num_records, dtype=bool)
+    summary.below_min_score = int((left_out & mine).sum())
     summary.fallbacks = dict(fallbacks)
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.boxes_per_s = round(summary.boxes / summary.seconds, 1) if summary.seconds > 0 else 0.0
@@ -268,17 +278,21 @@ def _write_from_progress(
     my_groups,
     shard: tuple[int, int],
     shard_info: Optional[dict],
+    left_out: np.ndarray,
 ) -> None:
-    """Write OUT from the progress file: this shard's images' records, in input order."""
+    """Write OUT from the progress file: this shard's images' records, in input order, less `left_out` (a shard's
+    positions count the records written, so the shards of a --min-score run still merge into one)."""
     _, offsets = read_progress(progress_path, fingerprint_)
     has_result = np.zeros(index.num_records, dtype=bool)  # records this run has a result for
     for g in my_groups:
         for j in g:
             has_result[j.record_positions] = True
-    keep = None
+    keep = ~left_out if left_out.any() else None
     if shard[1] > 1:
-        keep = shard_records(index, groups, shard)
-        shard_info.update(records=index.num_records, positions=np.flatnonzero(keep).tolist())
+        written = ~left_out
+        position_written = np.cumsum(written) - 1  # a record's position among the written ones
+        keep = shard_records(index, groups, shard) & written
+        shard_info.update(records=int(written.sum()), positions=position_written[keep].tolist())
     if not {j.position for g in my_groups for j in g} <= set(offsets):  # only if the file was edited meanwhile
         raise OutputError(f"{progress_path}: images missing after the run; rerun with --resume")
     index.ensure_unchanged()
