@@ -564,3 +564,31 @@ def test_summary_line_counts_fallback_boxes_and_hides_the_single_shard(tmp_path,
     assert "2 boxes got fallbacks (degenerate_box: 2)" in line and "shard" not in line
     assert re.search(r" \d+\.\d boxes/s \[box on cpu\] ->", line), line
     assert "problem(s)" not in done.stderr
+
+
+def test_ctrl_c_keeps_the_finished_images_and_says_how_to_resume(tmp_path, tiny_checkpoint, tiny_single_run):
+    out = tmp_path / "labels.json"
+    progress = progress_path_for(out)
+    proc = subprocess.Popen(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--workers", "1", "--progress"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.exists() and progress.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before Ctrl-C: " + proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "%|" not in err, err  # no traceback; no bar when stderr is not a terminal
+    lines = progress.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # flushed whole lines only
+    finished = len(lines) - 2  # less the header and the final empty piece
+    assert err.strip().splitlines()[-1] == (
+        f"mal: interrupted; {finished} of 16 images done — rerun the same command with --resume"
+    )
+    assert not out.exists()
+    done = subprocess.run(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--resume", "--workers", "0"),
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert out.read_bytes() == tiny_single_run

@@ -151,6 +151,7 @@ class ProgressWriter:
     def __init__(self, path: Path, header: Optional[dict], handle=None):
         self.path = path
         self.handle = handle if handle is not None else open(path, "ab" if header is None else "wb")
+        self.lines = 0  # image lines written by this writer
         if header is not None:
             self.handle.write(orjson.dumps(header) + b"\n")
         self.last_sync = time.monotonic()
@@ -161,6 +162,7 @@ class ProgressWriter:
     def write_line(self, line: bytes) -> None:
         """An already serialised `image_line`."""
         self.handle.write(line + b"\n")
+        self.lines += 1
 
     def flush(self) -> None:
         self.handle.flush()

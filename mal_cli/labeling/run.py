@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import orjson
 
-from mal_cli.errors import InputError, OutputError
+from mal_cli.errors import InputError, Interrupted, OutputError
 from mal_cli.labeling.dispatch import run_groups
 from mal_cli.labeling.index import BoxIndex, read_boxes
 from mal_cli.labeling.options import SPEED_OPTIONS, LabelOptions, default_checkpoint
@@ -247,6 +247,8 @@ def _label_index(
         raise OutputError(
             f"{writer.path}: cannot write progress ({err.strerror or err}); free space and rerun with --resume"
         ) from None
+    except KeyboardInterrupt:  # Ctrl-C: the finished images are on disk (the writer is closed), say so
+        raise _interrupted(out, writer, done, sum(len(g) for g in my_groups)) from None
     shard_info = None
     if shard[1] > 1:
         shard_info = {
@@ -267,6 +269,14 @@ def _label_index(
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.boxes_per_s = round(summary.boxes / summary.seconds, 1) if summary.seconds > 0 else 0.0
     return summary
+
+
+def _interrupted(out: str, writer: ProgressWriter, done: dict, total: int) -> Interrupted:
+    finished = f"interrupted; {len(done) + writer.lines} of {total} images done"
+    if out == "-":  # its progress file is a temp file: nothing to resume
+        writer.path.unlink(missing_ok=True)
+        return Interrupted(f"{finished} (a run writing to stdout cannot be resumed: rerun it)")
+    return Interrupted(f"{finished} — rerun the same command with --resume")
 
 
 def _write_from_progress(
