@@ -44,7 +44,7 @@ class BoxIndex:
         """(N,) bool: records `--min-score` leaves out (`results.below_min_score`, the one rule)."""
         from mal_cli.results import below_min_score
 
-        if self.record_score is None or np.isnan(self.record_score).all():
+        if self.record_score is None or not (self.record_score < min_score).any():  # NaN compares False
             return np.zeros(self.num_records, dtype=bool)
         scores = [None if np.isnan(s) else s for s in self.record_score.tolist()]
         return np.fromiter((below_min_score({"score": s}, min_score) for s in scores), bool, len(scores))
