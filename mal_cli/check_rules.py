@@ -183,6 +183,7 @@ class DocumentCheck:
                 ann.get("category_id", MISSING),
                 values,
                 flags,
+                _numeric_score(ann.get("score")),
             )
 
     def _add(self, report: CheckReport, code: str, index: int, where: str) -> None:
@@ -366,3 +367,14 @@ def _file_name(image: dict, source: str) -> Optional[str]:
         return image_file_name(image, source)
     except InputError:
         return None
+
+
+def _numeric_score(score) -> float:
+    """A record's `score` for the columns: the number, or NaN when it has none (or not a number)."""
+    if not _is_number(score):
+        return math.nan
+    try:
+        value = float(score)
+    except OverflowError:  # an int too big for a double
+        return math.nan
+    return value if math.isfinite(value) else math.nan

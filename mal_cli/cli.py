@@ -108,7 +108,7 @@ def main(args: list[str] | None = None) -> None:
     except MalError as err:
         if debug:
             raise
-        typer.echo(f"mal: error: {err}", err=True)
+        typer.echo(f"mal: {err.prefix}{err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         typer.echo("mal: interrupted", err=True)

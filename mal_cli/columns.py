@@ -66,6 +66,7 @@ class BoxColumns:
         self.record_categories = IdColumn()
         self.record_bbox_values = array("d")
         self.record_flags = bytearray()  # bit 0: bbox numbers to check against the image; bit 1: has segmentation
+        self.record_score_values = array("d")  # a detection's numeric `score`, NaN without one (label --min-score)
         self.record_image: Optional[np.ndarray] = None
         self.record_bbox: Optional[np.ndarray] = None
         self.record_has_segmentation: Optional[np.ndarray] = None
@@ -80,7 +81,7 @@ class BoxColumns:
         self.image_plan_hw.append(plan_hw)
         self.image_hw.extend(hw or (0, 0))
 
-    def add_record(self, ann_id, image_id, category, bbox_values, flags) -> None:
+    def add_record(self, ann_id, image_id, category, bbox_values, flags, score=math.nan) -> None:
         self.record_ids.append(ann_id)
         self.record_image_ids.append(image_id)
         self.record_categories.append(category)
@@ -89,6 +90,7 @@ class BoxColumns:
         except OverflowError:  # an int too big for a double: not a usable box
             self.record_bbox_values.extend((math.nan,) * 4)
         self.record_flags.append(flags)
+        self.record_score_values.append(score)
 
     def use_images_of(self, other: "BoxColumns") -> None:
         """A results list's records refer to the images of its --image-info dataset."""
@@ -98,6 +100,10 @@ class BoxColumns:
     def recorded_hw(self, position: int) -> Optional[tuple[int, int]]:
         h, w = self.image_hw[2 * position], self.image_hw[2 * position + 1]
         return (h, w) if h > 0 and w > 0 else None
+
+    def record_scores(self) -> list:
+        """Per record: its numeric `score`, or None without one."""
+        return [None if math.isnan(s) else s for s in self.record_score_values]
 
     def bbox_array(self) -> np.ndarray:
         n = self.num_records

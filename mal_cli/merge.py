@@ -38,7 +38,8 @@ def records_digest(ids: Sequence, image_ids: Sequence, bboxes: Sequence) -> str:
     """
     digest = hashlib.sha256()
     digest.update(orjson.dumps([list(ids), list(image_ids)]))
-    digest.update(np.asarray([_float_box(b) for b in bboxes], dtype=np.float64).reshape(-1, 4).tobytes())
+    boxes = bboxes if isinstance(bboxes, np.ndarray) else [_float_box(b) for b in bboxes]  # array: `mal label`'s
+    digest.update(np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tobytes())
     return digest.hexdigest()
 
 

@@ -843,13 +843,9 @@ def test_check_long_string_under_limits(case):
     assert result.code in (0, 1) and "Traceback" not in result.err
 
 
-# --- label: integration pending (label.py is being split; these become the lead's) ------------------------------
+# --- label: progress file, declared sizes, file names, outputs that would destroy inputs --------------------------
 
 
-LABEL_PENDING = "needs the label.py hooks listed in the #20 report (safe_paths / check_pixel_budget)"
-
-
-@pytest.mark.xfail(strict=True, reason=LABEL_PENDING)
 def test_label_progress_symlink_is_not_followed(case, mal):
     out = case.tmp / "out.json"
     (case.tmp / "out.json.progress.jsonl").symlink_to(case.outside / "secret.txt")
@@ -860,7 +856,6 @@ def test_label_progress_symlink_is_not_followed(case, mal):
     expect_error(result, 3, "symbolic link")
 
 
-@pytest.mark.xfail(strict=True, reason=LABEL_PENDING)
 def test_label_box_declared_100000_square(case, mal):
     doc = _gt()
     doc["images"][0].update(height=100000, width=100000)
@@ -869,7 +864,6 @@ def test_label_box_declared_100000_square(case, mal):
     expect_error(result, 2, "pixel limit")
 
 
-@pytest.mark.xfail(strict=True, reason=LABEL_PENDING)
 def test_label_file_name_outside_images_is_refused(case, mal):
     _write_png(case.outside / "x.png")
     doc = _gt()
@@ -879,7 +873,6 @@ def test_label_file_name_outside_images_is_refused(case, mal):
     expect_error(result, 2, "points outside the images folder")
 
 
-@pytest.mark.xfail(strict=True, reason=LABEL_PENDING)
 def test_label_summary_json_naming_the_input_is_refused(case, mal):
     gt = case.write("gt.json", _gt())
     before = _snapshot(case.tmp, ())
@@ -965,3 +958,60 @@ def test_export_link_images_applies_the_path_rule_first(case, mal):
     result = mal("export", "yolo", case.write("l.json", doc), "--out", out, "--link-images", case.images)
     expect_error(result, 2, "points outside the images folder")
     assert not out.exists()
+
+
+def _label_box(case, mal, gt: Path, out: Path, *extra) -> Result:
+    return mal("label", gt, "--images", case.images, "--out", out, "--method", "box", "--workers", "0",
+               "--no-progress", *extra)
+
+
+def test_label_loses_to_a_live_run_and_names_a_dead_ones_file(case, mal):
+    from mal_cli.safe_paths import lock_for_run
+
+    gt, out = case.write("gt.json", _gt()), case.tmp / "o.json"
+    progress = case.tmp / "o.json.progress.jsonl"
+    progress.write_bytes(b"")
+    fd = os.open(progress, os.O_RDWR)
+    try:
+        lock_for_run(fd)  # a live run holds it
+        for extra in ((), ("--resume",)):
+            expect_error(_label_box(case, mal, gt, out, *extra), 2, "another mal label run is writing")
+    finally:
+        os.close(fd)
+    assert progress.read_bytes() == b"" and not out.exists()
+    expect_error(_label_box(case, mal, gt, out), 2, "exists from an earlier, unfinished run")
+
+
+def test_label_progress_header_has_the_digest_merge_checks(case, mal):
+    doc = _gt()
+    doc["annotations"][1]["bbox"] = [10, 6.5, 12, 10]
+    gt, out = case.write("gt.json", doc), case.tmp / "o.json"
+    expect_clean(_label_box(case, mal, gt, out, "--keep-progress"))
+    header = orjson.loads((case.tmp / "o.json.progress.jsonl").read_bytes().split(b"\n")[0])
+    assert header["records_digest"] == dataset_records_digest(doc)
+    other = _gt()
+    other["annotations"][0]["id"] = 7
+    assert header["records_digest"] != dataset_records_digest(other)
+
+
+def test_label_out_naming_the_input_is_refused(case, mal):
+    gt = case.write("gt.json", _gt())
+    before = _snapshot(case.tmp, ())
+    expect_error(_label_box(case, mal, gt, gt), 3, "would destroy the input")
+    assert _snapshot(case.tmp, ()) == before
+
+
+def test_label_removes_temps_a_killed_run_left_beside_out(case, mal):
+    stale = case.tmp / f".o.json.mal{DEAD_PID}.k1ll3d.tmp"
+    stale.write_text("half a file")
+    expect_clean(_label_box(case, mal, case.write("gt.json", _gt()), case.tmp / "o.json"))
+    assert not stale.exists() and (case.tmp / "o.json").exists()
+
+
+def test_label_allow_outside_images_reads_the_file(case, mal):
+    _write_png(case.outside / "x.png")
+    doc = _gt()
+    doc["images"][0]["file_name"] = "../outside/x.png"
+    gt = case.write("gt.json", doc)
+    expect_clean(_label_box(case, mal, gt, case.tmp / "o.json", "--allow-outside-images"))
+    assert len(orjson.loads((case.tmp / "o.json").read_bytes())["annotations"]) == 3

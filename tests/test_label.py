@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -470,3 +471,129 @@ def test_a_gpu_labels_like_the_cpu(tmp_path, mini16_raw, shipped_cpu_labels, com
     ious = np.array(list(report.ious.values()))
     assert len(ious) == len(mini16_raw["annotations"])
     assert ious.mean() > 0.97 and np.quantile(ious, 0.05) > 0.85, (ious.mean(), np.sort(ious)[:10])
+
+
+def _label_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mal_cli", "label", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_a_wrong_images_folder_is_one_line_and_writes_nothing(tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for method in ("box", "mal"):
+        done = _label_cli(MINI16_JSON, "--images", wrong, "--out", tmp_path / "o.json", "--method", method,
+                          "--no-progress")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "none of the 16 images" in done.stderr, done.stderr
+        assert "is it the right folder?" in done.stderr and str(wrong / "") in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong"]
+
+
+def test_missing_images_warn_five_times_then_count(tmp_path, mini16_raw):
+    some = tmp_path / "some"
+    some.mkdir()
+    names = [im["file_name"] for im in mini16_raw["images"]]
+    for name in names[:9]:  # 7 of the 16 are missing
+        (some / name).symlink_to(MINI16_IMAGES / name)
+    done = _label_cli(MINI16_JSON, "--images", some, "--out", tmp_path / "o.json", "--method", "box", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("image error") == 5, done.stderr
+    assert "...and 2 more images could not be read" in done.stderr
+    doc = orjson.loads((tmp_path / "o.json").read_bytes())
+    missing_ids = {im["id"] for im in mini16_raw["images"][9:]}
+    flagged = {a["image_id"] for a in doc["annotations"] if a.get("mal_fallback") == "image_error"}
+    assert flagged == missing_ids and len(doc["annotations"]) == 141
+    strict = _label_cli(MINI16_JSON, "--images", some, "--out", tmp_path / "s.json", "--method", "box",
+                        "--no-progress", "--strict")
+    assert strict.returncode == 2 and "--strict" in strict.stderr and not (tmp_path / "s.json").exists()
+
+
+def test_replaced_segmentations_are_counted_and_said(tmp_path, mini16_raw):
+    doc = mini16_raw
+    for ann in doc["annotations"][::3]:
+        ann.pop("segmentation")
+    had = sum("segmentation" in a for a in doc["annotations"])
+    boxes = tmp_path / "boxes.json"
+    boxes.write_bytes(orjson.dumps(doc))
+    summary_path = tmp_path / "summary.json"
+    done = _label_cli(boxes, "--images", MINI16_IMAGES, "--out", tmp_path / "o.json", "--method", "box",
+                      "--no-progress", "--summary-json", summary_path)
+    assert done.returncode == 0, done.stderr
+    assert f"mal label: replaced {had} existing segmentations (keep them with --only-missing)" in done.stderr
+    assert orjson.loads(summary_path.read_bytes())["replaced"] == had
+    kept = run_label(boxes, tmp_path / "k.json", LabelOptions(method="box", workers=0, only_missing=True))
+    assert kept.replaced == 0
+
+
+def test_min_score_leaves_low_detections_out_and_shards_still_merge(tmp_path, mini16_raw):
+    from mal_cli.merge import merge_files
+
+    anns = mini16_raw["annotations"]
+    detections = [
+        {"image_id": a["image_id"], "bbox": a["bbox"], "category_id": a["category_id"], "score": (i % 10) / 10}
+        for i, a in enumerate(anns)
+    ]
+    detections[1].pop("score")  # no score: a box that always stays
+    boxes = tmp_path / "dets.json"
+    boxes.write_bytes(orjson.dumps(detections))
+    options = dict(method="box", workers=0, batch_size=8)
+    summary = run_label(boxes, tmp_path / "o.json", LabelOptions(min_score=0.5, **options), image_info=str(MINI16_JSON))
+    out = orjson.loads((tmp_path / "o.json").read_bytes())
+    kept = [d for d in detections if d.get("score", 1.0) >= 0.5]
+    assert [(d["bbox"], d.get("score")) for d in out] == [(d["bbox"], d.get("score")) for d in kept]
+    assert all("segmentation" in d for d in out)
+    assert summary.below_min_score == len(detections) - len(kept) and summary.boxes == len(kept)
+    assert "below --min-score left out" in summary.line()
+    parts = []
+    for k in range(3):
+        parts.append(tmp_path / f"p{k}.json")
+        part = run_label(boxes, parts[-1], LabelOptions(min_score=0.5, **options), image_info=str(MINI16_JSON),
+                         shard=(k, 3))
+        assert "shard " in part.line()
+    merge_files([str(p) for p in parts], str(tmp_path / "m.json"))
+    assert (tmp_path / "m.json").read_bytes() == (tmp_path / "o.json").read_bytes()
+    with pytest.raises(InputError, match="--min-score"):
+        LabelOptions(min_score=float("nan")).validate()
+
+
+def test_summary_line_counts_fallback_boxes_and_hides_the_single_shard(tmp_path, mini16_raw):
+    mini16_raw["annotations"][0]["bbox"] = [1, 1, 0, 3]
+    mini16_raw["annotations"][1]["bbox"] = [1, 1, 0.2, 0.2]
+    boxes = tmp_path / "boxes.json"
+    boxes.write_bytes(orjson.dumps(mini16_raw))
+    done = _label_cli(boxes, "--images", MINI16_IMAGES, "--out", tmp_path / "o.json", "--method", "box",
+                      "--no-progress")
+    assert done.returncode == 0, done.stderr
+    line = next(s for s in done.stderr.splitlines() if s.startswith("mal label: 16 images"))
+    assert "2 boxes got fallbacks (degenerate_box: 2)" in line and "shard" not in line
+    assert re.search(r" \d+\.\d boxes/s \[box on cpu\] ->", line), line
+    assert "problem(s)" not in done.stderr
+
+
+def test_ctrl_c_keeps_the_finished_images_and_says_how_to_resume(tmp_path, tiny_checkpoint, tiny_single_run):
+    out = tmp_path / "labels.json"
+    progress = progress_path_for(out)
+    proc = subprocess.Popen(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--workers", "1", "--progress"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.exists() and progress.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before Ctrl-C: " + proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "%|" not in err, err  # no traceback; no bar when stderr is not a terminal
+    lines = progress.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # flushed whole lines only
+    finished = len(lines) - 2  # less the header and the final empty piece
+    assert err.strip().splitlines()[-1] == (
+        f"mal: interrupted; {finished} of 16 images done — rerun the same command with --resume"
+    )
+    assert not out.exists()
+    done = subprocess.run(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--resume", "--workers", "0"),
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert out.read_bytes() == tiny_single_run

@@ -63,6 +63,13 @@ _Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Progr
 _Strict = Annotated[
     bool, typer.Option("--strict", help="Stop at the first unreadable image instead of a flagged fallback.")
 ]
+_AllowOutside = Annotated[
+    bool,
+    typer.Option("--allow-outside-images", help="Read file_names that are absolute or climb out of --images (..)."),
+]
+_MinScore = Annotated[
+    float, typer.Option("--min-score", help="Leave out detections scored below this (boxes without a score stay).")
+]
 _Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the encoder's blocks (a one-off compile; meant for GPUs).")
 ]
@@ -112,6 +119,8 @@ def label_command(
     strict: _Strict = _LABEL.strict,
     compile: _Compile = _LABEL.compile,
     precision: _Precision = _LABEL.precision,
+    allow_outside_images: _AllowOutside = _LABEL.allow_outside_images,
+    min_score: _MinScore = _LABEL.min_score,
 ) -> None:
     """Turn every box into an instance mask (batched, streaming, resumable, shardable)."""
     import logging
@@ -119,7 +128,10 @@ def label_command(
     from mal_cli.dataset import write_json_atomic
     from mal_cli.labeling import label, parse_crop_sizes, parse_shard
     from mal_cli.probes import ensure_writable
+    from mal_cli.safe_paths import refuse_overwrite
 
+    refuse_overwrite(summary_json, [boxes, image_info, out], "--summary-json")
+    refuse_overwrite(out, [boxes, image_info], "--out")
     if summary_json:
         ensure_writable(summary_json, "--summary-json")
     logging.basicConfig(level=logging.INFO, format="mal: %(levelname)s %(message)s", stream=sys.stderr)
@@ -138,6 +150,8 @@ def label_command(
         crop_sizes=parse_crop_sizes(crop_sizes) if crop_sizes else None,
         compile=compile,
         precision=precision,
+        allow_outside_images=allow_outside_images,
+        min_score=min_score,
     )
     summary = label(
         boxes,
@@ -152,5 +166,8 @@ def label_command(
     )
     if summary.out == out:  # torchrun ranks other than 0 return their shard's summary: print only the merged one
         typer.echo(summary.line(), err=True)
+        if summary.replaced:
+            replaced = f"mal label: replaced {summary.replaced} existing segmentations (keep them with --only-missing)"
+            typer.echo(replaced, err=True)
         if summary_json:
             write_json_atomic(summary_json, summary.to_dict())

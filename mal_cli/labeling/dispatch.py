@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections import Counter, deque
 from typing import Sequence
@@ -17,6 +18,7 @@ from mal_cli.labeling.postprocess import ImageTask, results_of_tasks
 from mal_cli.pixels import Margins
 
 log = logging.getLogger("mal_cli.labeling")
+MAX_IMAGE_WARNINGS = 5  # per-image warnings printed; the rest are counted in one line
 
 
 def auto_workers(predictor) -> int:
@@ -55,27 +57,37 @@ def run_groups(groups, jobs, done, predictor, options, writer, summary, fallback
     if predictor is not None and n_workers > 0 and len(jobs) > 1:
         import multiprocessing
 
-        pool = multiprocessing.get_context("fork").Pool(min(n_workers, len(jobs)))
+        # Ctrl-C reaches the whole process group: the pool leaves it to this process (no traceback per worker).
+        pool = multiprocessing.get_context("fork").Pool(
+            min(n_workers, len(jobs)), initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
+        )
     results = ResultDispatch(predictor, options, done, pool, writer, summary, fallbacks, bar)
     # One group in flight on the device: group i is submitted before group i - 1's results are dispatched,
     # so on a GPU the model runs while this process hands out the previous batch's paste/RLE.
     in_flight = None
-    for group in groups:
-        batch: LoadedGroup = next(items)
-        probs = None
-        if predictor is not None and batch.crops is not None:
-            probs = predictor.submit_crops(batch.crops, batch.box_areas, options.batch_size)
+    try:
+        for group in groups:
+            batch: LoadedGroup = next(items)
+            probs = None
+            if predictor is not None and batch.crops is not None:
+                probs = predictor.submit_crops(batch.crops, batch.box_areas, options.batch_size)
+            if in_flight is not None:
+                results.dispatch(*in_flight)
+            in_flight = (group, batch, probs)
         if in_flight is not None:
             results.dispatch(*in_flight)
-        in_flight = (group, batch, probs)
-    if in_flight is not None:
-        results.dispatch(*in_flight)
-    results.drain()
-    items.close()
+        results.drain()
+        results.finish()
+    except BaseException:  # Ctrl-C, --strict, a full disk: stop the workers now, keep what is written
+        if pool is not None:
+            pool.terminate()
+        raise
+    finally:
+        items.close()
+        bar.close()
     if pool is not None:
         pool.close()
         pool.join()
-    bar.close()
 
 
 class ResultDispatch:
@@ -147,9 +159,9 @@ class ResultDispatch:
 
     def _submit(self, tasks: list, n_boxes: int) -> None:
         result = self.pool.apply_async(results_of_tasks, (tasks,)) if self.pool else _Done(results_of_tasks(tasks))
-        self.pending.append((n_boxes, result))
+        self.pending.append((n_boxes, [len(t.record_positions) for t in tasks], result))
         self.pending_boxes += n_boxes
-        while self.pending and (self.pending_boxes > self.max_pending_boxes or self.pending[0][1].ready()):
+        while self.pending and (self.pending_boxes > self.max_pending_boxes or self.pending[0][2].ready()):
             self._write_next()
 
     def drain(self) -> None:
@@ -161,16 +173,22 @@ class ResultDispatch:
         self.summary.failed_images += 1
         if len(self.summary.image_errors) < 10:
             self.summary.image_errors.append(error)
-        log.warning("image error, boxes get the filled-box fallback: %s", error)
+        if self.summary.failed_images <= MAX_IMAGE_WARNINGS:  # a wrong folder must not flood the terminal
+            log.warning("image error, boxes get the filled-box fallback: %s", error)
+
+    def finish(self) -> None:
+        more = self.summary.failed_images - MAX_IMAGE_WARNINGS
+        if more > 0:
+            log.warning("...and %d more images could not be read", more)
 
     def _write_next(self) -> None:
-        n_boxes, result = self.pending.popleft()
-        for line, image_fallbacks in result.get():
+        n_boxes, image_boxes, result = self.pending.popleft()
+        for (line, image_fallbacks), boxes in zip(result.get(), image_boxes):
             self.writer.write_line(line)
             self.fallbacks.update(image_fallbacks)
             self.images_done += 1
+            self.bar.update(boxes)  # per image: the bar's rate follows the work, not the task chunks
         self.summary.boxes += n_boxes
-        self.bar.update(n_boxes)
         self.pending_boxes -= n_boxes
 
 

@@ -18,6 +18,8 @@ def _total(summaries: list[dict], world: int, out: str) -> LabelSummary:
         total.boxes += other["boxes"]
         total.resumed_images += other["resumed_images"]
         total.failed_images += other.get("failed_images", 0)
+        total.replaced += other.get("replaced", 0)
+        total.below_min_score += other.get("below_min_score", 0)
         for key, v in other["fallbacks"].items():
             total.fallbacks[key] = total.fallbacks.get(key, 0) + v
         total.image_errors += other["image_errors"]

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +36,18 @@ class BoxIndex:
     digest: str  # of the records' ids, images and boxes and the images' ids and sizes (the resume fingerprint)
     temp_copy: bool = False  # `path` is a copy of stdin, removed by `close`
     stat: tuple = ()  # (size, mtime) of `path` when read: it is read again for the output
+    image_ids: list = field(default_factory=list)  # per image position: its id (for messages)
+    records_digest: str = ""  # `merge.records_digest` of the records (the progress header: `mal merge --into`)
+    record_score: Optional[np.ndarray] = None  # (N,) float64 detector scores, NaN without one
+
+    def below_min_score(self, min_score: float) -> np.ndarray:
+        """(N,) bool: records `--min-score` leaves out (`results.below_min_score`, the one rule)."""
+        from mal_cli.results import below_min_score
+
+        if self.record_score is None or not (self.record_score < min_score).any():  # NaN compares False
+            return np.zeros(self.num_records, dtype=bool)
+        scores = [None if np.isnan(s) else s for s in self.record_score.tolist()]
+        return np.fromiter((below_min_score({"score": s}, min_score) for s in scores), bool, len(scores))
 
     def ensure_unchanged(self) -> None:
         """The output streams BOXES again: it must still be the file that was labelled."""
@@ -129,6 +141,17 @@ def _digest(columns) -> str:
     return digest.hexdigest()
 
 
+def _records_digest(columns) -> str:
+    """`merge.records_digest` of the records, computed from the columns as merge computes it from the JSON."""
+    from mal_cli.columns import MISSING
+    from mal_cli.merge import records_digest
+
+    def values(column) -> list:
+        return [None if v is MISSING else v for v in (column[i] for i in range(len(column)))]
+
+    return records_digest(values(columns.record_ids), values(columns.record_image_ids), columns.record_bbox)
+
+
 def read_boxes(boxes: str, image_info: Optional[str] = None) -> BoxIndex:
     """Read BOXES (dataset or results list, '-' = stdin) in one streaming pass, checking it as `mal check` does
     (every error at once; per-box problems become flagged fallbacks). A results list needs `image_info`."""
@@ -139,9 +162,8 @@ def read_boxes(boxes: str, image_info: Optional[str] = None) -> BoxIndex:
         report.raise_errors()
         if report.warnings:
             log.warning(
-                "%s: %d box/image problem(s), labelled with flagged fallbacks: %s",
+                "%s: box/image problems, their boxes get flagged fallbacks (counted at the end): %s",
                 source,
-                report.warnings,
                 report.summary("warning"),
             )
         stat = path.stat()
@@ -158,6 +180,9 @@ def read_boxes(boxes: str, image_info: Optional[str] = None) -> BoxIndex:
             _digest(c),
             temp_copy=boxes == "-",
             stat=(stat.st_size, stat.st_mtime_ns),
+            image_ids=c.image_ids,
+            records_digest=_records_digest(c),
+            record_score=np.frombuffer(c.record_score_values, dtype=np.float64).copy(),
         )
     except BaseException:
         if boxes == "-":

@@ -7,6 +7,7 @@ torch is imported only where crops are made: `--method box` runs this module wit
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -81,6 +82,8 @@ def load_image(
     hw, error, image, scale = job.recorded_hw, None, None, 1.0
     if need_pixels or hw is None:
         hw, error, image, scale = _decode(job, reduce)
+    elif not os.path.exists(job.path):  # the box method needs no pixels, but a missing image is still an error
+        error = f"{job.path}: no such image file"
     if error:
         return LoadedImage(index, hw, error, [-1] * job.num_boxes, [], []), None, 1.0
     model_index, regions, areas = _labellable(job, hw, margins)

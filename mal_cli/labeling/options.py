@@ -17,7 +17,7 @@ METHODS = ("mal", "box")
 FORMATS = ("rle", "polygon")
 # Options that change speed, not results: left out of the resume and shard fingerprints.
 # Not in the fingerprint as given; `precision` goes in resolved (`auto` is bf16 on one machine, fp32 on another).
-SPEED_OPTIONS = ("device", "workers", "checkpoint", "strict", "compile", "precision")
+SPEED_OPTIONS = ("device", "workers", "checkpoint", "strict", "compile", "precision", "allow_outside_images")
 
 
 @dataclass
@@ -39,6 +39,8 @@ class LabelOptions:
     strict: bool = False  # an unreadable image stops the run instead of becoming a flagged fallback
     compile: bool = False  # torch.compile the encoder's blocks (`modeling.labeler.compile_encoder_blocks`)
     precision: str = "auto"  # `mal_cli.precision`
+    allow_outside_images: bool = False  # file_names may be absolute or climb out with '..' (`safe_paths`)
+    min_score: float = 0.0  # detections scored below it are neither labelled nor written (`results.below_min_score`)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +53,8 @@ class LabelOptions:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if not self.min_score >= 0.0:  # NaN too
+            raise InputError(f"--min-score must be 0 or more, got {self.min_score}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise InputError(f"--threshold must be between 0 and 1, got {self.threshold}")
 

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from mal_cli.errors import OutputError
-from mal_cli.fileio import atomic_write
+from mal_cli.fileio import atomic_write, remove_stale_temps
 from mal_cli.labeling.index import BoxIndex
 from mal_cli.labeling.progress import ProgressIndex
 
@@ -88,6 +88,7 @@ def write_output(out: str, index: BoxIndex, records_of: Callable, shard_info: Op
         sys.stdout.buffer.flush()
         return
     target = Path(out)
+    remove_stale_temps(target.parent)  # temp files a killed run left beside OUT
     try:
         with atomic_write(target, buffering=1 << 20) as handle:
             _emit(handle, index, records_of, shard_info)

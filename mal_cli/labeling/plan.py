@@ -9,12 +9,14 @@ the groups g with g % N == K.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from mal_cli.errors import InputError
 from mal_cli.labeling.index import BoxIndex
 
 
@@ -38,28 +40,59 @@ class ImageJob:
         return len(self.record_positions)
 
 
-def plan_jobs(index: BoxIndex, images_dir: str | Path, only_missing: bool) -> list[ImageJob]:
-    """Every image with at least one box to label, in input image order."""
-    records = np.flatnonzero(~index.record_has_segmentation) if only_missing else np.arange(index.num_records)
+def plan_jobs(
+    index: BoxIndex,
+    images_dir: str | Path,
+    only_missing: bool,
+    allow_outside: bool = False,
+    left_out: Optional[np.ndarray] = None,
+) -> list[ImageJob]:
+    """Every image with at least one box to label, in input image order. Its file_name must stay under
+    `images_dir` (unless `allow_outside`) and its declared size within the pixel budget: both are refused
+    here, before anything is decoded or allocated from them. `left_out`: records not to label (`--min-score`)."""
+    from mal_cli.images import check_pixel_budget
+    from mal_cli.safe_paths import image_path
+
+    wanted = ~index.record_has_segmentation if only_missing else np.ones(index.num_records, dtype=bool)
+    records = np.flatnonzero(wanted if left_out is None else wanted & ~left_out)
     images = index.record_image[records]
     order = np.argsort(images, kind="stable")  # by image; input order within an image
     records, images = records[order], images[order]
     starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]]) if len(images) else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(images)]
-    folder = Path(images_dir)
     jobs = []
     for start, end in zip(starts.tolist(), ends.tolist()):
         position = int(images[start])
+        where = f"{index.source}: image id {_image_id(index, position)}"
+        hw = index.image_hw[position]
+        if hw is not None:
+            hw = check_pixel_budget(hw[0], hw[1], where)
         jobs.append(
             ImageJob(
                 position,
-                str(folder / index.image_names[position]),
-                index.image_hw[position],
+                str(image_path(images_dir, index.image_names[position], where, allow_outside)),
+                hw,
                 records[start:end],
                 index.record_bbox,
             )
         )
     return jobs
+
+
+def require_some_images(jobs: Sequence[ImageJob], images_dir: str | Path, source: str) -> int:
+    """A cheap stat of every image to label: none there is a wrong --images folder (InputError, before any work).
+    Returns how many are missing (each becomes an image_error fallback, or stops a --strict run)."""
+    missing = [job for job in jobs if not os.path.exists(job.path)]
+    if jobs and len(missing) == len(jobs):
+        raise InputError(
+            f"--images {images_dir}: none of the {len(jobs)} images of {source} are there "
+            f"(e.g. {missing[0].path}); is it the right folder?"
+        )
+    return len(missing)
+
+
+def _image_id(index: BoxIndex, position: int):
+    return index.image_ids[position] if position < len(index.image_ids) else position
 
 
 def group_jobs(jobs: Sequence[ImageJob], batch_size: int) -> list[list[ImageJob]]:

@@ -2,8 +2,9 @@
 `mal merge` reads it).
 
 Line 1 is a header `{"mal_progress": PROGRESS_VERSION, "fingerprint": ..., "records": N, "shard": [K, N],
-"source": ...}`; every further line is one finished image, `{"image": position, "results": [[record
-position, result], ...]}`. The file is append-only, so only its last line can be torn (a killed run).
+"source": ..., "records_digest": ...}`; every further line is one finished image, `{"image": position,
+"results": [[record position, result], ...]}`. The file is append-only, so only its last line can be torn (a killed
+run).
 """
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ def is_progress_file(path: str | Path) -> bool:
     return str(path).endswith(".jsonl")
 
 
-def progress_header(fingerprint: str, records: int, shard: tuple[int, int], source: str) -> dict:
-    return {
+def progress_header(
+    fingerprint: str, records: int, shard: tuple[int, int], source: str, records_digest: str = ""
+) -> dict:
+    """`records_digest` (`merge.records_digest`): lets `mal merge --into` refuse another dataset of as many records."""
+    header = {
         "mal_progress": PROGRESS_VERSION,
         "fingerprint": fingerprint,
         "records": records,
         "shard": list(shard),
         "source": source,
     }
+    if records_digest:
+        header["records_digest"] = records_digest
+    return header
 
 
 def read_progress(path: Path, fingerprint: str, truncate_torn: bool = True) -> tuple[dict, dict[int, int]]:
@@ -136,11 +143,15 @@ def image_line(image_position: int, results: list) -> bytes:
 
 
 class ProgressWriter:
-    """Appends one line per finished image; flushed per group, fsync'd every few seconds and at close."""
+    """Appends one line per finished image; flushed per group, fsync'd every few seconds and at close.
 
-    def __init__(self, path: Path, header: Optional[dict]):
+    `handle`: the file already opened for appending (`labeling.run` opens it without following links and locks
+    it for the run); None opens `path` here."""
+
+    def __init__(self, path: Path, header: Optional[dict], handle=None):
         self.path = path
-        self.handle = open(path, "ab" if header is None else "wb")
+        self.handle = handle if handle is not None else open(path, "ab" if header is None else "wb")
+        self.lines = 0  # image lines written by this writer
         if header is not None:
             self.handle.write(orjson.dumps(header) + b"\n")
         self.last_sync = time.monotonic()
@@ -151,6 +162,7 @@ class ProgressWriter:
     def write_line(self, line: bytes) -> None:
         """An already serialised `image_line`."""
         self.handle.write(line + b"\n")
+        self.lines += 1
 
     def flush(self) -> None:
         self.handle.flush()

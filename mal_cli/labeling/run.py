@@ -3,6 +3,7 @@ then write OUT from it. `label()` is the public entry point (it shards over torc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -15,12 +16,12 @@ from typing import Optional
 import numpy as np
 import orjson
 
-from mal_cli.errors import InputError, OutputError
+from mal_cli.errors import InputError, Interrupted, OutputError
 from mal_cli.labeling.dispatch import run_groups
 from mal_cli.labeling.index import BoxIndex, read_boxes
 from mal_cli.labeling.options import SPEED_OPTIONS, LabelOptions, default_checkpoint
 from mal_cli.labeling.output import labelled_records, write_output
-from mal_cli.labeling.plan import group_jobs, plan_jobs, shard_groups, shard_records
+from mal_cli.labeling.plan import group_jobs, plan_jobs, require_some_images, shard_groups, shard_records
 from mal_cli.labeling.progress import (
     PROGRESS_SUFFIX,
     ProgressIndex,
@@ -29,6 +30,7 @@ from mal_cli.labeling.progress import (
     progress_path_for,
     read_progress,
 )
+from mal_cli.safe_paths import held_by_live_run, lock_for_run, open_append, open_exclusive, write_error
 
 
 def fingerprint(
@@ -69,18 +71,23 @@ class LabelSummary:
     precision: str = ""  # the one that ran ("" for --method box: no model)
     shard: str = "0/1"
     out: str = ""
+    replaced: int = 0  # records that had a segmentation and got a new one (not --only-missing)
+    below_min_score: int = 0  # detections left out by --min-score
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        fallbacks = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallbacks.items())) or "none"
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.fallbacks.items()))
+        fallbacks = f"{sum(self.fallbacks.values())} boxes got fallbacks ({kinds})" if kinds else "no fallbacks"
         failed = f", {self.failed_images} unreadable images skipped" if self.failed_images else ""
+        below = f", {self.below_min_score} below --min-score left out" if self.below_min_score else ""
+        shard = f", shard {self.shard}" if self.shard != "0/1" else ""
+        precision = f", {self.precision}" if self.precision else ""
         return (
-            f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed{failed}), "
-            f"fallbacks: {fallbacks}; {self.seconds:.1f} s, {self.boxes_per_s:.0f} boxes/s "
-            f"[{self.method} on {self.device}{', ' + self.precision if self.precision else ''}, shard {self.shard}] "
-            f"-> {self.out}"
+            f"mal label: {self.images} images, {self.boxes} boxes ({self.resumed_images} images resumed{failed}"
+            f"{below}), {fallbacks}; {self.seconds:.1f} s, {self.boxes_per_s:.1f} boxes/s "
+            f"[{self.method} on {self.device}{precision}{shard}] -> {self.out}"
         )
 
 
@@ -161,22 +168,48 @@ def label_shard(
 
 
 def _open_progress(out: str, resume: bool, fingerprint_: str, header: dict) -> tuple[ProgressWriter, dict[int, int]]:
-    """The progress file (beside OUT, or a temp file when writing to stdout) and the images it already holds."""
+    """The progress file (beside OUT, or a temp file when writing to stdout) and the images it already holds.
+
+    Opened without following a planted link (O_EXCL when new, O_NOFOLLOW when resumed) and locked for the run,
+    so a second run writing the same OUT is told so instead of interleaving lines."""
     if out == "-":
         fd, tmp = tempfile.mkstemp(prefix="mal-label-", suffix=PROGRESS_SUFFIX)
-        os.close(fd)
-        progress_path = Path(tmp)
-    else:
-        progress_path = progress_path_for(out)
+        return ProgressWriter(Path(tmp), header, os.fdopen(fd, "wb")), {}
+    progress_path = progress_path_for(out)
+    if os.path.islink(progress_path):
+        raise write_error(OSError(errno.ELOOP, "symbolic link"), progress_path)
     done: dict[int, int] = {}
-    if progress_path.exists() and out != "-":
-        if not resume:
-            raise InputError(
-                f"{progress_path} exists from an earlier, unfinished run: rerun with --resume to continue it, "
-                f"or delete it to start over"
-            )
-        _, done = read_progress(progress_path, fingerprint_)
-    return ProgressWriter(progress_path, None if done else header), done
+    try:
+        if os.path.lexists(progress_path):  # lexists: a dangling planted link counts too
+            if held_by_live_run(progress_path):
+                raise InputError(f"another mal label run is writing {out} now; wait for it or choose another --out")
+            if not resume:
+                raise InputError(
+                    f"{progress_path} exists from an earlier, unfinished run: rerun with --resume to continue it, "
+                    f"or delete it to start over"
+                )
+            fd = open_append(progress_path)
+            try:
+                _, done = read_progress(progress_path, fingerprint_)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            fd = open_exclusive(progress_path)
+    except FileExistsError:  # created between the check and the open: another run started just now
+        raise InputError(f"another mal label run is writing {out} now; wait for it or choose another --out") from None
+    except OSError as err:
+        raise write_error(err, progress_path) from None
+    try:
+        lock_for_run(fd)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"another mal label run is writing {out} now; wait for it or choose another --out") from None
+    if done:
+        return ProgressWriter(progress_path, None, os.fdopen(fd, "ab")), done
+    if os.fstat(fd).st_size:  # resumed a file without finished images: start it over from its header
+        os.ftruncate(fd, 0)
+    return ProgressWriter(progress_path, header, os.fdopen(fd, "ab")), done
 
 
 def _label_index(
@@ -190,16 +223,20 @@ def _label_index(
     progress_bar: bool,
     start: float,
 ) -> LabelSummary:
+    # The plan first: its file_name and image-size errors come before the model loads.
+    left_out = index.below_min_score(options.min_score)
+    jobs = plan_jobs(index, images_dir, options.only_missing, options.allow_outside_images, left_out)
+    require_some_images(jobs, images_dir, index.source)
+    groups = group_jobs(jobs, options.batch_size)
     checkpoint = predictor = None
     if options.method == "mal":
         checkpoint = Path(options.checkpoint) if options.checkpoint else default_checkpoint()
         predictor = load_predictor(options, checkpoint)
-    groups = group_jobs(plan_jobs(index, images_dir, options.only_missing), options.batch_size)
     my_groups = shard_groups(groups, shard)
     crop_plan = predictor.crop_plan if predictor else None
     run_precision = predictor.precision if predictor else None
     this_fingerprint = fingerprint(index, options, shard, checkpoint, crop_plan, run_precision)
-    header = progress_header(this_fingerprint, index.num_records, shard, index.source)
+    header = progress_header(this_fingerprint, index.num_records, shard, index.source, index.records_digest)
     writer, done = _open_progress(out, resume, this_fingerprint, header)
 
     summary = LabelSummary(
@@ -222,6 +259,8 @@ def _label_index(
         raise OutputError(
             f"{writer.path}: cannot write progress ({err.strerror or err}); free space and rerun with --resume"
         ) from None
+    except KeyboardInterrupt:  # Ctrl-C: the finished images are on disk (the writer is closed), say so
+        raise _interrupted(out, writer, done, sum(len(g) for g in my_groups)) from None
     shard_info = None
     if shard[1] > 1:
         shard_info = {
@@ -229,15 +268,27 @@ def _label_index(
             "count": shard[1],
             "fingerprint": fingerprint(index, options, (0, 1), checkpoint, crop_plan, run_precision),
         }
-    _write_from_progress(out, index, writer.path, this_fingerprint, groups, my_groups, shard, shard_info)
+    _write_from_progress(out, index, writer.path, this_fingerprint, groups, my_groups, shard, shard_info, left_out)
     if out == "-" or not keep_progress:
         writer.path.unlink(missing_ok=True)
 
     summary.images = sum(len(g) for g in my_groups)
+    labelled = np.concatenate([j.record_positions for g in my_groups for j in g] or [np.zeros(0, np.int64)])
+    summary.replaced = int(index.record_has_segmentation[labelled].sum())
+    mine = shard_records(index, groups, shard) if shard[1] > 1 else np.ones(index.num_records, dtype=bool)
+    summary.below_min_score = int((left_out & mine).sum())
     summary.fallbacks = dict(fallbacks)
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.boxes_per_s = round(summary.boxes / summary.seconds, 1) if summary.seconds > 0 else 0.0
     return summary
+
+
+def _interrupted(out: str, writer: ProgressWriter, done: dict, total: int) -> Interrupted:
+    finished = f"interrupted; {len(done) + writer.lines} of {total} images done"
+    if out == "-":  # its progress file is a temp file: nothing to resume
+        writer.path.unlink(missing_ok=True)
+        return Interrupted(f"{finished} (a run writing to stdout cannot be resumed: rerun it)")
+    return Interrupted(f"{finished} — rerun the same command with --resume")
 
 
 def _write_from_progress(
@@ -249,17 +300,21 @@ def _write_from_progress(
     my_groups,
     shard: tuple[int, int],
     shard_info: Optional[dict],
+    left_out: np.ndarray,
 ) -> None:
-    """Write OUT from the progress file: this shard's images' records, in input order."""
+    """Write OUT from the progress file: this shard's images' records, in input order, less `left_out` (a shard's
+    positions count the records written, so the shards of a --min-score run still merge into one)."""
     _, offsets = read_progress(progress_path, fingerprint_)
     has_result = np.zeros(index.num_records, dtype=bool)  # records this run has a result for
     for g in my_groups:
         for j in g:
             has_result[j.record_positions] = True
-    keep = None
+    keep = ~left_out if left_out.any() else None
     if shard[1] > 1:
-        keep = shard_records(index, groups, shard)
-        shard_info.update(records=index.num_records, positions=np.flatnonzero(keep).tolist())
+        written = ~left_out
+        position_written = np.cumsum(written) - 1  # a record's position among the written ones
+        keep = shard_records(index, groups, shard) & written
+        shard_info.update(records=int(written.sum()), positions=position_written[keep].tolist())
     if not {j.position for g in my_groups for j in g} <= set(offsets):  # only if the file was edited meanwhile
         raise OutputError(f"{progress_path}: images missing after the run; rerun with --resume")
     index.ensure_unchanged()
