@@ -195,7 +195,9 @@ def evaluate(
     if given_boxes:
         pairs, unmatched = pair_predictions(pred, gt)
     elif not compute_ap:
-        raise InputError(f"{pred_source}: no prediction sits on a GT box (detector output): only AP applies; drop --no-ap")
+        raise InputError(
+            f"{pred_source}: no prediction sits on a GT box (detector output): only AP applies; drop --no-ap"
+        )
     else:  # detector output: every prediction is a detection, matched by COCOeval/LVISEval (segm_ap)
         pairs, unmatched = [], segm_ap.detections_of(pred, gt, pred_source)
 
@@ -269,7 +271,9 @@ def evaluate(
             has_gt = any(not is_crowd(ann) for ann in gt.annotations)
             ap = {key: 0.0 if has_gt else -1.0 for key in AP_KEYS}
         elif lvis_ap:
-            detections = [_detection(det, lvis_pred_rles[i]) for i, (gt_ann, det) in enumerate(pairs) if not is_crowd(gt_ann)]
+            detections = [
+                _detection(det, lvis_pred_rles[i]) for i, (gt_ann, det) in enumerate(pairs) if not is_crowd(gt_ann)
+            ]
             detections += [_detection(det, _pred_rle(det, gt, pred_source)) for det in unmatched]
             del lvis_pred_rles
             ap = _lvis_segm_ap(gt, detections, lvis_gt_rles)
@@ -425,6 +429,7 @@ def _lvis_segm_ap(gt: Dataset, detections: list[dict], gt_rle_by_id: dict) -> di
         copy.setdefault("neg_category_ids", [])
         copy.setdefault("not_exhaustive_category_ids", [])
         images.append(copy)
+
     def in_memory_lvis(annotations: list[dict]) -> LVIS:
         lvis = LVIS.__new__(LVIS)  # LVIS() only reads a path; fill it from memory instead
         lvis.logger = logging.getLogger("lvis.lvis")
@@ -493,7 +498,9 @@ def report_table(report: EvalReport, title: str = "mal eval") -> "Any":
     table.add_column("value", justify="right")
     table.add_column("instances", justify="right")
     if report.protocol == "detections":
-        table.add_row("detections (PRED's boxes are not the GT's: standard AP)", "", str(report.num_unmatched_predictions))
+        table.add_row(
+            "detections (PRED's boxes are not the GT's: standard AP)", "", str(report.num_unmatched_predictions)
+        )
         table.add_row("non-crowd GT instances", "", str(report.num_gt))
     else:
         _add_given_box_rows(table, report, pct)

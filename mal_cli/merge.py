@@ -57,12 +57,18 @@ def _check_progress_matches(name: str, header: dict, results: dict, base_doc: di
     """Refuse a progress file made from another dataset: its fingerprint, else its masks' image sizes."""
     records = base_doc["annotations"]
     if header.get("records") != len(records):
-        raise InputError(f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(records)}")
+        raise InputError(
+            f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(records)}"
+        )
     digest = header.get("records_digest")
     if digest is not None and digest != dataset_records_digest(base_doc):
-        raise InputError(f"{name} was made from another dataset than --into (its boxes differ); "
-                         "give --into the very file that was labelled")
-    sizes = {im.get("id"): [im.get("height"), im.get("width")] for im in base_doc.get("images", []) if isinstance(im, dict)}
+        raise InputError(
+            f"{name} was made from another dataset than --into (its boxes differ); "
+            "give --into the very file that was labelled"
+        )
+    sizes = {
+        im.get("id"): [im.get("height"), im.get("width")] for im in base_doc.get("images", []) if isinstance(im, dict)
+    }
     for pos, result in results.items():
         if pos >= len(records):
             raise InputError(f"{name}: result for annotation position {pos}, but --into has {len(records)} annotations")
@@ -70,8 +76,10 @@ def _check_progress_matches(name: str, header: dict, results: dict, base_doc: di
         size = seg.get("size") if isinstance(seg, dict) else None
         expected = sizes.get(records[pos].get("image_id")) if isinstance(records[pos], dict) else None
         if size is not None and expected is not None and size != expected:
-            raise InputError(f"{name} was made from another dataset than --into: the mask at position {pos} is "
-                             f"{size[0]} x {size[1]}, its image in --into {expected[0]} x {expected[1]}")
+            raise InputError(
+                f"{name} was made from another dataset than --into: the mask at position {pos} is "
+                f"{size[0]} x {size[1]}, its image in --into {expected[0]} x {expected[1]}"
+            )
 
 
 def _check_part(doc: Any, name: str) -> Any:
@@ -80,15 +88,23 @@ def _check_part(doc: Any, name: str) -> Any:
     records = doc if isinstance(doc, list) else doc.get(_records_key(doc)) if isinstance(doc, dict) else None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise InputError(f"{name}: not a dataset or results list (needs an 'annotations' list of objects)")
-    if isinstance(doc, dict) and "images" in doc and not (
-            isinstance(doc["images"], list) and all(isinstance(im, dict) for im in doc["images"])):
+    if (
+        isinstance(doc, dict)
+        and "images" in doc
+        and not (isinstance(doc["images"], list) and all(isinstance(im, dict) for im in doc["images"]))
+    ):
         raise InputError(f"{name}: 'images' must be a list of objects")
     shard = doc.get("mal_shard") if isinstance(doc, dict) else None
     if shard is not None:
         ints = ("index", "count", "records")
-        if not (isinstance(shard, dict) and all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ints)
-                and shard["index"] < shard["count"] and "fingerprint" in shard and isinstance(shard.get("positions"), list)
-                and all(isinstance(p, int) and 0 <= p < shard["records"] for p in shard["positions"])):
+        if not (
+            isinstance(shard, dict)
+            and all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ints)
+            and shard["index"] < shard["count"]
+            and "fingerprint" in shard
+            and isinstance(shard.get("positions"), list)
+            and all(isinstance(p, int) and 0 <= p < shard["records"] for p in shard["positions"])
+        ):
             raise InputError(f"{name}: its 'mal_shard' entry is damaged (file edited?); relabel that shard")
     return doc
 
@@ -100,7 +116,9 @@ def _records_key(doc: Any) -> str:
 def _check_same(base: dict, other: dict, where: str) -> None:
     ids = [im.get("id") for im in base.get("images", [])]
     if [im.get("id") for im in other.get("images", [])] != ids:
-        raise InputError(f"{where}: its images differ from the first part's (different datasets or different image order)")
+        raise InputError(
+            f"{where}: its images differ from the first part's (different datasets or different image order)"
+        )
     if other.get("categories", []) != base.get("categories", []):
         raise InputError(f"{where}: its categories differ from the first part's")
 
@@ -130,7 +148,9 @@ def _dedupe(records: list[tuple[Any, dict]], prefer: Optional[str], what: str) -
     return [r for r in out if r is not None]
 
 
-def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, dict]] = None, prefer: Optional[str] = None) -> Any:
+def merge_documents(
+    parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, dict]] = None, prefer: Optional[str] = None
+) -> Any:
     """Merge parsed parts [(name, document)] (see module docstring); returns the merged document."""
     if prefer not in (None, "first", "last"):
         raise InputError(f"--prefer must be 'first' or 'last', got '{prefer}'")
@@ -151,7 +171,9 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
         for name, doc in shards:
             info = doc["mal_shard"]
             if info["fingerprint"] != info0["fingerprint"] or info["count"] != info0["count"]:
-                raise InputError(f"{name}: a shard of another run (other input, options or shard count) than {shards[0][0]}")
+                raise InputError(
+                    f"{name}: a shard of another run (other input, options or shard count) than {shards[0][0]}"
+                )
             if info["index"] in seen:
                 raise InputError(f"{name} and {seen[info['index']]} are the same shard {info['index']}/{info['count']}")
             seen[info["index"]] = name
@@ -209,7 +231,9 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
                 record.update(result)
                 if pos in applied and applied[pos] != record and prefer != "last":
                     if prefer is None:
-                        raise InputError(f"{name}: annotation at position {pos} is labelled differently by two progress files; pass --prefer")
+                        raise InputError(
+                            f"{name}: annotation at position {pos} is labelled differently by two progress files; pass --prefer"
+                        )
                     continue
                 applied[pos] = record
         for pos, record in applied.items():

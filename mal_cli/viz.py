@@ -132,8 +132,15 @@ def _caption_strip(width: int, lines: list[str], color) -> "Any":
     return strip
 
 
-def render_crop(image: np.ndarray, mask: np.ndarray, bbox, color, caption: list[str],
-                gt_mask: Optional[np.ndarray] = None, context: float = CONTEXT) -> "Any":
+def render_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    bbox,
+    color,
+    caption: list[str],
+    gt_mask: Optional[np.ndarray] = None,
+    context: float = CONTEXT,
+) -> "Any":
     """One instance's review picture: its box with `context`, mask fill/outline, box, caption below."""
     from PIL import Image, ImageDraw
 
@@ -153,7 +160,10 @@ def render_crop(image: np.ndarray, mask: np.ndarray, bbox, color, caption: list[
     crop = Image.fromarray(image[top:bottom, left:right]).resize(size, Image.BICUBIC)
 
     def scaled(m: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(m[top:bottom, left:right].astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+        return (
+            np.asarray(Image.fromarray(m[top:bottom, left:right].astype(np.uint8) * 255).resize(size, Image.NEAREST))
+            > 127
+        )
 
     painted = _paint(np.asarray(crop), scaled(mask), color, scaled(gt_mask) if gt_mask is not None else None)
     picture = Image.fromarray(painted)
@@ -197,8 +207,9 @@ def render_full(image: np.ndarray, instances: list[tuple[np.ndarray, list, tuple
 # --- what to review, in which order -----------------------------------------------------------------
 
 
-def collect_items(labels: Union[Dataset, list], gt: Optional[Dataset] = None,
-                  image_info: Optional[Dataset] = None) -> tuple[list[ReviewItem], dict, dict, dict]:
+def collect_items(
+    labels: Union[Dataset, list], gt: Optional[Dataset] = None, image_info: Optional[Dataset] = None
+) -> tuple[list[ReviewItem], dict, dict, dict]:
     """Review items sorted worst-first, plus {ann key: record}, {image id: image} and {key: GT ann}.
 
     A results list (no annotation ids) is keyed by its position; its images come from `image_info` or `gt`.
@@ -246,12 +257,20 @@ def collect_items(labels: Union[Dataset, list], gt: Optional[Dataset] = None,
             raise InputError(f"annotation {key} refers to image id {rec['image_id']}, which has no image record")
         score = rec.get("mal_score")
         _check_box(rec.get("bbox"), f"annotation {key}")
-        items.append(ReviewItem(
-            rank=0, ann_id=key, image_id=rec["image_id"], file_name=image_file_name(image),
-            category_id=rec.get("category_id"), category=names.get(rec.get("category_id"), str(rec.get("category_id"))),
-            mal_score=float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None, iou=ious.get(key),
-            fallback=_label(rec["mal_fallback"]) if rec.get("mal_fallback") else None, bbox=list(rec["bbox"]),
-        ))
+        items.append(
+            ReviewItem(
+                rank=0,
+                ann_id=key,
+                image_id=rec["image_id"],
+                file_name=image_file_name(image),
+                category_id=rec.get("category_id"),
+                category=names.get(rec.get("category_id"), str(rec.get("category_id"))),
+                mal_score=float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None,
+                iou=ious.get(key),
+                fallback=_label(rec["mal_fallback"]) if rec.get("mal_fallback") else None,
+                bbox=list(rec["bbox"]),
+            )
+        )
     position = {item.ann_id: k for k, item in enumerate(items)}
 
     def order(item: ReviewItem):
@@ -271,8 +290,11 @@ def _label(value: Any, limit: int = 120) -> str:
 
 
 def _check_box(bbox: Any, where: str) -> None:
-    if not (isinstance(bbox, list) and len(bbox) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+    if not (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+    ):
         raise InputError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {str(bbox)[:60]}")
 
 
@@ -302,9 +324,11 @@ def _thumbnail_b64(picture) -> str:
 def _html(items: list[ReviewItem], thumbs: dict, title: str, sort_key: str, total: int) -> str:
     cards = []
     for item in items:
-        bits = [f"<b>#{item.rank}</b> {html.escape(item.category)}",
-                f"mal_score {_fmt(item.mal_score)}" + (f" · IoU {_fmt(item.iou)}" if sort_key == "IoU" else ""),
-                f"ann {html.escape(str(item.ann_id))} · {html.escape(item.file_name)}"]
+        bits = [
+            f"<b>#{item.rank}</b> {html.escape(item.category)}",
+            f"mal_score {_fmt(item.mal_score)}" + (f" · IoU {_fmt(item.iou)}" if sort_key == "IoU" else ""),
+            f"ann {html.escape(str(item.ann_id))} · {html.escape(item.file_name)}",
+        ]
         if item.fallback:
             bits.append(f"<span class=fb>fallback: {html.escape(item.fallback)}</span>")
         links = f'<a href="{html.escape(item.crop)}">crop</a>'
@@ -334,9 +358,18 @@ category colour; box: rectangle; ground-truth outline (with --gt): dashed white.
 """
 
 
-def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, Path], worst: Optional[int] = None,
-                 gt: Optional[str] = None, image_info: Optional[str] = None, full: bool = False,
-                 context: float = CONTEXT, progress_bar: bool = False, allow_outside_images: bool = False) -> dict:
+def write_review(
+    labels: str,
+    images_dir: Union[str, Path],
+    out_dir: Union[str, Path],
+    worst: Optional[int] = None,
+    gt: Optional[str] = None,
+    image_info: Optional[str] = None,
+    full: bool = False,
+    context: float = CONTEXT,
+    progress_bar: bool = False,
+    allow_outside_images: bool = False,
+) -> dict:
     """Write OUT/crops, OUT/full (optional), OUT/index.html and OUT/review.json. Returns a summary dict.
 
     Image files are `file_name` under `images_dir`; absolute and `..` names are refused unless
@@ -359,8 +392,12 @@ def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, 
     by_image: dict = defaultdict(list)
     for item in items:
         by_image[item.image_id].append(item)
-    paths = {image_id: image_path(images_dir, image_file_name(images[image_id]), f"image id {image_id}",
-                                  allow_outside_images) for image_id in by_image}
+    paths = {
+        image_id: image_path(
+            images_dir, image_file_name(images[image_id]), f"image id {image_id}", allow_outside_images
+        )
+        for image_id in by_image
+    }
     full_names = _full_names(by_image, images) if full else {}
     _check_before_writing(items, records, images, gt_of)
     created = not out.exists()
@@ -374,8 +411,22 @@ def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, 
         if not is_inside(out / sub, out):
             raise OutputError(f"{out / sub}: a link out of {out}; refusing to write through it (remove it and rerun)")
     try:
-        return _write_folder(out, items, total, by_image, records, images, gt_of, paths, full_names,
-                             context, progress_bar, labels, gt, gt_ds is not None)
+        return _write_folder(
+            out,
+            items,
+            total,
+            by_image,
+            records,
+            images,
+            gt_of,
+            paths,
+            full_names,
+            context,
+            progress_bar,
+            labels,
+            gt,
+            gt_ds is not None,
+        )
     except BaseException:
         if created:  # a folder this run made holds nothing worth keeping
             shutil.rmtree(out, ignore_errors=True)
@@ -395,9 +446,22 @@ def _check_before_writing(items: list, records: dict, images: dict, gt_of: dict)
             _checked(gt_ann["segmentation"], h, w, f"GT annotation {gt_ann['id']}", validate_segmentation)
 
 
-def _write_folder(out: Path, items: list, total: int, by_image: dict, records: dict, images: dict, gt_of: dict,
-                  paths: dict, full_names: dict, context: float, progress_bar: bool, labels: str,
-                  gt: Optional[str], with_gt: bool) -> dict:
+def _write_folder(
+    out: Path,
+    items: list,
+    total: int,
+    by_image: dict,
+    records: dict,
+    images: dict,
+    gt_of: dict,
+    paths: dict,
+    full_names: dict,
+    context: float,
+    progress_bar: bool,
+    labels: str,
+    gt: Optional[str],
+    with_gt: bool,
+) -> dict:
     full = bool(full_names)
 
     thumbs: dict = {}
@@ -416,18 +480,29 @@ def _write_folder(out: Path, items: list, total: int, by_image: dict, records: d
             # One full-size mask at a time: the crop and the downscaled copy for --full are all that is kept.
             mask = _checked(records[item.ann_id]["segmentation"], height, width, f"annotation {item.ann_id}")
             gt_ann = gt_of.get(item.ann_id)
-            gt_mask = _checked(gt_ann["segmentation"], height, width, f"GT annotation {gt_ann['id']}") if gt_ann else None
+            gt_mask = (
+                _checked(gt_ann["segmentation"], height, width, f"GT annotation {gt_ann['id']}") if gt_ann else None
+            )
             color = category_color(item.category_id)
-            caption = [f"#{item.rank}  {item.category}  (ann {item.ann_id})",
-                       f"mal_score {_fmt(item.mal_score)}" + (f"   IoU {_fmt(item.iou)}" if with_gt else "")
-                       + (f"   {item.fallback}" if item.fallback else "")]
+            caption = [
+                f"#{item.rank}  {item.category}  (ann {item.ann_id})",
+                f"mal_score {_fmt(item.mal_score)}"
+                + (f"   IoU {_fmt(item.iou)}" if with_gt else "")
+                + (f"   {item.fallback}" if item.fallback else ""),
+            ]
             picture = render_crop(rgb, mask, item.bbox, color, caption, gt_mask, context)
             item.crop = f"crops/{item.rank:04d}_ann{_safe(item.ann_id)}.png"
             _save_png(picture, out / item.crop)
             thumbs[item.ann_id] = _thumbnail_b64(picture)
             if full:
-                instances.append((_resized_mask(mask, full_size), item.bbox, color,
-                                  f"#{item.rank} {item.category} {_fmt(item.mal_score)}"))
+                instances.append(
+                    (
+                        _resized_mask(mask, full_size),
+                        item.bbox,
+                        color,
+                        f"#{item.rank} {item.category} {_fmt(item.mal_score)}",
+                    )
+                )
             del mask, gt_mask
         if full:
             name = full_names[image_id]
@@ -438,10 +513,18 @@ def _write_folder(out: Path, items: list, total: int, by_image: dict, records: d
     sort_key = "IoU" if with_gt else "mal_score"
     title = f"mal viz: {Path(labels).name if labels != '-' else '<stdin>'}" + (f" vs {Path(gt).name}" if gt else "")
     _write_bytes(out / "index.html", _html(items, thumbs, title, sort_key, total).encode("utf-8"))
-    _write_bytes(out / "review.json", orjson.dumps({"sorted_by": sort_key, "total": total,
-                                                    "items": [asdict(item) for item in items]}))
-    return {"instances": len(items), "total": total, "images": len(by_image), "sorted_by": sort_key,
-            "missing_images": missing_images, "out": str(out)}
+    _write_bytes(
+        out / "review.json",
+        orjson.dumps({"sorted_by": sort_key, "total": total, "items": [asdict(item) for item in items]}),
+    )
+    return {
+        "instances": len(items),
+        "total": total,
+        "images": len(by_image),
+        "sorted_by": sort_key,
+        "missing_images": missing_images,
+        "out": str(out),
+    }
 
 
 def _image_or_grey(path: Path, image: dict, group: list, missing_images: list) -> np.ndarray:
@@ -486,8 +569,10 @@ def _full_names(by_image: dict, images: dict) -> dict:
     counts: dict = defaultdict(int)
     for stem in stems.values():
         counts[stem] += 1
-    return {image_id: f"full/{stem}.png" if counts[stem] == 1 else f"full/{stem}_img{_safe(image_id)}.png"
-            for image_id, stem in stems.items()}
+    return {
+        image_id: f"full/{stem}.png" if counts[stem] == 1 else f"full/{stem}_img{_safe(image_id)}.png"
+        for image_id, stem in stems.items()
+    }
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

