@@ -166,42 +166,7 @@ def merge_documents(
     # Shards of one run: put the records back at their input positions.
     shards = [(name, doc) for name, doc in documents if isinstance(doc, dict) and "mal_shard" in doc]
     if shards and len(shards) == len(documents) and into is None:
-        info0 = shards[0][1]["mal_shard"]
-        seen = {}
-        for name, doc in shards:
-            info = doc["mal_shard"]
-            if info["fingerprint"] != info0["fingerprint"] or info["count"] != info0["count"]:
-                raise InputError(
-                    f"{name}: a shard of another run (other input, options or shard count) than {shards[0][0]}"
-                )
-            if info["index"] in seen:
-                raise InputError(f"{name} and {seen[info['index']]} are the same shard {info['index']}/{info['count']}")
-            seen[info["index"]] = name
-            if "images" in doc:
-                _check_same(shards[0][1], doc, name)
-        missing = sorted(set(range(info0["count"])) - set(seen))
-        if missing:
-            count = info0["count"]
-            names = ", ".join(f"{m}/{count}" for m in missing)
-            raise InputError(f"shard(s) {names} missing: merge needs all of them")
-        slots: list[Optional[dict]] = [None] * info0["records"]
-        for name, doc in shards:
-            records = doc[_records_key(doc)]
-            positions = doc["mal_shard"]["positions"]
-            if len(positions) != len(records):
-                raise InputError(f"{name}: mal_shard.positions does not match its annotations (file edited?)")
-            for pos, record in zip(positions, records):
-                if slots[pos] is not None and slots[pos] != record:
-                    raise InputError(f"{name}: input position {pos} is labelled differently by two shards")
-                slots[pos] = record
-        if any(s is None for s in slots):
-            raise InputError("the shards do not cover every annotation of the input")
-        first = shards[0][1]
-        if "results" in first and "annotations" not in first:
-            return slots
-        merged = {k: v for k, v in first.items() if k != "mal_shard"}
-        merged["annotations"] = slots
-        return merged
+        return _merge_shards(shards)
 
     # General case: union in order of first appearance (the --into dataset first).
     if base_doc is not None:
@@ -220,26 +185,7 @@ def merge_documents(
         records = doc if isinstance(doc, list) else doc[_records_key(doc)]
         parts_records.extend((r.get("id"), r) for r in records)
     if progress:
-        # Progress files hold results by input position: they replace what --into has there (the run chose
-        # what to label, e.g. with --only-missing), before any dataset part fills the rest.
-        base_records = list(base_doc["annotations"])
-        applied: dict[int, dict] = {}
-        for name, (header, results) in progress:
-            _check_progress_matches(name, header, results, base_doc)
-            for pos, result in results.items():
-                record = {k: v for k, v in base_records[pos].items() if k != "mal_fallback"}
-                record.update(result)
-                if pos in applied and applied[pos] != record and prefer != "last":
-                    if prefer is None:
-                        raise InputError(
-                            f"{name}: annotation at position {pos} is labelled differently by two progress files; pass --prefer"
-                        )
-                    continue
-                applied[pos] = record
-        for pos, record in applied.items():
-            base_records[pos] = record
-        base_doc = dict(base_doc)
-        base_doc["annotations"] = base_records
+        base_doc = _apply_progress(progress, base_doc, prefer)
         if not documents:
             return base_doc
     labelled = _dedupe(parts_records, prefer, "parts")
@@ -249,7 +195,79 @@ def merge_documents(
         merged = {k: v for k, v in reference.items() if k != "mal_shard"}
         merged["annotations"] = labelled
         return merged
-    # --into: existing masks stay, the parts fill the rest, new annotations go at the end.
+    return _fill_into(base_doc, labelled)
+
+
+def _merge_shards(shards: list[tuple[str, dict]]) -> Any:
+    """The shard outputs of one run, all of them, their records put back at their input positions."""
+    info0 = shards[0][1]["mal_shard"]
+    seen = {}
+    for name, doc in shards:
+        info = doc["mal_shard"]
+        if info["fingerprint"] != info0["fingerprint"] or info["count"] != info0["count"]:
+            raise InputError(
+                f"{name}: a shard of another run (other input, options or shard count) than {shards[0][0]}"
+            )
+        if info["index"] in seen:
+            raise InputError(f"{name} and {seen[info['index']]} are the same shard {info['index']}/{info['count']}")
+        seen[info["index"]] = name
+        if "images" in doc:
+            _check_same(shards[0][1], doc, name)
+    missing = sorted(set(range(info0["count"])) - set(seen))
+    if missing:
+        count = info0["count"]
+        names = ", ".join(f"{m}/{count}" for m in missing)
+        raise InputError(f"shard(s) {names} missing: merge needs all of them")
+    slots: list[Optional[dict]] = [None] * info0["records"]
+    for name, doc in shards:
+        records = doc[_records_key(doc)]
+        positions = doc["mal_shard"]["positions"]
+        if len(positions) != len(records):
+            raise InputError(f"{name}: mal_shard.positions does not match its annotations (file edited?)")
+        for pos, record in zip(positions, records):
+            if slots[pos] is not None and slots[pos] != record:
+                raise InputError(f"{name}: input position {pos} is labelled differently by two shards")
+            slots[pos] = record
+    if any(s is None for s in slots):
+        raise InputError("the shards do not cover every annotation of the input")
+    first = shards[0][1]
+    if "results" in first and "annotations" not in first:
+        return slots
+    merged = {k: v for k, v in first.items() if k != "mal_shard"}
+    merged["annotations"] = slots
+    return merged
+
+
+def _apply_progress(progress: list[tuple[str, tuple]], base_doc: dict, prefer: Optional[str]) -> dict:
+    """A copy of the --into dataset with the progress files' results at their input positions.
+
+    Progress files hold results by input position: they replace what --into has there (the run chose
+    what to label, e.g. with --only-missing), before any dataset part fills the rest.
+    """
+    base_records = list(base_doc["annotations"])
+    applied: dict[int, dict] = {}
+    for name, (header, results) in progress:
+        _check_progress_matches(name, header, results, base_doc)
+        for pos, result in results.items():
+            record = {k: v for k, v in base_records[pos].items() if k != "mal_fallback"}
+            record.update(result)
+            if pos in applied and applied[pos] != record and prefer != "last":
+                if prefer is None:
+                    raise InputError(
+                        f"{name}: annotation at position {pos} is labelled differently by two progress files; "
+                        "pass --prefer"
+                    )
+                continue
+            applied[pos] = record
+    for pos, record in applied.items():
+        base_records[pos] = record
+    base_doc = dict(base_doc)
+    base_doc["annotations"] = base_records
+    return base_doc
+
+
+def _fill_into(base_doc: dict, labelled: list[dict]) -> dict:
+    """--into: existing masks stay, the parts fill the rest, new annotations go at the end."""
     by_id = {r.get("id"): r for r in labelled}
     out_records = []
     for record in base_doc["annotations"]:
