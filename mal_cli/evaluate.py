@@ -26,7 +26,6 @@ import contextlib
 import io
 import logging
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -35,55 +34,15 @@ import pycocotools.mask as mask_utils
 from mal_cli import segm_ap
 from mal_cli.dataset import Dataset
 from mal_cli.errors import InputError
+from mal_cli.evaluate_report import EvalReport, SizeBucket, report_table
 from mal_cli.segmentation_check import checked_rle
 
-__all__ = ["EvalReport", "SizeBucket", "evaluate", "pair_predictions", "spearman", "SIZE_BUCKETS"]
+__all__ = ["EvalReport", "SizeBucket", "evaluate", "pair_predictions", "report_table", "spearman", "SIZE_BUCKETS"]
 
 # COCO's area ranges, on the GT annotation's `area`.
 SIZE_BUCKETS = (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, float("inf")))
 AP_KEYS = segm_ap.AP_KEYS
 LVIS_AP_KEYS = AP_KEYS + ("APr", "APc", "APf")
-
-
-@dataclass
-class SizeBucket:
-    """Instance-averaged mIoU of the matched non-crowd GT instances in one area range."""
-
-    miou: Optional[float]
-    count: int
-
-
-@dataclass
-class EvalReport:
-    """Everything `evaluate` measured. IoUs and APs are fractions in [0, 1]; None = nothing to average."""
-
-    num_gt: int  # non-crowd GT instances
-    num_matched: int  # of those, answered by a prediction
-    instance_miou: Optional[float]
-    class_miou: Optional[float]
-    num_classes: int  # classes averaged in class_miou
-    miou_missing_as_zero: Optional[float]  # over all num_gt, unanswered ones scoring 0
-    by_size: dict[str, SizeBucket]
-    num_crowd: int
-    num_crowd_matched: int
-    crowd_miou: Optional[float]
-    missing_ids: list  # GT annotation ids (crowd included) without a prediction
-    num_unmatched_predictions: int  # predictions that answer no GT annotation
-    ap_kind: Optional[str]  # "coco-segm", "lvis-segm", or None when AP was not computed
-    ap: dict[str, float] = field(default_factory=dict)
-    reference_ap: Optional[float] = None
-    retention: Optional[float] = None  # ap["AP"] / reference_ap
-    ious: dict = field(default_factory=dict)  # GT annotation id -> IoU of its prediction (crowd included)
-    protocol: str = "given-box"  # or "detections": PRED's boxes are not the GT's; only AP applies
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict; `ious` becomes a list of [gt annotation id, iou] pairs (ids may not be strings)."""
-        # Not asdict(self): it would deep-copy `ious` and `missing_ids` (a million entries at LVIS scale)
-        # only for the copies to be thrown away. The dict shares `ap` and `missing_ids` with the report.
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["by_size"] = {name: asdict(bucket) for name, bucket in self.by_size.items()}
-        out["ious"] = [[ann_id, iou] for ann_id, iou in self.ious.items()]
-        return out
 
 
 Prediction = Union[Dataset, list]
@@ -195,90 +154,129 @@ def evaluate(
     if given_boxes:
         pairs, unmatched = pair_predictions(pred, gt)
     elif not compute_ap:
-        raise InputError(f"{pred_source}: no prediction sits on a GT box (detector output): only AP applies; drop --no-ap")
+        raise InputError(
+            f"{pred_source}: no prediction sits on a GT box (detector output): only AP applies; drop --no-ap"
+        )
     else:  # detector output: every prediction is a detection, matched by COCOeval/LVISEval (segm_ap)
         pairs, unmatched = [], segm_ap.detections_of(pred, gt, pred_source)
 
-    def is_crowd(ann: dict) -> bool:
-        return bool(ann.get("iscrowd", 0))
-
-    coco_ap = compute_ap and not gt.is_lvis
-    lvis_ap = compute_ap and gt.is_lvis
     if compute_ap:
         _require_categories(gt)
-    pairs_by_image: dict[Any, list[int]] = defaultdict(list)
-    for index, (gt_ann, _) in enumerate(pairs):
-        pairs_by_image[gt_ann["image_id"]].append(index)
-    pair_iou = np.zeros(len(pairs))
-    gt_areas: dict[Any, float] = {}  # mask areas of paired GT without an `area` field, for the size buckets
-    # LVIS AP runs on everything at once and needs every paired RLE; COCO AP runs chunk by chunk and
-    # the no-AP path needs none, so there the RLEs live only as long as their image's IoUs.
-    lvis_gt_rles: dict[Any, dict] = {}
-    lvis_pred_rles: list[Optional[dict]] = [None] * len(pairs) if lvis_ap else []
+    masks = _PairMasks(pairs, gt, pred_source)
+    ap: dict[str, float] = {}
+    num_detections = sum(1 for gt_ann, _ in pairs if not _is_crowd(gt_ann)) + len(unmatched)
+    if compute_ap and not gt.is_lvis and num_detections:
+        ap = _chunked_coco_segm_ap(masks, unmatched)
+    elif compute_ap and gt.is_lvis:
+        ap = _lvis_ap_of_pairs(masks, unmatched)
+    else:
+        for indices in masks.by_image.values():
+            masks.image_rles(indices)
+        if compute_ap:
+            # Nothing detected: AP 0, unless there is no non-crowd GT either (undefined, COCOeval's -1).
+            has_gt = any(not _is_crowd(ann) for ann in gt.annotations)
+            ap = {key: 0.0 if has_gt else -1.0 for key in AP_KEYS}
 
-    def image_rles(indices: list[int]) -> tuple[list[dict], list[dict]]:
+    report = _given_box_report(masks, len(unmatched))
+    if not given_boxes:  # no pairs: the given-box figures do not apply
+        report.protocol, report.miou_missing_as_zero, report.missing_ids = "detections", None, []
+    if compute_ap:
+        report.ap_kind, report.ap = ("lvis-segm" if gt.is_lvis else "coco-segm"), ap
+        if reference_ap:
+            report.reference_ap = float(reference_ap)
+            if report.ap["AP"] >= 0:  # -1: AP undefined, so is the retention
+                report.retention = report.ap["AP"] / float(reference_ap)
+    return report
+
+
+def _is_crowd(ann: dict) -> bool:
+    return bool(ann.get("iscrowd", 0))
+
+
+class _PairMasks:
+    """The (GT, prediction) pairs, grouped by image, and the mask IoU of each pair once measured.
+
+    LVIS AP runs on everything at once and needs every paired RLE; COCO AP runs chunk by chunk and
+    the no-AP path needs none, so there the RLEs live only as long as their image's IoUs.
+    """
+
+    def __init__(self, pairs: list[tuple[dict, dict]], gt: Dataset, pred_source: str):
+        self.pairs, self.gt, self.pred_source = pairs, gt, pred_source
+        self.by_image: dict[Any, list[int]] = defaultdict(list)
+        for index, (gt_ann, _) in enumerate(pairs):
+            self.by_image[gt_ann["image_id"]].append(index)
+        self.iou = np.zeros(len(pairs))
+        self.gt_areas: dict[Any, float] = {}  # mask areas of paired GT without an `area` field, for the size buckets
+
+    def image_rles(self, indices: list[int]) -> tuple[list[dict], list[dict]]:
         """The paired GT and predicted RLEs of one image's pairs; records their IoUs. One pycocotools
         call per image on the paired RLEs, keeping the diagonal: images hold few instances, so the
         small n x n matrix costs less than a Python call per pair."""
         if not indices:
             return [], []
+        pairs, gt = self.pairs, self.gt
         g = [_gt_rle(pairs[i][0], gt) for i in indices]
-        d = [_pred_rle(pairs[i][1], gt, pred_source) for i in indices]
+        d = [_pred_rle(pairs[i][1], gt, self.pred_source) for i in indices]
         iou = mask_utils.iou(d, g, [0] * len(g))
-        pair_iou[indices] = np.diagonal(np.asarray(iou).reshape(len(d), len(g)))
+        self.iou[indices] = np.diagonal(np.asarray(iou).reshape(len(d), len(g)))
         for i, rle in zip(indices, g):
             if "area" not in pairs[i][0]:
-                gt_areas[pairs[i][0]["id"]] = float(mask_utils.area(rle))
+                self.gt_areas[pairs[i][0]["id"]] = float(mask_utils.area(rle))
         return g, d
 
-    ap: dict[str, float] = {}
-    num_detections = sum(1 for gt_ann, _ in pairs if not is_crowd(gt_ann)) + len(unmatched)
-    if coco_ap and num_detections:
-        # COCO segm AP, COCOeval's numbers in bounded memory: one chunk of images at a time (segm_ap).
-        # Detections: every non-crowd pair plus every unmatched prediction (a false positive or a
-        # duplicate), with masks as compressed RLE and no bbox (see _detection); per image in
-        # results order, pairs first, as the whole list would give them to COCOeval.
-        unmatched_by_image: dict[Any, list[dict]] = defaultdict(list)
-        for det in unmatched:
-            unmatched_by_image[det["image_id"]].append(det)
-        accumulator = segm_ap.ChunkedSegmAP(c.get("id") for c in gt.categories)
-        for chunk in _ap_chunks(gt, pairs, pairs_by_image, unmatched_by_image, set(accumulator.cat_ids)):
-            chunk_gt: list[dict] = []
-            chunk_dets: list[dict] = []
-            for image_id in chunk:
-                indices = pairs_by_image.get(image_id, [])
-                g, d = image_rles(indices)
-                rle_by_gt_id = {pairs[i][0]["id"]: rle for i, rle in zip(indices, g)}
-                for ann in gt.annotations_by_image.get(image_id, []):
-                    chunk_gt.append(_gt_copy(ann, rle_by_gt_id.get(ann["id"]), gt))
-                for i, rle in zip(indices, d):
-                    if not is_crowd(pairs[i][0]):
-                        chunk_dets.append(_detection(pairs[i][1], rle))
-                for det in unmatched_by_image.get(image_id, []):
-                    chunk_dets.append(_detection(det, _pred_rle(det, gt, pred_source)))
-            accumulator.add_chunk([gt.image_by_id[image_id] for image_id in chunk], chunk_gt, chunk_dets)
-        ap = accumulator.summary()
-    else:
-        for indices in pairs_by_image.values():
-            g, d = image_rles(indices)
-            if lvis_ap:
-                for i, gr, dr in zip(indices, g, d):
-                    lvis_gt_rles[pairs[i][0]["id"]], lvis_pred_rles[i] = gr, dr
-        if coco_ap:
-            # Nothing detected: AP 0, unless there is no non-crowd GT either (undefined, COCOeval's -1).
-            has_gt = any(not is_crowd(ann) for ann in gt.annotations)
-            ap = {key: 0.0 if has_gt else -1.0 for key in AP_KEYS}
-        elif lvis_ap:
-            detections = [_detection(det, lvis_pred_rles[i]) for i, (gt_ann, det) in enumerate(pairs) if not is_crowd(gt_ann)]
-            detections += [_detection(det, _pred_rle(det, gt, pred_source)) for det in unmatched]
-            del lvis_pred_rles
-            ap = _lvis_segm_ap(gt, detections, lvis_gt_rles)
-            del detections, lvis_gt_rles
 
-    ious = {pairs[i][0]["id"]: float(pair_iou[i]) for i in range(len(pairs))}
+def _chunked_coco_segm_ap(masks: _PairMasks, unmatched: list[dict]) -> dict[str, float]:
+    """COCO segm AP, COCOeval's numbers in bounded memory: one chunk of images at a time (segm_ap).
+
+    Detections: every non-crowd pair plus every unmatched prediction (a false positive or a
+    duplicate), with masks as compressed RLE and no bbox (see _detection); per image in
+    results order, pairs first, as the whole list would give them to COCOeval.
+    """
+    gt, pairs = masks.gt, masks.pairs
+    unmatched_by_image: dict[Any, list[dict]] = defaultdict(list)
+    for det in unmatched:
+        unmatched_by_image[det["image_id"]].append(det)
+    accumulator = segm_ap.ChunkedSegmAP(c.get("id") for c in gt.categories)
+    for chunk in _ap_chunks(gt, pairs, masks.by_image, unmatched_by_image, set(accumulator.cat_ids)):
+        chunk_gt: list[dict] = []
+        chunk_dets: list[dict] = []
+        for image_id in chunk:
+            indices = masks.by_image.get(image_id, [])
+            g, d = masks.image_rles(indices)
+            rle_by_gt_id = {pairs[i][0]["id"]: rle for i, rle in zip(indices, g)}
+            for ann in gt.annotations_by_image.get(image_id, []):
+                chunk_gt.append(_gt_copy(ann, rle_by_gt_id.get(ann["id"]), gt))
+            for i, rle in zip(indices, d):
+                if not _is_crowd(pairs[i][0]):
+                    chunk_dets.append(_detection(pairs[i][1], rle))
+            for det in unmatched_by_image.get(image_id, []):
+                chunk_dets.append(_detection(det, _pred_rle(det, gt, masks.pred_source)))
+        accumulator.add_chunk([gt.image_by_id[image_id] for image_id in chunk], chunk_gt, chunk_dets)
+    return accumulator.summary()
+
+
+def _lvis_ap_of_pairs(masks: _PairMasks, unmatched: list[dict]) -> dict[str, float]:
+    """LVIS segm AP over all pairs at once; measures the pairs' IoUs on the way."""
+    pairs = masks.pairs
+    gt_rles: dict[Any, dict] = {}
+    pred_rles: list[Optional[dict]] = [None] * len(pairs)
+    for indices in masks.by_image.values():
+        g, d = masks.image_rles(indices)
+        for i, gr, dr in zip(indices, g, d):
+            gt_rles[pairs[i][0]["id"]], pred_rles[i] = gr, dr
+    detections = [_detection(det, pred_rles[i]) for i, (gt_ann, det) in enumerate(pairs) if not _is_crowd(gt_ann)]
+    detections += [_detection(det, _pred_rle(det, masks.gt, masks.pred_source)) for det in unmatched]
+    del pred_rles
+    return _lvis_segm_ap(masks.gt, detections, gt_rles)
+
+
+def _given_box_report(masks: _PairMasks, num_unmatched: int) -> EvalReport:
+    """The given-box figures from the measured pair IoUs (AP fields left for the caller)."""
+    gt, pairs = masks.gt, masks.pairs
+    ious = {pairs[i][0]["id"]: float(masks.iou[i]) for i in range(len(pairs))}
     answered = ious  # membership by GT annotation id
 
-    noncrowd_gt = [a for a in gt.annotations if not is_crowd(a)]
+    noncrowd_gt = [a for a in gt.annotations if not _is_crowd(a)]
     matched_iou = [ious[a["id"]] for a in noncrowd_gt if a["id"] in answered]
 
     per_class: dict[Any, list[float]] = defaultdict(list)
@@ -288,15 +286,15 @@ def evaluate(
             continue
         value = ious[ann["id"]]
         per_class[ann.get("category_id")].append(value)
-        area = _gt_area(ann, gt, gt_areas)
+        area = _gt_area(ann, gt, masks.gt_areas)
         for name, lo, hi in SIZE_BUCKETS:
             if lo <= area < hi:
                 sizes[name].append(value)
     class_means = [float(np.mean(v)) for v in per_class.values()]
     by_size = {name: SizeBucket(miou=_mean(values), count=len(values)) for name, values in sizes.items()}
 
-    crowd_iou = [ious[a["id"]] for a in gt.annotations if is_crowd(a) and a["id"] in answered]
-    report = EvalReport(
+    crowd_iou = [ious[a["id"]] for a in gt.annotations if _is_crowd(a) and a["id"] in answered]
+    return EvalReport(
         num_gt=len(noncrowd_gt),
         num_matched=len(matched_iou),
         instance_miou=_mean(matched_iou),
@@ -308,19 +306,10 @@ def evaluate(
         num_crowd_matched=len(crowd_iou),
         crowd_miou=_mean(crowd_iou),
         missing_ids=[a["id"] for a in gt.annotations if a["id"] not in answered],
-        num_unmatched_predictions=len(unmatched),
+        num_unmatched_predictions=num_unmatched,
         ap_kind=None,
         ious=ious,
     )
-    if not given_boxes:  # no pairs: the given-box figures do not apply
-        report.protocol, report.miou_missing_as_zero, report.missing_ids = "detections", None, []
-    if compute_ap:
-        report.ap_kind, report.ap = ("lvis-segm" if lvis_ap else "coco-segm"), ap
-        if reference_ap:
-            report.reference_ap = float(reference_ap)
-            if report.ap["AP"] >= 0:  # -1: AP undefined, so is the retention
-                report.retention = report.ap["AP"] / float(reference_ap)
-    return report
 
 
 # COCO AP chunks: at most this many (image x category) cells, the size of a chunk's COCOeval tables
@@ -425,6 +414,7 @@ def _lvis_segm_ap(gt: Dataset, detections: list[dict], gt_rle_by_id: dict) -> di
         copy.setdefault("neg_category_ids", [])
         copy.setdefault("not_exhaustive_category_ids", [])
         images.append(copy)
+
     def in_memory_lvis(annotations: list[dict]) -> LVIS:
         lvis = LVIS.__new__(LVIS)  # LVIS() only reads a path; fill it from memory instead
         lvis.logger = logging.getLogger("lvis.lvis")
@@ -479,40 +469,3 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(x))
     ranks[order] = group_rank[np.cumsum(new_group) - 1]
     return ranks
-
-
-def report_table(report: EvalReport, title: str = "mal eval") -> "Any":
-    """The report as a rich Table (percentages), for printing to a terminal."""
-    from rich.table import Table
-
-    def pct(value: Optional[float]) -> str:
-        return "—" if value is None else f"{100 * value:.1f}"
-
-    table = Table(title=title, title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("instances", justify="right")
-    if report.protocol == "detections":
-        table.add_row("detections (PRED's boxes are not the GT's: standard AP)", "", str(report.num_unmatched_predictions))
-        table.add_row("non-crowd GT instances", "", str(report.num_gt))
-    else:
-        _add_given_box_rows(table, report, pct)
-    if report.ap_kind:
-        label = "LVIS segm" if report.ap_kind == "lvis-segm" else "COCO segm"
-        for key, value in report.ap.items():
-            # COCOeval's -1: no GT in that area range (or frequency group) to average over.
-            table.add_row(f"{label} {key}", pct(value) if value is None or value >= 0 else "— (no GT)", "")
-    if report.retention is not None:
-        table.add_row(f"retention (AP / {pct(report.reference_ap)})", pct(report.retention), "")
-    return table
-
-
-def _add_given_box_rows(table, report: EvalReport, pct) -> None:
-    table.add_row("mIoU (instance-averaged, non-crowd)", pct(report.instance_miou), str(report.num_matched))
-    table.add_row("mIoU (class-averaged)", pct(report.class_miou), f"{report.num_classes} classes")
-    for name, bucket in report.by_size.items():
-        table.add_row(f"  mIoU {name}", pct(bucket.miou), str(bucket.count))
-    table.add_row("mIoU counting missing as 0", pct(report.miou_missing_as_zero), str(report.num_gt))
-    table.add_row("non-crowd GT without a prediction", "", str(report.num_gt - report.num_matched))
-    table.add_row("predictions answering no GT", "", str(report.num_unmatched_predictions))
-    table.add_row("crowd mIoU (separate)", pct(report.crowd_miou), f"{report.num_crowd_matched}/{report.num_crowd}")

@@ -58,12 +58,18 @@ def _check_progress_matches(name: str, header: dict, results: dict, base_doc: di
     """Refuse a progress file made from another dataset: its fingerprint, else its masks' image sizes."""
     records = base_doc["annotations"]
     if header.get("records") != len(records):
-        raise InputError(f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(records)}")
+        raise InputError(
+            f"{name} was made from a dataset with {header.get('records')} annotations, --into has {len(records)}"
+        )
     digest = header.get("records_digest")
     if digest is not None and digest != dataset_records_digest(base_doc):
-        raise InputError(f"{name} was made from another dataset than --into (its boxes differ); "
-                         "give --into the very file that was labelled")
-    sizes = {im.get("id"): [im.get("height"), im.get("width")] for im in base_doc.get("images", []) if isinstance(im, dict)}
+        raise InputError(
+            f"{name} was made from another dataset than --into (its boxes differ); "
+            "give --into the very file that was labelled"
+        )
+    sizes = {
+        im.get("id"): [im.get("height"), im.get("width")] for im in base_doc.get("images", []) if isinstance(im, dict)
+    }
     for pos, result in results.items():
         if pos >= len(records):
             raise InputError(f"{name}: result for annotation position {pos}, but --into has {len(records)} annotations")
@@ -71,8 +77,10 @@ def _check_progress_matches(name: str, header: dict, results: dict, base_doc: di
         size = seg.get("size") if isinstance(seg, dict) else None
         expected = sizes.get(records[pos].get("image_id")) if isinstance(records[pos], dict) else None
         if size is not None and expected is not None and size != expected:
-            raise InputError(f"{name} was made from another dataset than --into: the mask at position {pos} is "
-                             f"{size[0]} x {size[1]}, its image in --into {expected[0]} x {expected[1]}")
+            raise InputError(
+                f"{name} was made from another dataset than --into: the mask at position {pos} is "
+                f"{size[0]} x {size[1]}, its image in --into {expected[0]} x {expected[1]}"
+            )
 
 
 def _check_part(doc: Any, name: str) -> Any:
@@ -81,15 +89,23 @@ def _check_part(doc: Any, name: str) -> Any:
     records = doc if isinstance(doc, list) else doc.get(_records_key(doc)) if isinstance(doc, dict) else None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise InputError(f"{name}: not a dataset or results list (needs an 'annotations' list of objects)")
-    if isinstance(doc, dict) and "images" in doc and not (
-            isinstance(doc["images"], list) and all(isinstance(im, dict) for im in doc["images"])):
+    if (
+        isinstance(doc, dict)
+        and "images" in doc
+        and not (isinstance(doc["images"], list) and all(isinstance(im, dict) for im in doc["images"]))
+    ):
         raise InputError(f"{name}: 'images' must be a list of objects")
     shard = doc.get("mal_shard") if isinstance(doc, dict) else None
     if shard is not None:
         ints = ("index", "count", "records")
-        if not (isinstance(shard, dict) and all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ints)
-                and shard["index"] < shard["count"] and "fingerprint" in shard and isinstance(shard.get("positions"), list)
-                and all(isinstance(p, int) and 0 <= p < shard["records"] for p in shard["positions"])):
+        if not (
+            isinstance(shard, dict)
+            and all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ints)
+            and shard["index"] < shard["count"]
+            and "fingerprint" in shard
+            and isinstance(shard.get("positions"), list)
+            and all(isinstance(p, int) and 0 <= p < shard["records"] for p in shard["positions"])
+        ):
             raise InputError(f"{name}: its 'mal_shard' entry is damaged (file edited?); relabel that shard")
     return doc
 
@@ -101,7 +117,9 @@ def _records_key(doc: Any) -> str:
 def _check_same(base: dict, other: dict, where: str) -> None:
     ids = [im.get("id") for im in base.get("images", [])]
     if [im.get("id") for im in other.get("images", [])] != ids:
-        raise InputError(f"{where}: its images differ from the first part's (different datasets or different image order)")
+        raise InputError(
+            f"{where}: its images differ from the first part's (different datasets or different image order)"
+        )
     if other.get("categories", []) != base.get("categories", []):
         raise InputError(f"{where}: its categories differ from the first part's")
 
@@ -131,7 +149,9 @@ def _dedupe(records: list[tuple[Any, dict]], prefer: Optional[str], what: str) -
     return [r for r in out if r is not None]
 
 
-def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, dict]] = None, prefer: Optional[str] = None) -> Any:
+def merge_documents(
+    parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, dict]] = None, prefer: Optional[str] = None
+) -> Any:
     """Merge parsed parts [(name, document)] (see module docstring); returns the merged document."""
     if prefer not in (None, "first", "last"):
         raise InputError(f"--prefer must be 'first' or 'last', got '{prefer}'")
@@ -147,40 +167,7 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
     # Shards of one run: put the records back at their input positions.
     shards = [(name, doc) for name, doc in documents if isinstance(doc, dict) and "mal_shard" in doc]
     if shards and len(shards) == len(documents) and into is None:
-        info0 = shards[0][1]["mal_shard"]
-        seen = {}
-        for name, doc in shards:
-            info = doc["mal_shard"]
-            if info["fingerprint"] != info0["fingerprint"] or info["count"] != info0["count"]:
-                raise InputError(f"{name}: a shard of another run (other input, options or shard count) than {shards[0][0]}")
-            if info["index"] in seen:
-                raise InputError(f"{name} and {seen[info['index']]} are the same shard {info['index']}/{info['count']}")
-            seen[info["index"]] = name
-            if "images" in doc:
-                _check_same(shards[0][1], doc, name)
-        missing = sorted(set(range(info0["count"])) - set(seen))
-        if missing:
-            count = info0["count"]
-            names = ", ".join(f"{m}/{count}" for m in missing)
-            raise InputError(f"shard(s) {names} missing: merge needs all of them")
-        slots: list[Optional[dict]] = [None] * info0["records"]
-        for name, doc in shards:
-            records = doc[_records_key(doc)]
-            positions = doc["mal_shard"]["positions"]
-            if len(positions) != len(records):
-                raise InputError(f"{name}: mal_shard.positions does not match its annotations (file edited?)")
-            for pos, record in zip(positions, records):
-                if slots[pos] is not None and slots[pos] != record:
-                    raise InputError(f"{name}: input position {pos} is labelled differently by two shards")
-                slots[pos] = record
-        if any(s is None for s in slots):
-            raise InputError("the shards do not cover every annotation of the input")
-        first = shards[0][1]
-        if "results" in first and "annotations" not in first:
-            return slots
-        merged = {k: v for k, v in first.items() if k != "mal_shard"}
-        merged["annotations"] = slots
-        return merged
+        return _merge_shards(shards)
 
     # General case: union in order of first appearance (the --into dataset first).
     if base_doc is not None:
@@ -199,24 +186,7 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
         records = doc if isinstance(doc, list) else doc[_records_key(doc)]
         parts_records.extend((r.get("id"), r) for r in records)
     if progress:
-        # Progress files hold results by input position: they replace what --into has there (the run chose
-        # what to label, e.g. with --only-missing), before any dataset part fills the rest.
-        base_records = list(base_doc["annotations"])
-        applied: dict[int, dict] = {}
-        for name, (header, results) in progress:
-            _check_progress_matches(name, header, results, base_doc)
-            for pos, result in results.items():
-                record = {k: v for k, v in base_records[pos].items() if k != "mal_fallback"}
-                record.update(result)
-                if pos in applied and applied[pos] != record and prefer != "last":
-                    if prefer is None:
-                        raise InputError(f"{name}: annotation at position {pos} is labelled differently by two progress files; pass --prefer")
-                    continue
-                applied[pos] = record
-        for pos, record in applied.items():
-            base_records[pos] = record
-        base_doc = dict(base_doc)
-        base_doc["annotations"] = base_records
+        base_doc = _apply_progress(progress, base_doc, prefer)
         if not documents:
             return base_doc
     labelled = _dedupe(parts_records, prefer, "parts")
@@ -226,7 +196,79 @@ def merge_documents(parts: Sequence[tuple[str, Any]], into: Optional[tuple[str, 
         merged = {k: v for k, v in reference.items() if k != "mal_shard"}
         merged["annotations"] = labelled
         return merged
-    # --into: existing masks stay, the parts fill the rest, new annotations go at the end.
+    return _fill_into(base_doc, labelled)
+
+
+def _merge_shards(shards: list[tuple[str, dict]]) -> Any:
+    """The shard outputs of one run, all of them, their records put back at their input positions."""
+    info0 = shards[0][1]["mal_shard"]
+    seen = {}
+    for name, doc in shards:
+        info = doc["mal_shard"]
+        if info["fingerprint"] != info0["fingerprint"] or info["count"] != info0["count"]:
+            raise InputError(
+                f"{name}: a shard of another run (other input, options or shard count) than {shards[0][0]}"
+            )
+        if info["index"] in seen:
+            raise InputError(f"{name} and {seen[info['index']]} are the same shard {info['index']}/{info['count']}")
+        seen[info["index"]] = name
+        if "images" in doc:
+            _check_same(shards[0][1], doc, name)
+    missing = sorted(set(range(info0["count"])) - set(seen))
+    if missing:
+        count = info0["count"]
+        names = ", ".join(f"{m}/{count}" for m in missing)
+        raise InputError(f"shard(s) {names} missing: merge needs all of them")
+    slots: list[Optional[dict]] = [None] * info0["records"]
+    for name, doc in shards:
+        records = doc[_records_key(doc)]
+        positions = doc["mal_shard"]["positions"]
+        if len(positions) != len(records):
+            raise InputError(f"{name}: mal_shard.positions does not match its annotations (file edited?)")
+        for pos, record in zip(positions, records):
+            if slots[pos] is not None and slots[pos] != record:
+                raise InputError(f"{name}: input position {pos} is labelled differently by two shards")
+            slots[pos] = record
+    if any(s is None for s in slots):
+        raise InputError("the shards do not cover every annotation of the input")
+    first = shards[0][1]
+    if "results" in first and "annotations" not in first:
+        return slots
+    merged = {k: v for k, v in first.items() if k != "mal_shard"}
+    merged["annotations"] = slots
+    return merged
+
+
+def _apply_progress(progress: list[tuple[str, tuple]], base_doc: dict, prefer: Optional[str]) -> dict:
+    """A copy of the --into dataset with the progress files' results at their input positions.
+
+    Progress files hold results by input position: they replace what --into has there (the run chose
+    what to label, e.g. with --only-missing), before any dataset part fills the rest.
+    """
+    base_records = list(base_doc["annotations"])
+    applied: dict[int, dict] = {}
+    for name, (header, results) in progress:
+        _check_progress_matches(name, header, results, base_doc)
+        for pos, result in results.items():
+            record = {k: v for k, v in base_records[pos].items() if k != "mal_fallback"}
+            record.update(result)
+            if pos in applied and applied[pos] != record and prefer != "last":
+                if prefer is None:
+                    raise InputError(
+                        f"{name}: annotation at position {pos} is labelled differently by two progress files; "
+                        "pass --prefer"
+                    )
+                continue
+            applied[pos] = record
+    for pos, record in applied.items():
+        base_records[pos] = record
+    base_doc = dict(base_doc)
+    base_doc["annotations"] = base_records
+    return base_doc
+
+
+def _fill_into(base_doc: dict, labelled: list[dict]) -> dict:
+    """--into: existing masks stay, the parts fill the rest, new annotations go at the end."""
     by_id = {r.get("id"): r for r in labelled}
     out_records = []
     for record in base_doc["annotations"]:

