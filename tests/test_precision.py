@@ -121,7 +121,7 @@ def test_precision_is_in_the_summary_and_the_resume_fingerprint(tmp_path, tiny_c
         out = tmp_path / f"{choice}.json"
         summary = label(str(MINI16_JSON), str(MINI16_IMAGES), str(out), LabelOptions(precision=choice, **options),
                         progress_bar=False, keep_progress=True)
-        assert summary.precision == choice and f"cpu, {choice}," in summary.line()
+        assert summary.precision == choice and f"on cpu, {choice}]" in summary.line()
         outs[choice] = out
     auto = label(str(MINI16_JSON), str(MINI16_IMAGES), str(tmp_path / "auto.json"), LabelOptions(**options),
                  progress_bar=False)
