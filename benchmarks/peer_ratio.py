@@ -69,8 +69,21 @@ def main() -> None:
         folder = Path(tmp)
         boxes, n_boxes = subset(args.boxes, args.limit, folder)
         summary = folder / "summary.json"
-        mal_cmd = [sys.executable, "-m", "mal_cli", "label", str(boxes), "--images", args.images, "--out",
-                   str(folder / "mal.json"), "--no-progress", "--summary-json", str(summary), *mal_options]
+        mal_cmd = [
+            sys.executable,
+            "-m",
+            "mal_cli",
+            "label",
+            str(boxes),
+            "--images",
+            args.images,
+            "--out",
+            str(folder / "mal.json"),
+            "--no-progress",
+            "--summary-json",
+            str(summary),
+            *mal_options,
+        ]
         _, mal_wall, mal_cpu = run_child(mal_cmd, env)
         mal = orjson.loads(summary.read_bytes())
         peer_cmd = [sys.executable, str(args.peer_script), str(boxes), "--images", args.images, "--time-only"]
@@ -79,13 +92,24 @@ def main() -> None:
         stdout, peer_wall, peer_cpu = run_child(peer_cmd, env)
         peer = orjson.loads(stdout.strip().splitlines()[-1])
     rows = {
-        "mal": {"boxes": mal["boxes"], "boxes_per_s": mal["boxes_per_s"], "precision": mal.get("precision"),
-                "boxes_per_cpu_s": round(mal["boxes"] / mal_cpu, 3), "wall_s": round(mal_wall, 1)},
-        "mobilesam": {"boxes": peer["boxes"], "boxes_per_s": peer["boxes_per_s"],
-                      "boxes_per_cpu_s": round(peer["boxes"] / peer_cpu, 3), "wall_s": round(peer_wall, 1)},
+        "mal": {
+            "boxes": mal["boxes"],
+            "boxes_per_s": mal["boxes_per_s"],
+            "precision": mal.get("precision"),
+            "boxes_per_cpu_s": round(mal["boxes"] / mal_cpu, 3),
+            "wall_s": round(mal_wall, 1),
+        },
+        "mobilesam": {
+            "boxes": peer["boxes"],
+            "boxes_per_s": peer["boxes_per_s"],
+            "boxes_per_cpu_s": round(peer["boxes"] / peer_cpu, 3),
+            "wall_s": round(peer_wall, 1),
+        },
     }
     result = {
-        "boxes": n_boxes, "threads": args.threads, **rows,
+        "boxes": n_boxes,
+        "threads": args.threads,
+        **rows,
         "ratio_boxes_per_s": round(rows["mal"]["boxes_per_s"] / rows["mobilesam"]["boxes_per_s"], 2),
         "ratio_boxes_per_cpu_s": round(rows["mal"]["boxes_per_cpu_s"] / rows["mobilesam"]["boxes_per_cpu_s"], 2),
     }

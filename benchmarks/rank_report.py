@@ -36,7 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     f = rank_figures(load_dataset(args.labels), load_dataset(args.gt))
     print(
-        f"{f['n']} instances: spearman {f['spearman']:.3f}, low5 / rest {100 * f['low5_iou']:.1f} / {100 * f['rest_iou']:.1f}"
+        f"{f['n']} instances: spearman {f['spearman']:.3f}, "
+        f"low5 / rest {100 * f['low5_iou']:.1f} / {100 * f['rest_iou']:.1f}"
     )
 
 

@@ -23,10 +23,7 @@ def candidates(c: dict) -> dict[str, np.ndarray]:
         "shipped x fill": shipped * fill,
         "mean(shipped, fill, mf_iou)": (shipped + fill + mf) / 3,
         "shipped x fill x mf_iou": shipped * fill * mf,
-        "geomean(shipped, fill, mf_iou, flip_iou) [needs a 2nd model pass]": (
-            shipped * fill * mf * flip
-        )
-        ** 0.25,
+        "geomean(shipped, fill, mf_iou, flip_iou) [needs a 2nd model pass]": (shipped * fill * mf * flip) ** 0.25,
     }
 
 
@@ -42,9 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     data = np.load(args.cues)
     keep = ~np.isnan(data["iou"])
-    c = {
-        k: data[k][keep].astype(np.float64) for k in data.files if k not in ("ann_id",)
-    }
+    c = {k: data[k][keep].astype(np.float64) for k in data.files if k not in ("ann_id",)}
     iou = c["iou"]
     print(f"{keep.sum()} instances")
     for name, score in {
@@ -52,9 +47,7 @@ def main() -> None:
         **candidates(c),
     }.items():
         lo, rest = low5(score, iou)
-        print(
-            f"{name:70s} spearman {spearman(score, iou):.3f}   low5 / rest {100 * lo:.1f} / {100 * rest:.1f}"
-        )
+        print(f"{name:70s} spearman {spearman(score, iou):.3f}   low5 / rest {100 * lo:.1f} / {100 * rest:.1f}")
 
 
 if __name__ == "__main__":

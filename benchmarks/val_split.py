@@ -27,9 +27,7 @@ def split_dataset(data: dict) -> tuple[dict, dict]:
     def subset(keep_val: bool) -> dict:
         out = {k: v for k, v in data.items() if k not in ("images", "annotations")}
         out["images"] = [i for i in data["images"] if (i["id"] in val_ids) == keep_val]
-        anns = [
-            a for a in data["annotations"] if (a["image_id"] in val_ids) == keep_val
-        ]
+        anns = [a for a in data["annotations"] if (a["image_id"] in val_ids) == keep_val]
         if not keep_val:
             anns = [{k: v for k, v in a.items() if k != "segmentation"} for a in anns]
         out["annotations"] = anns

@@ -74,7 +74,18 @@ def _root(
 # --- commands: one module each in mal_cli/commands/, thin (parse options, call the library) ---------------
 
 _GROUPS = {"export": export.export_app, "import": importers.import_app}
-for _name in ("train", "eval", "label", "merge", "check", "viz", "export", "import", "weights", "bench"):  # --help order
+for _name in (
+    "train",
+    "eval",
+    "label",
+    "merge",
+    "check",
+    "viz",
+    "export",
+    "import",
+    "weights",
+    "bench",
+):  # --help order
     if _name in _GROUPS:
         app.add_typer(_GROUPS[_name], name=_name)
     else:

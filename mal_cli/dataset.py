@@ -22,8 +22,8 @@ from typing import Any, Union
 
 import orjson
 
-from mal_cli.fileio import atomic_write
 from mal_cli.errors import InputError, OutputError
+from mal_cli.fileio import atomic_write
 
 __all__ = [
     "Dataset",

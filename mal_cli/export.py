@@ -42,9 +42,9 @@ from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset
 from mal_cli.errors import InputError, OutputError
 from mal_cli.fileio import TEMP_TAG, atomic_write, remove_stale_temps
 from mal_cli.images import check_pixel_budget
+from mal_cli.results import TRAINING_MIN_SCORE, below_min_score
 from mal_cli.safe_paths import check_file_name, image_path, is_inside, open_exclusive, refuse_inputs_under, write_error
 from mal_cli.segmentation_check import checked_decode
-from mal_cli.results import TRAINING_MIN_SCORE, below_min_score
 
 __all__ = ["PARTS_MODES", "merge_parts", "instance_polygons", "yolo_lines", "export_yolo", "read_yolo_label"]
 
@@ -134,8 +134,9 @@ def _format_line(class_id: int, polygon: Sequence[float], height: int, width: in
     return f"{class_id} " + " ".join(f"{v:.6f}" for v in xy.reshape(-1))
 
 
-def yolo_lines(annotations: Sequence[dict], image: dict, class_of: dict, parts: str = "merge",
-               source: str = "<labels>") -> tuple[list[str], dict]:
+def yolo_lines(
+    annotations: Sequence[dict], image: dict, class_of: dict, parts: str = "merge", source: str = "<labels>"
+) -> tuple[list[str], dict]:
     """The YOLO-seg lines of one image's annotations, and counts of what was left out."""
     height, width = check_pixel_budget(image.get("height"), image.get("width"), f"{source}: image id {image.get('id')}")
     lines: list[str] = []
@@ -145,11 +146,14 @@ def yolo_lines(annotations: Sequence[dict], image: dict, class_of: dict, parts: 
             skipped["crowd"] += 1
             continue
         if ann.get("category_id") not in class_of:
-            raise InputError(f"{source}: annotation id {ann.get('id')} has category id {ann.get('category_id')}, "
-                             "not in 'categories'")
+            raise InputError(
+                f"{source}: annotation id {ann.get('id')} has category id {ann.get('category_id')}, not in 'categories'"
+            )
         if "segmentation" not in ann:
-            raise InputError(f"{source}: annotation id {ann.get('id')} has no 'segmentation' (a box without a mask); "
-                             "label the boxes first (mal label) instead of exporting them as background")
+            raise InputError(
+                f"{source}: annotation id {ann.get('id')} has no 'segmentation' (a box without a mask); "
+                "label the boxes first (mal label) instead of exporting them as background"
+            )
         seg = ann["segmentation"]
         try:
             polygons = instance_polygons(seg, height, width, parts) if seg else []
@@ -182,15 +186,22 @@ def _class_names(categories: list[dict], source: str) -> list[str]:
     for c in categories:
         name = str(c.get("name", c["id"]))
         if any(ch in name for ch in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):
-            raise InputError(f"{source}: category id {c['id']}'s name holds a line break; classes.txt needs one "
-                             "name a line: fix the name")
+            raise InputError(
+                f"{source}: category id {c['id']}'s name holds a line break; classes.txt needs one "
+                "name a line: fix the name"
+            )
         names.append(name)
     return names
 
 
-def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], parts: str = "merge",
-                image_info: Optional[str] = None, link_images: Optional[Union[str, Path]] = None,
-                min_score: float = TRAINING_MIN_SCORE) -> dict:
+def export_yolo(
+    labels: Union[str, Path, Dataset],
+    out_dir: Union[str, Path],
+    parts: str = "merge",
+    image_info: Optional[str] = None,
+    link_images: Optional[Union[str, Path]] = None,
+    min_score: float = TRAINING_MIN_SCORE,
+) -> dict:
     """Write OUT/labels/*.txt, OUT/classes.txt and OUT/data.yaml (see module docstring). Returns a summary dict.
 
     Annotations whose detector `score` is below `min_score` are left out (mal_cli.results.below_min_score).
@@ -211,7 +222,9 @@ def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], pa
             dataset, records = loaded, loaded.annotations
         else:
             if image_info is None:
-                raise InputError(f"{source} is a results list: pass --image-info DATASET.json for images and categories")
+                raise InputError(
+                    f"{source} is a results list: pass --image-info DATASET.json for images and categories"
+                )
             dataset, records = load_dataset(image_info), loaded
     categories = sorted(dataset.categories, key=lambda c: c["id"])
     if not categories:
@@ -256,16 +269,23 @@ def export_yolo(labels: Union[str, Path, Dataset], out_dir: Union[str, Path], pa
             shutil.rmtree(staging, ignore_errors=True)
     stats.update(classes=len(categories), parts=parts, out=str(out), skipped_low_score=low_score)
     _write_small(out / "classes.txt", "".join(n + "\n" for n in names).encode())
-    yaml = ["# written by `mal export yolo`; class k = line k of classes.txt = k-th category by COCO id",
-            "# put (or link: --link-images DIR) the images in images/ beside this file",
-            "train: images", "val: images", f"nc: {len(names)}", "names:"]
+    yaml = [
+        "# written by `mal export yolo`; class k = line k of classes.txt = k-th category by COCO id",
+        "# put (or link: --link-images DIR) the images in images/ beside this file",
+        "train: images",
+        "val: images",
+        f"nc: {len(names)}",
+        "names:",
+    ]
     yaml += [f"  {k}: {_yaml_str(n)}" for k, n in enumerate(names)]
     _write_small(out / "data.yaml", ("\n".join(yaml) + "\n").encode())
     if link_dir is not None:
         stats["missing_images"] = _link_images(dataset, link_dir, out)
         if stats["missing_images"]:
-            print(f"mal export yolo: warning: {stats['missing_images']} image(s) not found in {link_dir}; "
-                  "not linked", file=sys.stderr)
+            print(
+                f"mal export yolo: warning: {stats['missing_images']} image(s) not found in {link_dir}; not linked",
+                file=sys.stderr,
+            )
     os.unlink(marker)
     return stats
 
@@ -277,8 +297,10 @@ def _require_some_masks(records: Sequence[dict], source: str) -> None:
     """A boxes-only file would export every object as background: refuse it up front, by name."""
     objects = [r for r in records if not r.get("iscrowd")]
     if objects and not any("segmentation" in r for r in objects):
-        raise InputError(f"{source}: no annotation has a 'segmentation' (boxes only); label the boxes first "
-                         "(mal label), then export the labelled file")
+        raise InputError(
+            f"{source}: no annotation has a 'segmentation' (boxes only); label the boxes first "
+            "(mal label), then export the labelled file"
+        )
 
 
 def _check_link_dir(link_images: Optional[Union[str, Path]], out: Path) -> Optional[Path]:
@@ -289,8 +311,10 @@ def _check_link_dir(link_images: Optional[Union[str, Path]], out: Path) -> Optio
         raise InputError(f"--link-images {link_images}: no such folder; give the folder with the images")
     link_dir = link_dir.resolve()
     if is_inside(link_dir, out / "images"):
-        raise InputError(f"--link-images {link_images} is the export's own images/ folder: the links would point "
-                         "at themselves; give the folder with the original images")
+        raise InputError(
+            f"--link-images {link_images} is the export's own images/ folder: the links would point "
+            "at themselves; give the folder with the original images"
+        )
     return link_dir
 
 
@@ -327,7 +351,9 @@ def _write_labels(dataset: Dataset, by_image: dict, class_of: dict, parts: str, 
             with os.fdopen(fd, "wb") as handle:
                 handle.write("".join(line + "\n" for line in lines).encode())
         except FileExistsError:
-            raise InputError(f"{dataset.source}: two images map to the label file {rel}; file names must be unique") from None
+            raise InputError(
+                f"{dataset.source}: two images map to the label file {rel}; file names must be unique"
+            ) from None
         except OSError as err:
             raise write_error(err, _final_name(staging, target)) from None
         stats["images"] += 1
@@ -359,7 +385,8 @@ def _swap_in(staging: Path, labels_dir: Path) -> None:
 
 
 def _link_images(dataset: Dataset, link_dir: Path, out: Path) -> int:
-    """Symlink each image of `link_dir` into OUT/images (a real file already there is kept). Returns how many are missing."""
+    """Symlink each image of `link_dir` into OUT/images (a real file already there is kept).
+    Returns how many are missing."""
     images_root = out / "images"
     missing = 0
     for image in dataset.images:

@@ -49,8 +49,9 @@ def load_rgb(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np
     return load_rgb_reduced(path, expected_hw)[0]
 
 
-def load_rgb_reduced(path: str | Path, expected_hw: tuple[int, int] | None = None,
-                     reduce: int = 1) -> tuple[np.ndarray, tuple[int, int], float]:
+def load_rgb_reduced(
+    path: str | Path, expected_hw: tuple[int, int] | None = None, reduce: int = 1
+) -> tuple[np.ndarray, tuple[int, int], float]:
     """`load_rgb` decoded at up to 1/`reduce` of the full size where the format allows it (JPEG and MPO: DCT scaling,
     `reduce` 2, 4 or 8; other formats decode in full). Returns the (h, w, 3) array, the full image's oriented
     (H, W) (what boxes and masks refer to) and the scale the pixels were decoded at (1 / the reduction):
@@ -79,7 +80,9 @@ def load_rgb_reduced(path: str | Path, expected_hw: tuple[int, int] | None = Non
     except FileNotFoundError:
         raise ImageLoadError(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageLoadError(f"image refused as a decompression bomb (over {MAX_IMAGE_PIXELS:,} pixels): {path}") from None
+        raise ImageLoadError(
+            f"image refused as a decompression bomb (over {MAX_IMAGE_PIXELS:,} pixels): {path}"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(f"cannot decode image {path}: {err}") from None
 
@@ -91,8 +94,12 @@ def check_pixel_budget(height: int, width: int, where: str) -> tuple[int, int]:
     is at most MAX_IMAGE_PIXELS, the same limit decoding applies to the pixels themselves. Returns them as
     ints; raises InputError naming `where` otherwise, before anything is allocated.
     """
-    if isinstance(height, bool) or isinstance(width, bool) or not all(
-        isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer()) for v in (height, width)
+    if (
+        isinstance(height, bool)
+        or isinstance(width, bool)
+        or not all(
+            isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer()) for v in (height, width)
+        )
     ):
         raise InputError(f"{where}: height/width must be positive integers, got {height!r} x {width!r}")
     h, w = int(height), int(width)
@@ -135,8 +142,9 @@ def draft_reduction(regions_xyxy: Sequence[Sequence[float]], crop_sizes: Sequenc
     crop size in pixels along both axes: the crops then resample a smaller, DCT-filtered image instead of
     the full one, with as many source pixels as they have samples (docs/performance.md: masks' IoU with the
     full decode). 1 when any region is smaller."""
-    smallest = min((min(x1 - x0, y1 - y0) / size for (x0, y0, x1, y1), size in zip(regions_xyxy, crop_sizes)),
-                   default=0.0)
+    smallest = min(
+        (min(x1 - x0, y1 - y0) / size for (x0, y0, x1, y1), size in zip(regions_xyxy, crop_sizes)), default=0.0
+    )
     for reduce in (8, 4, 2):
         if smallest >= reduce:
             return reduce

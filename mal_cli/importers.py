@@ -47,9 +47,7 @@ IMAGE_SUFFIXES = (
     ".tiff",
     ".webp",
 )  # Ultralytics' common ones
-_MAX_XML_BYTES = (
-    16 * 1024 * 1024
-)  # a VOC file is a few kB; refuse anything absurd before parsing it
+_MAX_XML_BYTES = 16 * 1024 * 1024  # a VOC file is a few kB; refuse anything absurd before parsing it
 _EXIF_ORIENTATION = 274
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -117,9 +115,7 @@ def _yaml_names(path: Path) -> list[str]:
             body = inline.strip("[]")
             return [
                 _yaml_scalar(item)
-                for item in re.findall(
-                    r"""'(?:[^']|'')*'|"(?:[^"\\]|\\.)*"|[^,]+""", body
-                )
+                for item in re.findall(r"""'(?:[^']|'')*'|"(?:[^"\\]|\\.)*"|[^,]+""", body)
                 if item.strip()
             ]
         names: dict[int, str] = {}
@@ -135,13 +131,9 @@ def _yaml_names(path: Path) -> list[str]:
             elif keyed:
                 names[int(keyed.group(1))] = _yaml_scalar(keyed.group(2))
             else:
-                raise InputError(
-                    f"{path}: cannot read the 'names' entry {row.strip()!r}"
-                )
+                raise InputError(f"{path}: cannot read the 'names' entry {row.strip()!r}")
         if sorted(names) != list(range(len(names))):
-            raise InputError(
-                f"{path}: 'names' ids must be 0..{len(names) - 1} without gaps"
-            )
+            raise InputError(f"{path}: 'names' ids must be 0..{len(names) - 1} without gaps")
         return [names[k] for k in range(len(names))]
     raise InputError(f"{path}: no 'names' key; YOLO class names are needed")
 
@@ -150,9 +142,7 @@ def read_class_names(root: Path) -> list[str]:
     """Class names of a YOLO dataset: ROOT/classes.txt, else ROOT/data.yaml (or dataset.yaml) `names`."""
     classes = root / "classes.txt"
     if classes.is_file():
-        names = [
-            line.strip() for line in classes.read_text(encoding="utf-8").splitlines()
-        ]
+        names = [line.strip() for line in classes.read_text(encoding="utf-8").splitlines()]
         while names and not names[-1]:
             names.pop()
         if not names or any(not n for n in names):
@@ -164,17 +154,13 @@ def read_class_names(root: Path) -> list[str]:
             if not names:
                 raise InputError(f"{root / name}: 'names' is empty")
             return names
-    raise InputError(
-        f"{root}: no classes.txt or data.yaml with the class names; add one (line k = name of class k)"
-    )
+    raise InputError(f"{root}: no classes.txt or data.yaml with the class names; add one (line k = name of class k)")
 
 
 # --- YOLO -------------------------------------------------------------------------------------------
 
 
-def _yolo_boxes(
-    path: Path, num_classes: int
-) -> list[tuple[int, float, float, float, float]]:
+def _yolo_boxes(path: Path, num_classes: int) -> list[tuple[int, float, float, float, float]]:
     """(class, x0, y0, x1, y1) normalised, one per line of a YOLO label file. Raises InputError per bad line."""
     boxes = []
     try:
@@ -191,14 +177,10 @@ def _yolo_boxes(
                 f"{where}: expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', got {len(fields)} values"
             )
         if not re.fullmatch(r"\d+", fields[0]):
-            raise InputError(
-                f"{where}: class id {fields[0]!r} is not a non-negative integer"
-            )
+            raise InputError(f"{where}: class id {fields[0]!r} is not a non-negative integer")
         cls = int(fields[0])
         if cls >= num_classes:
-            raise InputError(
-                f"{where}: class id {cls} but only {num_classes} class names (0..{num_classes - 1})"
-            )
+            raise InputError(f"{where}: class id {cls} but only {num_classes} class names (0..{num_classes - 1})")
         try:
             values = [float(v) for v in fields[1:]]
         except ValueError:
@@ -231,15 +213,9 @@ def import_yolo(root: str | Path) -> tuple[dict, dict]:
     images_dir, labels_dir = root / "images", root / "labels"
     for folder in (root, images_dir, labels_dir):
         if not folder.is_dir():
-            raise InputError(
-                f"{folder}: no such folder; a YOLO dataset has DIR/images/ and DIR/labels/ (mirrored)"
-            )
+            raise InputError(f"{folder}: no such folder; a YOLO dataset has DIR/images/ and DIR/labels/ (mirrored)")
     names = read_class_names(root)
-    image_files = sorted(
-        p
-        for p in images_dir.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    image_files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not image_files:
         raise InputError(f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
     images, annotations = [], []
@@ -288,16 +264,12 @@ def import_yolo(root: str | Path) -> tuple[dict, dict]:
 def _parse_voc_xml(path: Path) -> ET.Element:
     try:
         if path.stat().st_size > _MAX_XML_BYTES:
-            raise InputError(
-                f"{path}: over {_MAX_XML_BYTES >> 20} MiB; not a VOC annotation"
-            )
+            raise InputError(f"{path}: over {_MAX_XML_BYTES >> 20} MiB; not a VOC annotation")
         data = path.read_bytes()
     except OSError as err:
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
     if re.search(rb"<!\s*(DOCTYPE|ENTITY)", data, re.IGNORECASE):
-        raise InputError(
-            f"{path}: XML with a DOCTYPE or entity declarations is refused (entity expansion attacks)"
-        )
+        raise InputError(f"{path}: XML with a DOCTYPE or entity declarations is refused (entity expansion attacks)")
     try:
         return ET.fromstring(data)
     except ET.ParseError as err:
@@ -309,35 +281,21 @@ def _voc_number(node: ET.Element, tag: str, path: Path, what: str) -> float:
     try:
         value = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise InputError(
-            f"{path}: {what} has no numeric <{tag}> (got {text!r})"
-        ) from None
+        raise InputError(f"{path}: {what} has no numeric <{tag}> (got {text!r})") from None
     if not math.isfinite(value):
         raise InputError(f"{path}: {what} <{tag}> is {text}")
     return value
 
 
-def _voc_record(
-    path: Path, images_dir: Path
-) -> tuple[dict, list[tuple[str, list[float]]]]:
+def _voc_record(path: Path, images_dir: Path) -> tuple[dict, list[tuple[str, list[float]]]]:
     """One VOC XML: (image dict without id, [(object name, [xmin, ymin, xmax, ymax]), ...])."""
     root = _parse_voc_xml(path)
     if root.tag != "annotation":
-        raise InputError(
-            f"{path}: root element <{root.tag}>, expected <annotation> (Pascal VOC)"
-        )
+        raise InputError(f"{path}: root element <{root.tag}>, expected <annotation> (Pascal VOC)")
     file_name = (root.findtext("filename") or "").strip() or path.stem + ".jpg"
     size = root.find("size")
-    width = (
-        int(_voc_number(size, "width", path, "<size>"))
-        if size is not None and size.findtext("width")
-        else 0
-    )
-    height = (
-        int(_voc_number(size, "height", path, "<size>"))
-        if size is not None and size.findtext("height")
-        else 0
-    )
+    width = int(_voc_number(size, "width", path, "<size>")) if size is not None and size.findtext("width") else 0
+    height = int(_voc_number(size, "height", path, "<size>")) if size is not None and size.findtext("height") else 0
     if width <= 0 or height <= 0:  # some tools write 0: take the image's own size
         width, height = image_size(images_dir / file_name)
     objects = []
@@ -348,26 +306,17 @@ def _voc_record(
         box = obj.find("bndbox")
         if box is None:
             raise InputError(f"{path}: object {index} ({name}) has no <bndbox>")
-        coords = [
-            _voc_number(box, tag, path, f"object {index} ({name})")
-            for tag in ("xmin", "ymin", "xmax", "ymax")
-        ]
+        coords = [_voc_number(box, tag, path, f"object {index} ({name})") for tag in ("xmin", "ymin", "xmax", "ymax")]
         xmin, ymin, xmax, ymax = coords
         if xmax < xmin or ymax < ymin:
-            raise InputError(
-                f"{path}: object {index} ({name}) has xmax < xmin or ymax < ymin: {coords}"
-            )
+            raise InputError(f"{path}: object {index} ({name}) has xmax < xmin or ymax < ymin: {coords}")
         if xmin < 0 or ymin < 0 or xmax > width + 1 or ymax > height + 1:
-            raise InputError(
-                f"{path}: object {index} ({name}) box {coords} lies outside the {width}x{height} image"
-            )
+            raise InputError(f"{path}: object {index} ({name}) box {coords} lies outside the {width}x{height} image")
         objects.append((name, coords))
     return {"file_name": file_name, "width": width, "height": height}, objects
 
 
-def import_voc(
-    root: str | Path, class_names: list[str] | None = None
-) -> tuple[dict, dict]:
+def import_voc(root: str | Path, class_names: list[str] | None = None) -> tuple[dict, dict]:
     """A Pascal VOC folder (see module docstring) -> (COCO box dataset dict, summary counts)."""
     root = Path(root)
     ann_dir, images_dir = root / "Annotations", root / "JPEGImages"
@@ -390,22 +339,12 @@ def import_voc(
         images.append({"id": image_id, **image})
         for name, (xmin, ymin, xmax, ymax) in objects:
             if name not in category_of:
-                raise InputError(
-                    f"{path}: object name {name!r} is not in {root / 'classes.txt'}"
-                )
+                raise InputError(f"{path}: object name {name!r} is not in {root / 'classes.txt'}")
             # 1-based inclusive pixel indices -> 0-based edges, clipped to the image.
             x0, y0 = max(0.0, xmin - 1), max(0.0, ymin - 1)
             x1, y1 = min(float(image["width"]), xmax), min(float(image["height"]), ymax)
-            annotations.append(
-                _box_annotation(
-                    len(annotations) + 1, image_id, category_of[name], x0, y0, x1, y1
-                )
-            )
-    missing = sum(
-        1
-        for image in images
-        if images_dir.is_dir() and not (images_dir / image["file_name"]).is_file()
-    )
+            annotations.append(_box_annotation(len(annotations) + 1, image_id, category_of[name], x0, y0, x1, y1))
+    missing = sum(1 for image in images if images_dir.is_dir() and not (images_dir / image["file_name"]).is_file())
     summary = {
         "images": len(images),
         "boxes": len(annotations),
@@ -424,9 +363,7 @@ def run_import(kind: str, root: str | Path, out: str) -> dict:
     dataset, summary = import_yolo(root) if kind == "yolo" else import_voc(root)
     write_json_atomic(out, dataset)
     extra = ", ".join(
-        f"{v} {k.replace('_', ' ')}"
-        for k, v in summary.items()
-        if k not in ("images", "boxes", "classes") and v
+        f"{v} {k.replace('_', ' ')}" for k, v in summary.items() if k not in ("images", "boxes", "classes") and v
     )
     print(
         f"mal import {kind}: {summary['images']} images, {summary['boxes']} boxes, {summary['classes']} classes"

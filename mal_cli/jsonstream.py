@@ -26,7 +26,9 @@ from mal_cli.errors import InputError
 
 __all__ = ["iter_document", "iter_entries", "loads", "unreadable", "Entry"]
 
-CHUNK_BYTES = 1 << 18  # items parsed per orjson call: 256 KB of text, ~2k COCO boxes (bigger chunks: more memory, no faster)
+CHUNK_BYTES = (
+    1 << 18
+)  # items parsed per orjson call: 256 KB of text, ~2k COCO boxes (bigger chunks: more memory, no faster)
 
 _WS = re.compile(rb"[ \t\r\n]*")
 _BRACKET_OR_QUOTE = re.compile(rb'[\[\]{}"]')
@@ -44,7 +46,9 @@ _DEPTH_LUT[ord('"')] = 2
 Entry = tuple[str, Optional[str], Any]
 
 
-def iter_document(path: Union[str, Path], stream_keys: Collection[str] = (), source: Optional[str] = None) -> Iterator[Entry]:
+def iter_document(
+    path: Union[str, Path], stream_keys: Collection[str] = (), source: Optional[str] = None
+) -> Iterator[Entry]:
     """Walk the JSON file at `path` in document order (see `Entry`). A top-level array is always streamed.
 
     Raises `InputError` ("truncated/invalid JSON at byte N of SIZE") on bad JSON, naming `source`.
@@ -127,7 +131,9 @@ def unreadable(err: OSError, source: str) -> InputError:
     return InputError(f"{source}: cannot read: {err.strerror or err}")
 
 
-def iter_entries(path: Union[str, Path], stream_keys: Collection[str] = (), source: Optional[str] = None) -> Iterator[tuple]:
+def iter_entries(
+    path: Union[str, Path], stream_keys: Collection[str] = (), source: Optional[str] = None
+) -> Iterator[tuple]:
     """`iter_document` grouped by top-level entry: ("value", key, value), or ("array", key, chunks) for a streamed
     array, where `chunks` iterates its item lists. Read (or leave) `chunks` before asking for the next entry."""
     held: list = []
@@ -214,7 +220,9 @@ class _Reader:
     def fail(self, at: Optional[int], message: str):
         offset = self.size if at is None else self.base + at
         what = "truncated" if at is None or offset >= self._content_end() else "invalid"
-        raise InputError(f"{self.source}: {what} JSON at byte {offset} of {self.size} ({message}); regenerate or fix the file")
+        raise InputError(
+            f"{self.source}: {what} JSON at byte {offset} of {self.size} ({message}); regenerate or fix the file"
+        )
 
     def _content_end(self) -> int:
         """File offset just past the last non-blank byte (what `len(data.rstrip())` gives for the whole file)."""

@@ -50,13 +50,9 @@ class GuidedConfig:
     max_side: int = 128
 
 
-def _window_tensors(
-    window_prob: np.ndarray, image_window: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_tensors(window_prob: np.ndarray, image_window: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     prob = torch.from_numpy(np.asarray(window_prob, dtype=np.float32))[None, None]
-    image = torch.from_numpy(
-        np.ascontiguousarray(image_window, dtype=np.float32) / 255.0
-    ).permute(2, 0, 1)[None]
+    image = torch.from_numpy(np.ascontiguousarray(image_window, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return prob, image
 
 
@@ -66,27 +62,14 @@ def _shifted_stack(x: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Ten
     h, w = x.shape[-2:]
     pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     padded = F.pad(x, (pad, pad, pad, pad))
-    return torch.stack(
-        [
-            padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
-            for dy, dx in offsets
-        ]
-    )
+    return torch.stack([padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx in offsets])
 
 
 def _offsets(dilations: tuple[int, ...]) -> list[tuple[int, int]]:
-    return [
-        (d * dy, d * dx)
-        for d in dilations
-        for dy in (-1, 0, 1)
-        for dx in (-1, 0, 1)
-        if (dy, dx) != (0, 0)
-    ]
+    return [(d * dy, d * dx) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
-def _affinities(
-    image: torch.Tensor, offsets: list[tuple[int, int]], zeta: float
-) -> torch.Tensor:
+def _affinities(image: torch.Tensor, offsets: list[tuple[int, int]], zeta: float) -> torch.Tensor:
     """(K, H, W) colour affinity exp(-|I_i - I_j|^2 / (2 zeta^2)) to the neighbour at each offset (0 past the
     border): MAL's CRF kernel (`losses.colour_affinity`) on a multi-scale ring of neighbours. image (3, H, W)."""
     inside = _shifted_stack(torch.ones_like(image[:1]), offsets)[:, 0]
@@ -116,17 +99,13 @@ def meanfield_refine(
         image = F.interpolate(image, size=size, mode="area")
     z0 = torch.logit(prob[0, 0].clamp(PROB_EPS, 1 - PROB_EPS))
     offsets = _offsets(config.dilations)
-    affinity = _affinities(image[0], offsets, config.zeta) * (
-        config.weight / len(offsets)
-    )
+    affinity = _affinities(image[0], offsets, config.zeta) * (config.weight / len(offsets))
     q = prob[0, 0]
     for _ in range(config.iterations):
         vote = (affinity * _shifted_stack(2 * q - 1, offsets)).sum(0)
         q = torch.sigmoid(z0 + vote)
     if size != (h, w):
-        q = F.interpolate(
-            q[None, None], size=(h, w), mode="bilinear", align_corners=False
-        )[0, 0]
+        q = F.interpolate(q[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     return q.numpy()
 
 
@@ -156,33 +135,19 @@ def guided_refine(
     scale = min(1.0, config.max_side / max(h, w))
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     p = F.interpolate(p_full, size=size, mode="area") if size != (h, w) else p_full
-    image = (
-        F.interpolate(image_full, size=size, mode="area")
-        if size != (h, w)
-        else image_full
-    )
+    image = F.interpolate(image_full, size=size, mode="area") if size != (h, w) else image_full
     r = max(1, round(config.radius_fraction * max(size)))
     mean_i = _box_mean(image, r)  # (1, 3, h', w')
     mean_p = _box_mean(p, r)
     cov_ip = _box_mean(image * p, r) - mean_i * mean_p
-    outer = (image[:, :, None] * image[:, None]).flatten(
-        1, 2
-    )  # (1, 9, h', w'): I_a I_b
+    outer = (image[:, :, None] * image[:, None]).flatten(1, 2)  # (1, 9, h', w'): I_a I_b
     var_i = _box_mean(outer, r) - (mean_i[:, :, None] * mean_i[:, None]).flatten(1, 2)
-    sigma = var_i.reshape(1, 3, 3, *size).permute(
-        0, 3, 4, 1, 2
-    ) + config.eps * torch.eye(3)
-    a = torch.linalg.solve(sigma, cov_ip.permute(0, 2, 3, 1)[..., None])[
-        ..., 0
-    ].permute(0, 3, 1, 2)
+    sigma = var_i.reshape(1, 3, 3, *size).permute(0, 3, 4, 1, 2) + config.eps * torch.eye(3)
+    a = torch.linalg.solve(sigma, cov_ip.permute(0, 2, 3, 1)[..., None])[..., 0].permute(0, 3, 1, 2)
     b = mean_p - (a * mean_i).sum(1, keepdim=True)
     mean_a, mean_b = _box_mean(a, r), _box_mean(b, r)
     if size != (h, w):
-        mean_a = F.interpolate(
-            mean_a, size=(h, w), mode="bilinear", align_corners=False
-        )
-        mean_b = F.interpolate(
-            mean_b, size=(h, w), mode="bilinear", align_corners=False
-        )
+        mean_a = F.interpolate(mean_a, size=(h, w), mode="bilinear", align_corners=False)
+        mean_b = F.interpolate(mean_b, size=(h, w), mode="bilinear", align_corners=False)
     q = (mean_a * image_full).sum(1, keepdim=True) + mean_b
     return q[0, 0].clamp(0.0, 1.0).numpy()

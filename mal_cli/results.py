@@ -46,29 +46,21 @@ def below_min_score(ann: dict, min_score: float) -> bool:
 
 
 def _score(ann: dict, kind: str, source: str) -> float:
-    detector = float(
-        ann.get("score", 1.0)
-    )  # no score: a human box, as `mal eval` counts it
+    detector = float(ann.get("score", 1.0))  # no score: a human box, as `mal eval` counts it
     if kind == "detector":
         return detector
     if "mal_score" not in ann:
-        raise InputError(
-            f"{source}: annotation id {ann.get('id')} has no 'mal_score'; label it first (mal label)"
-        )
+        raise InputError(f"{source}: annotation id {ann.get('id')} has no 'mal_score'; label it first (mal label)")
     return float(ann["mal_score"]) * (detector if kind == "product" else 1.0)
 
 
-def to_results(
-    labels: Dataset, score: str = "mal", min_score: float = 0.0
-) -> tuple[list[dict], dict]:
+def to_results(labels: Dataset, score: str = "mal", min_score: float = 0.0) -> tuple[list[dict], dict]:
     """The labelled annotations as a COCO results list, and counts of what was left out.
 
     Crowd annotations are not detections and are left out, as are those below `min_score`.
     """
     if score not in SCORE_KINDS:
-        raise InputError(
-            f"--score must be one of {', '.join(SCORE_KINDS)}, got '{score}'"
-        )
+        raise InputError(f"--score must be one of {', '.join(SCORE_KINDS)}, got '{score}'")
     results: list[dict] = []
     skipped = {"crowd": 0, "low_score": 0}
     for ann in labels.annotations:
@@ -94,15 +86,11 @@ def to_results(
     return results, skipped
 
 
-def export_results(
-    labels: str | Path, out: str, score: str = "mal", min_score: float = 0.0
-) -> dict:
+def export_results(labels: str | Path, out: str, score: str = "mal", min_score: float = 0.0) -> dict:
     """`mal export results`: read labels, write the results list to OUT ("-" = stdout); a summary dict."""
     loaded = load_any(labels)
     if not isinstance(loaded, Dataset):
-        raise InputError(
-            f"{labels}: already a results list; COCO.loadRes takes it as it is"
-        )
+        raise InputError(f"{labels}: already a results list; COCO.loadRes takes it as it is")
     results, skipped = to_results(loaded, score, min_score)
     write_json_atomic(out, results)
     summary = {

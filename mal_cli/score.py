@@ -60,4 +60,3 @@ def mask_agreement(window_mask: np.ndarray, other_mask: np.ndarray) -> float:
     a, b = np.asarray(window_mask, dtype=bool), np.asarray(other_mask, dtype=bool)
     union = int(np.count_nonzero(a | b))
     return int(np.count_nonzero(a & b)) / union if union else 1.0
-

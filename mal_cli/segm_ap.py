@@ -190,7 +190,9 @@ class ChunkedSegmAP:
                 if num_gt == 0:
                     continue  # COCOeval leaves -1: nothing to recall
                 s, e = bounds[k], bounds[k + 1]
-                precision[:, :, k, a] = precision_curve(scores[s:e], matched[:, s:e], ignored[:, s:e], num_gt, p.recThrs)
+                precision[:, :, k, a] = precision_curve(
+                    scores[s:e], matched[:, s:e], ignored[:, s:e], num_gt, p.recThrs
+                )
         return precision
 
     def summary(self) -> dict[str, float]:
@@ -272,6 +274,7 @@ def detections_of(pred, gt, source: str) -> list[dict]:
     for image_id in image_ids:
         if image_id not in gt.image_by_id:
             raise InputError(
-                f"{source}: image id {image_id} is not in the GT {gt.source}; evaluate against the GT of the same images"
+                f"{source}: image id {image_id} is not in the GT {gt.source}; "
+                "evaluate against the GT of the same images"
             )
     return records

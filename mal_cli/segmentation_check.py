@@ -137,9 +137,7 @@ def _check_polygons(polygons: list, height: int, width: int) -> None:
         if not np.isfinite(xy).all():
             raise ValueError("polygon coordinates must be finite (no NaN or infinity)")
         if xy[:, 0].min() < lo_x or xy[:, 0].max() > hi_x or xy[:, 1].min() < lo_y or xy[:, 1].max() > hi_y:
-            raise ValueError(
-                f"polygon coordinates lie more than an image size outside the {width} x {height} image"
-            )
+            raise ValueError(f"polygon coordinates lie more than an image size outside the {width} x {height} image")
         step = np.abs(np.diff(np.concatenate([xy, xy[:1]]), axis=0)).max(axis=1)
         outline += float(step.sum())
     if outline > min(4.0 * (height + 2) * (width + 2), _MAX_OUTLINE):

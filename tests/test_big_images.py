@@ -31,8 +31,12 @@ def test_crop_images_samples_what_crop_image_samples():
     rng = np.random.default_rng(1)
     for height, width in ((37, 53), (480, 640), (1, 9)):
         image = torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8))
-        regions = [(-0.4 * width, -0.2 * height, 0.6 * width, 0.9 * height), (0.3 * width, 0.25 * height, 0.31 * width, 0.3 * height),
-                   (0.9 * width, 0.8 * height, 2.1 * width, 1.7 * height), (0.0, 0.0, float(width), float(height))]
+        regions = [
+            (-0.4 * width, -0.2 * height, 0.6 * width, 0.9 * height),
+            (0.3 * width, 0.25 * height, 0.31 * width, 0.3 * height),
+            (0.9 * width, 0.8 * height, 2.1 * width, 1.7 * height),
+            (0.0, 0.0, float(width), float(height)),
+        ]
         for size in (7, 32):
             crops = geometry.crop_images(image, regions, size)
             assert crops.shape == (len(regions), 3, size, size) and crops.dtype == torch.float32
@@ -58,7 +62,8 @@ def test_reduced_decode_is_jpeg_only_and_keeps_the_full_size_and_orientation(tmp
     array, full_hw, scale = images.load_rgb_reduced(tmp_path / "a.png", reduce=2)
     assert array.shape == (600, 800, 3) and full_hw == (600, 800) and scale == 1.0
     assert np.array_equal(images.load_rgb(tmp_path / "a.png"), pixels)
-    # EXIF orientation 6 (stored 800 x 600, shown 600 wide x 800 high): applied unless the recorded size is the stored one.
+    # EXIF orientation 6 (stored 800 x 600, shown 600 wide x 800 high): applied unless the recorded size is the
+    # stored one.
     exif = Image.Exif()
     exif[images.ORIENTATION_TAG] = 6
     Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
@@ -77,7 +82,9 @@ def test_crops_of_a_reduced_decode_are_close_to_the_full_decode(tmp_path):
     reduce = images.draft_reduction(regions, [224, 224])
     assert reduce == 2
     small, _, scale = images.load_rgb_reduced(tmp_path / "a.jpg", reduce=reduce)
-    reduced = geometry.crop_images(torch.from_numpy(small.copy()).permute(2, 0, 1), images.scale_regions(regions, scale), 224)
+    reduced = geometry.crop_images(
+        torch.from_numpy(small.copy()).permute(2, 0, 1), images.scale_regions(regions, scale), 224
+    )
     exact = geometry.crop_images(full, regions, 224)
     assert (reduced - exact).abs().mean() < 2.0  # grey levels: the DCT-scaled image is a filtered copy
     assert not torch.equal(reduced, exact)
@@ -90,10 +97,14 @@ def test_mal_label_decodes_big_jpegs_reduced_and_the_masks_stay_close(tmp_path, 
     folder.mkdir()
     Image.fromarray(_smooth_image(1200, 1600)).save(folder / "big.jpg", quality=92)
     boxes = [[150.0, 100.0, 800.0, 700.0], [700.0, 350.0, 800.0, 750.0]]
-    doc = {"images": [{"id": 1, "file_name": "big.jpg", "height": 1200, "width": 1600}],
-           "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-                           for i, b in enumerate(boxes)],
-           "categories": [{"id": 1, "name": "thing"}]}
+    doc = {
+        "images": [{"id": 1, "file_name": "big.jpg", "height": 1200, "width": 1600}],
+        "annotations": [
+            {"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for i, b in enumerate(boxes)
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     (tmp_path / "boxes.json").write_bytes(orjson.dumps(doc))
     options = LabelOptions(workers=0, device="cpu", precision="fp32")  # the shipped labeler: masks worth comparing
     reductions = []

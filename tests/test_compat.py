@@ -51,8 +51,16 @@ def lvis_files(tmp_path_factory, tiny_checkpoint):
 
 
 def _results(doc: dict) -> list[dict]:
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
-             "segmentation": a["segmentation"], "score": a["mal_score"]} for a in doc["annotations"]]
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "segmentation": a["segmentation"],
+            "score": a["mal_score"],
+        }
+        for a in doc["annotations"]
+    ]
 
 
 def _coco_segm_eval(gt_doc: dict, results: list[dict]) -> np.ndarray:
@@ -83,8 +91,9 @@ def test_box_labels_in_pycocotools(tmp_path, mini16_raw, fmt):
 
 def test_model_labels_in_pycocotools(lvis_files, mini16_raw):
     doc = orjson.loads(lvis_files["model"].read_bytes())
-    assert all(isinstance(a["segmentation"], dict) and isinstance(a["segmentation"]["counts"], str)
-               for a in doc["annotations"])
+    assert all(
+        isinstance(a["segmentation"], dict) and isinstance(a["segmentation"]["counts"], str) for a in doc["annotations"]
+    )
     stats = _coco_segm_eval(mini16_raw, _results(doc))  # same ids and boxes as the COCO original
     assert np.isfinite(stats).all() and 0.0 <= stats[0] <= 1.0
 
@@ -127,7 +136,9 @@ def test_pipe_label_stdin_to_eval_stdout(tmp_path):
     done = subprocess.run(
         f'{mal} label - --images "{MINI16_IMAGES}" --method box --out - < "{MINI16_JSON}" '
         f'| {mal} eval - --gt "{MINI16_JSON}" --no-ap --json -',
-        shell=True, capture_output=True, text=True,
+        shell=True,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     report = orjson.loads(done.stdout)
@@ -135,6 +146,7 @@ def test_pipe_label_stdin_to_eval_stdout(tmp_path):
     assert 0.3 < report["instance_miou"] < 0.9
     assert "boxes/s" in done.stderr and "mIoU" in done.stderr  # the summary line and the table
     # A failing stage fails the pipe's last command with one clear line (exit 2), stdout empty.
-    failed = subprocess.run(f'echo "not json" | {mal} eval - --gt "{MINI16_JSON}" --json -', shell=True,
-                            capture_output=True, text=True)
+    failed = subprocess.run(
+        f'echo "not json" | {mal} eval - --gt "{MINI16_JSON}" --json -', shell=True, capture_output=True, text=True
+    )
     assert failed.returncode == 2 and failed.stdout == "" and failed.stderr.startswith("mal: error: <stdin>")

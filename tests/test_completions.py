@@ -55,8 +55,10 @@ def test_the_app_answers_completion_requests():
     assert "yolo" in _complete("fish", "mal export y", _TYPER_COMPLETE_FISH_ACTION="get-args")
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("mal", path=ENV["PATH"]) is None,
-                    reason="needs bash and the `mal` console script")
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("mal", path=ENV["PATH"]) is None,
+    reason="needs bash and the `mal` console script",
+)
 def test_bash_script_completes_in_bash():
     script = (
         f'source "{COMPLETIONS / "mal.bash"}"; '

@@ -96,13 +96,20 @@ def test_stdin(monkeypatch, mini16_path):
         (b'{"annotations": []}', "missing the top-level key 'images'"),
         (b'{"images": {}, "annotations": []}', "'images' must be a list"),
         (b'{"images": [{"id": 1}], "annotations": [{"id": 7, "image_id": 1}]}', "annotation id 7 has no 'bbox'"),
-        (b'{"images": [{"id": 1}], "annotations": [{"id": 7, "image_id": 2, "bbox": [0, 0, 1, 1]}]}',
-         "annotation id 7 refers to image id 2"),
+        (
+            b'{"images": [{"id": 1}], "annotations": [{"id": 7, "image_id": 2, "bbox": [0, 0, 1, 1]}]}',
+            "annotation id 7 refers to image id 2",
+        ),
         (b'{"images": [{"id": 1}, {"id": 1}], "annotations": []}', "image id 1 appears twice"),
-        (b'{"images": [{"id": 1}], "annotations": [{"id": 7, "image_id": 1, "bbox": [0, 0, 1, 1]},'
-         b' {"id": 7, "image_id": 1, "bbox": [0, 0, 1, 1]}]}', "annotation id 7 appears twice"),
-        (b'{"images": [{"id": 1}], "annotations": [{"id": 7, "image_id": 1, "bbox": [0, 0, 1]}]}',
-         "annotation id 7: 'bbox' must be"),
+        (
+            b'{"images": [{"id": 1}], "annotations": [{"id": 7, "image_id": 1, "bbox": [0, 0, 1, 1]},'
+            b' {"id": 7, "image_id": 1, "bbox": [0, 0, 1, 1]}]}',
+            "annotation id 7 appears twice",
+        ),
+        (
+            b'{"images": [{"id": 1}], "annotations": [{"id": 7, "image_id": 1, "bbox": [0, 0, 1]}]}',
+            "annotation id 7: 'bbox' must be",
+        ),
     ],
 )
 def test_clear_input_errors(tmp_path, content, message):

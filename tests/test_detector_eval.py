@@ -48,11 +48,7 @@ def detector_results(raw: dict, seed: int = 3) -> list[dict]:
         }
         results.append(det)
         if rng.random() < 0.15:  # a duplicate, or the same mask with a wrong class
-            results.append(
-                dict(
-                    det, score=float(rng.random()), category_id=int(rng.choice(cat_ids))
-                )
-            )
+            results.append(dict(det, score=float(rng.random()), category_id=int(rng.choice(cat_ids))))
     return results
 
 
@@ -61,9 +57,7 @@ def cocoeval_stats(raw: dict, results: list[dict]) -> list[float]:
         coco_gt = COCO()
         coco_gt.dataset = copy.deepcopy(raw)
         coco_gt.createIndex()
-        evaluator = COCOeval(
-            coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iouType="segm"
-        )
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iouType="segm")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -76,11 +70,7 @@ def test_detector_results_get_cocoevals_ap(mini16_raw):
     report = evaluate(copy.deepcopy(results), gt)
     assert report.protocol == "detections" and report.ap_kind == "coco-segm"
     assert report.num_unmatched_predictions == len(results)
-    assert (
-        report.instance_miou is None
-        and report.miou_missing_as_zero is None
-        and report.missing_ids == []
-    )
+    assert report.instance_miou is None and report.miou_missing_as_zero is None and report.missing_ids == []
     # Without bbox, loadRes takes every area from the mask: all six figures are COCOeval's, bit for bit.
     no_bbox = [{k: v for k, v in det.items() if k != "bbox"} for det in results]
     assert list(report.ap.values()) == cocoeval_stats(mini16_raw, no_bbox)
@@ -97,10 +87,7 @@ def test_scores_rank_the_detections(mini16_raw):
     first = {}
     for det in results:
         first.setdefault((det["image_id"], tuple(det["bbox"])), det)
-    reranked = [
-        dict(d, score=best) if first[(d["image_id"], tuple(d["bbox"]))] is not d else d
-        for d in results
-    ]
+    reranked = [dict(d, score=best) if first[(d["image_id"], tuple(d["bbox"]))] is not d else d for d in results]
     assert evaluate(reranked, gt).ap["AP"] < evaluate(results, gt).ap["AP"]
 
 
@@ -110,9 +97,7 @@ def test_labelled_dataset_of_detector_boxes_is_scored_as_detections(mini16_raw):
     labels = {
         "images": copy.deepcopy(mini16_raw["images"]),
         "categories": mini16_raw["categories"],
-        "annotations": [
-            dict(det, id=k + 1, iscrowd=0) for k, det in enumerate(results)
-        ],
+        "annotations": [dict(det, id=k + 1, iscrowd=0) for k, det in enumerate(results)],
     }
     report = evaluate(Dataset.from_dict(labels, "labels.json"), gt)
     assert report.protocol == "detections"
@@ -164,21 +149,15 @@ def test_lvis_gt_gets_lvisevals_ap(mini16_raw, tmp_path):
 
     raw = _as_lvis(mini16_raw)
     results = detector_results(raw)
-    report = evaluate(
-        copy.deepcopy(results), Dataset.from_dict(copy.deepcopy(raw), "lvis.json")
-    )
+    report = evaluate(copy.deepcopy(results), Dataset.from_dict(copy.deepcopy(raw), "lvis.json"))
     assert report.protocol == "detections" and report.ap_kind == "lvis-segm"
     path = tmp_path / "lvis.json"
     path.write_text(json.dumps(raw))
     with contextlib.redirect_stdout(io.StringIO()):
         lvis_gt = LVIS(str(path))
         no_bbox = [{k: v for k, v in det.items() if k != "bbox"} for det in results]
-        evaluator = LVISEval(
-            lvis_gt, LVISResults(lvis_gt, no_bbox, max_dets=300), iou_type="segm"
-        )
+        evaluator = LVISEval(lvis_gt, LVISResults(lvis_gt, no_bbox, max_dets=300), iou_type="segm")
         evaluator.run()
     expected = evaluator.get_results()
-    assert report.ap == pytest.approx(
-        {k: float(expected[k]) for k in report.ap}, abs=1e-12
-    )
+    assert report.ap == pytest.approx({k: float(expected[k]) for k in report.ap}, abs=1e-12)
     assert 0.05 < report.ap["AP"] < 0.95

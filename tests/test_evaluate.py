@@ -53,7 +53,9 @@ def masks_to_bbox(seg) -> list[float]:
 
 def _pred(gt: Dataset, segmentation_by_id: dict) -> Dataset:
     raw = copy.deepcopy(gt.raw)
-    raw["annotations"] = [dict(a, segmentation=segmentation_by_id[a["id"]]) for a in raw["annotations"] if a["id"] in segmentation_by_id]
+    raw["annotations"] = [
+        dict(a, segmentation=segmentation_by_id[a["id"]]) for a in raw["annotations"] if a["id"] in segmentation_by_id
+    ]
     return Dataset.from_dict(raw, "pred.json")
 
 
@@ -112,8 +114,13 @@ def test_results_list_pairs_by_image_and_identical_bbox():
 def test_detection_size_range_comes_from_the_mask_not_the_bbox(mini16_raw):
     gt = Dataset.from_dict(mini16_raw)
     results = [
-        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.5,
-         "segmentation": a["segmentation"]}
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.5,
+            "segmentation": a["segmentation"],
+        }
         for a in gt.annotations
     ]
     # One confident false positive: a 2 x 2 mask (small) that carries an image-sized bbox (large).
@@ -123,8 +130,15 @@ def test_detection_size_range_comes_from_the_mask_not_the_bbox(mini16_raw):
     image = gt.image_by_id[ann["image_id"]]
     tiny = np.zeros((image["height"], image["width"]), np.uint8)
     tiny[:2, :2] = 1
-    results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": 1.0,
-                    "bbox": [0.0, 0.0, float(image["width"]), float(image["height"])], "segmentation": oracles.encode(tiny)})
+    results.append(
+        {
+            "image_id": ann["image_id"],
+            "category_id": ann["category_id"],
+            "score": 1.0,
+            "bbox": [0.0, 0.0, float(image["width"]), float(image["height"])],
+            "segmentation": oracles.encode(tiny),
+        }
+    )
     report = evaluate(results, gt)
     assert report.num_matched == len(gt.annotations) and report.num_unmatched_predictions == 1
     assert report.ap["APl"] == pytest.approx(1.0)
@@ -201,7 +215,9 @@ def test_box_filled_masks_score_like_boxes(mini16_raw):
         x, y, w, h = ann["bbox"]
         rows = math.floor(y + h - 0.5) - math.floor(y - 0.5)
         cols = math.floor(x + w - 0.5) - math.floor(x - 0.5)
-        gt_area = masks.area(ann["segmentation"], gt.image_by_id[ann["image_id"]]["height"], gt.image_by_id[ann["image_id"]]["width"])
+        gt_area = masks.area(
+            ann["segmentation"], gt.image_by_id[ann["image_id"]]["height"], gt.image_by_id[ann["image_id"]]["width"]
+        )
         assert report.ious[ann["id"]] <= gt_area / (rows * cols) + 1e-9
     assert 0.4 < report.instance_miou < 0.8 and 0.05 < report.ap["AP"] < 0.5
 
@@ -274,8 +290,10 @@ def test_chunked_coco_ap_equals_plain_cocoeval(mini16_raw, monkeypatch):
     from mal_cli import segm_ap
 
     raw = copy.deepcopy(mini16_raw)
-    raw["images"] += [{"id": 900001, "file_name": "x.jpg", "height": 100, "width": 120},
-                      {"id": 900002, "file_name": "y.jpg", "height": 50, "width": 60}]  # no GT
+    raw["images"] += [
+        {"id": 900001, "file_name": "x.jpg", "height": 100, "width": 120},
+        {"id": 900002, "file_name": "y.jpg", "height": 50, "width": 60},
+    ]  # no GT
     for i, ann in enumerate(raw["annotations"]):
         ann["iscrowd"] = int(i % 9 == 4)  # crowd GT: its pairs are left out of AP
     gt = Dataset.from_dict(raw, "gt.json")
@@ -286,14 +304,28 @@ def test_chunked_coco_ap_equals_plain_cocoeval(mini16_raw, monkeypatch):
         if ann["image_id"] in no_predictions:
             continue
         seg = ann["segmentation"] if rng.random() < 0.5 else masks.box_polygon(ann["bbox"])
-        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
-                        "score": float(np.round(rng.random(), 1)), "segmentation": seg})  # ties: 11 scores
+        results.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "bbox": ann["bbox"],
+                "score": float(np.round(rng.random(), 1)),
+                "segmentation": seg,
+            }
+        )  # ties: 11 scores
         if rng.random() < 0.2:  # a duplicate: unmatched, a false positive
             results.append(dict(results[-1], score=float(np.round(rng.random(), 1))))
     image = gt.image_by_id[900001]
     for j in range(3):  # false positives on an image without GT
-        results.append({"image_id": 900001, "category_id": raw["categories"][j]["id"], "bbox": [1.0, 1.0, 2.0, 2.0],
-                        "score": 0.5, "segmentation": masks.box_polygon([10.0 * j, 5.0, 30.0, 40.0])})
+        results.append(
+            {
+                "image_id": 900001,
+                "category_id": raw["categories"][j]["id"],
+                "bbox": [1.0, 1.0, 2.0, 2.0],
+                "score": 0.5,
+                "segmentation": masks.box_polygon([10.0 * j, 5.0, 30.0, 40.0]),
+            }
+        )
     results = [results[i] for i in rng.permutation(len(results))]
 
     # The detections the protocol scores: non-crowd pairs, then every unmatched prediction.
@@ -301,8 +333,14 @@ def test_chunked_coco_ap_equals_plain_cocoeval(mini16_raw, monkeypatch):
     detections = []
     for gt_ann, det in [(g, d) for g, d in pairs if not g["iscrowd"]] + [(None, d) for d in unmatched]:
         image = gt.image_by_id[det["image_id"]]
-        detections.append({"image_id": det["image_id"], "category_id": det["category_id"], "score": det["score"],
-                           "segmentation": masks.to_rle(det["segmentation"], image["height"], image["width"])})
+        detections.append(
+            {
+                "image_id": det["image_id"],
+                "category_id": det["category_id"],
+                "score": det["score"],
+                "segmentation": masks.to_rle(det["segmentation"], image["height"], image["width"]),
+            }
+        )
     expected = _plain_cocoeval_ap(gt, detections)
     assert 0.2 < expected[0] < 0.9
 
@@ -335,10 +373,25 @@ def test_table_shows_no_gt_for_cocoeval_minus_one():
 
     from mal_cli.evaluate import EvalReport, SizeBucket, report_table
 
-    report = EvalReport(num_gt=1, num_matched=1, instance_miou=0.5, class_miou=0.5, num_classes=1, miou_missing_as_zero=0.5,
-                        by_size={"small": SizeBucket(0.5, 1)}, num_crowd=0, num_crowd_matched=0, crowd_miou=None,
-                        missing_ids=[], num_unmatched_predictions=0, ap_kind="coco-segm",
-                        ap={"AP": 0.25, "APm": -1.0}, reference_ap=None, retention=None, ious=[])
+    report = EvalReport(
+        num_gt=1,
+        num_matched=1,
+        instance_miou=0.5,
+        class_miou=0.5,
+        num_classes=1,
+        miou_missing_as_zero=0.5,
+        by_size={"small": SizeBucket(0.5, 1)},
+        num_crowd=0,
+        num_crowd_matched=0,
+        crowd_miou=None,
+        missing_ids=[],
+        num_unmatched_predictions=0,
+        ap_kind="coco-segm",
+        ap={"AP": 0.25, "APm": -1.0},
+        reference_ap=None,
+        retention=None,
+        ious=[],
+    )
     console = Console(file=io.StringIO(), width=120)
     console.print(report_table(report))
     text = console.file.getvalue()

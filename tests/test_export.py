@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import oracles  # slow references (tests/oracles.py)
-import orjson
 import pycocotools.mask as mask_utils
 import pytest
 
@@ -127,7 +126,9 @@ def _roundtrip_check(doc: dict, out: Path) -> int:
         label_file = out / "labels" / Path(name).with_suffix(".txt")
         assert label_file.is_file()
         rows = read_yolo_label(label_file, h, w)
-        anns = [a for a in by_image.get(image["id"], []) if not a.get("iscrowd") and masks.area(a["segmentation"], h, w)]
+        anns = [
+            a for a in by_image.get(image["id"], []) if not a.get("iscrowd") and masks.area(a["segmentation"], h, w)
+        ]
         assert len(rows) == len(anns)
         for (class_id, polygon), ann in zip(rows, anns):
             assert class_id == class_of[ann["category_id"]]
@@ -154,8 +155,10 @@ def test_export_yolo_skips_crowd_and_empty_and_writes_background_files(tmp_path,
     doc = mini16_raw
     doc["annotations"][0]["iscrowd"] = 1
     image = next(im for im in doc["images"] if im["id"] == doc["annotations"][1]["image_id"])
-    doc["annotations"][1]["segmentation"] = {"size": [image["height"], image["width"]],
-                                             "counts": [image["height"] * image["width"]]}
+    doc["annotations"][1]["segmentation"] = {
+        "size": [image["height"], image["width"]],
+        "counts": [image["height"] * image["width"]],
+    }
     emptied = doc["images"][-1]["id"]
     doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] != emptied]
     out = tmp_path / "yolo"
@@ -172,18 +175,37 @@ def test_cli_label_pipe_into_export(tmp_path):
     pipe = subprocess.run(
         f'"{sys.executable}" -m mal_cli label - --images "{MINI16_IMAGES}" --method box --out - --no-progress '
         f'< "{MINI16_JSON}" | "{sys.executable}" -m mal_cli export yolo - --out "{out}"',
-        shell=True, capture_output=True, text=True,
+        shell=True,
+        capture_output=True,
+        text=True,
     )
     assert pipe.returncode == 0, pipe.stderr
     assert pipe.stdout == ""  # the summary lines go to stderr
     assert "141 lines" in pipe.stderr
     rows = read_yolo_label(out / "labels" / "000000000328.txt", 491, 640)
     assert rows and all(len(p) == 8 for _, p in rows)  # --method box: each mask is its box, 4 corners
-    done = subprocess.run([sys.executable, "-m", "mal_cli", "export", "yolo", str(MINI16_JSON), "--out", str(images_link),
-                           "--link-images", str(MINI16_IMAGES)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mal_cli",
+            "export",
+            "yolo",
+            str(MINI16_JSON),
+            "--out",
+            str(images_link),
+            "--link-images",
+            str(MINI16_IMAGES),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     linked = images_link / "images" / "000000000328.jpg"
     assert linked.is_symlink() and linked.resolve() == (MINI16_IMAGES / "000000000328.jpg").resolve()
-    bad = subprocess.run([sys.executable, "-m", "mal_cli", "export", "yolo", str(MINI16_JSON), "--out", str(out),
-                          "--parts", "nope"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mal_cli", "export", "yolo", str(MINI16_JSON), "--out", str(out), "--parts", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("mal: error:") and len(bad.stderr.strip().splitlines()) == 1

@@ -25,8 +25,26 @@ MINI16 = DATA / "annotations_mini16.json"
 IMAGES = DATA / "images"
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TRAIN = ["train", str(MINI16), "--images", str(IMAGES), "--backbone", "vit_tiny_patch16_224", "--crop-size", "32",
-         "--batch-size", "2", "--workers", "0", "--crf-iterations", "5", "--device", "cpu", "--warmup-steps", "2"]
+TRAIN = [
+    "train",
+    str(MINI16),
+    "--images",
+    str(IMAGES),
+    "--backbone",
+    "vit_tiny_patch16_224",
+    "--crop-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--workers",
+    "0",
+    "--crf-iterations",
+    "5",
+    "--device",
+    "cpu",
+    "--warmup-steps",
+    "2",
+]
 
 
 def _mal(*args) -> list[str]:
@@ -52,18 +70,26 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted(tmp_path):
     steps = ["--max-steps", "14", "--checkpoint-every", "2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     # The uninterrupted run, in parallel with the one that gets killed.
-    reference = subprocess.Popen(_mal(*TRAIN, "--out", straight, *steps), env=ENV, cwd=REPO,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    proc = subprocess.Popen(_mal(*TRAIN, "--out", killed, *steps), env=ENV, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reference = subprocess.Popen(
+        _mal(*TRAIN, "--out", straight, *steps), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    proc = subprocess.Popen(
+        _mal(*TRAIN, "--out", killed, *steps), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _wait_for(lambda: (killed / "checkpoint.pth").exists(), proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "labeler.pth").exists(), "the run finished before it could be killed"
     step_at_kill = read_checkpoint(killed / "checkpoint.pth")["step"]  # whole: the write is atomic
     assert 2 <= step_at_kill < 14
-    resumed = subprocess.run(_mal(*TRAIN, "--out", killed, *steps, "--resume"), env=ENV, cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        _mal(*TRAIN, "--out", killed, *steps, "--resume"),
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {killed / 'checkpoint.pth'} at step {step_at_kill}" in resumed.stderr
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-3000:]
@@ -78,14 +104,21 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted(tmp_path):
     ma, mb = _metrics(straight), _metrics(killed)
     assert [m["step"] for m in ma] == [m["step"] for m in mb] == [10, 14]
     for x, y in zip(ma, mb):
-        assert {k: x[k] for k in ("loss", "mil", "crf", "grad_norm", "lr")} == {k: y[k] for k in ("loss", "mil", "crf", "grad_norm", "lr")}
+        assert {k: x[k] for k in ("loss", "mil", "crf", "grad_norm", "lr")} == {
+            k: y[k] for k in ("loss", "mil", "crf", "grad_norm", "lr")
+        }
 
 
 @pytest.mark.slow
 def test_ctrl_c_during_training_writes_a_checkpoint_and_exits_130(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_mal(*TRAIN, "--out", run, "--max-steps", "5000", "--checkpoint-every", "5000"),
-                            env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _mal(*TRAIN, "--out", run, "--max-steps", "5000", "--checkpoint-every", "5000"),
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _wait_for(lambda: (run / "metrics.jsonl").exists(), proc)  # first metrics line: step 10
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -110,8 +143,14 @@ def _limit_file_size(limit: int):
 def test_full_disk_while_labelling_keeps_the_old_output(tmp_path, limit):
     out = tmp_path / "labels.json"
     out.write_bytes(b"previous labels")
-    done = subprocess.run(_mal("label", MINI16, "--images", IMAGES, "--out", out, "--method", "box", "--no-progress"),
-                          capture_output=True, text=True, env=ENV, preexec_fn=_limit_file_size(limit), timeout=120)
+    done = subprocess.run(
+        _mal("label", MINI16, "--images", IMAGES, "--out", out, "--method", "box", "--no-progress"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        preexec_fn=_limit_file_size(limit),
+        timeout=120,
+    )
     assert done.returncode == 3, done.stderr
     assert done.stderr.startswith("mal: error: ") and done.stderr.count("\n") == 1, done.stderr
     assert "File too large" in done.stderr
@@ -148,8 +187,23 @@ def test_nan_on_one_ddp_rank_skips_the_step_on_all_ranks(tmp_path):
     script = tmp_path / "nan_rank0.py"
     script.write_text(NAN_ON_RANK0)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(script), *TRAIN, "--out", str(out), "--max-steps", "3", "--checkpoint-every", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        str(script),
+        *TRAIN,
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--checkpoint-every",
+        "3",
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)  # a hang times out
     assert done.returncode == 0, done.stderr[-4000:]
     ckpt = read_checkpoint(out / "checkpoint.pth")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import oracles  # slow references (tests/oracles.py)
 import pycocotools.mask as mask_utils
@@ -87,12 +85,15 @@ def test_label_crop_is_1_3x():
 # --- box masks and pixel bounds ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("box, region, size", [
-    ((10.0, 20.0, 30.0, 60.0), (4.0, 14.0, 36.0, 66.0), 16),
-    ((10.3, 20.7, 30.9, 41.1), (2.0, 3.0, 50.0, 47.0), 24),
-    ((0.0, 0.0, 8.0, 8.0), (0.0, 0.0, 8.0, 8.0), 8),  # box edges exactly on crop-pixel edges
-    ((1.0, 1.0, 5.0, 3.0), (0.0, 0.0, 8.0, 8.0), 16),  # box edges exactly on crop-pixel centres
-])
+@pytest.mark.parametrize(
+    "box, region, size",
+    [
+        ((10.0, 20.0, 30.0, 60.0), (4.0, 14.0, 36.0, 66.0), 16),
+        ((10.3, 20.7, 30.9, 41.1), (2.0, 3.0, 50.0, 47.0), 24),
+        ((0.0, 0.0, 8.0, 8.0), (0.0, 0.0, 8.0, 8.0), 8),  # box edges exactly on crop-pixel edges
+        ((1.0, 1.0, 5.0, 3.0), (0.0, 0.0, 8.0, 8.0), 16),  # box edges exactly on crop-pixel centres
+    ],
+)
 def test_box_mask_is_one_exactly_where_crop_centres_are_inside(box, region, size):
     mask = geometry.box_mask(box, region, size).numpy()
     xs = _centres(region[0], region[2], size)
@@ -121,17 +122,22 @@ def test_box_pixel_bounds_matches_pycocotools_on_random_boxes():
         r0, r1, c0, c1 = geometry.box_pixel_bounds(box, (height, width))
         ours = np.zeros((height, width), np.uint8)
         ours[r0:r1, c0:c1] = 1
-        np.testing.assert_array_equal(ours, _pycocotools_box(box, height, width), err_msg=f"box {box} in {height}x{width}")
+        np.testing.assert_array_equal(
+            ours, _pycocotools_box(box, height, width), err_msg=f"box {box} in {height}x{width}"
+        )
 
 
-@pytest.mark.parametrize("box, bounds", [
-    ((0.5, 0.5, 2.5, 1.5), (1, 2, 1, 3)),  # centre exactly on the low edge is out, on the high edge in
-    ((0.0, 0.0, 4.0, 3.0), (0, 3, 0, 4)),
-    ((-5.0, -5.0, 100.0, 100.0), (0, 6, 0, 7)),  # clipped
-    ((2.6, 1.0, 2.9, 2.0), (1, 2, 3, 3)),  # between centres: empty, not negative
-    ((8.0, 1.0, 9.0, 12.0), (1, 6, 7, 7)),  # right of / below the image: empty, and still inside it
-    ((-9.0, -9.0, -8.0, -8.0), (0, 0, 0, 0)),
-])
+@pytest.mark.parametrize(
+    "box, bounds",
+    [
+        ((0.5, 0.5, 2.5, 1.5), (1, 2, 1, 3)),  # centre exactly on the low edge is out, on the high edge in
+        ((0.0, 0.0, 4.0, 3.0), (0, 3, 0, 4)),
+        ((-5.0, -5.0, 100.0, 100.0), (0, 6, 0, 7)),  # clipped
+        ((2.6, 1.0, 2.9, 2.0), (1, 2, 3, 3)),  # between centres: empty, not negative
+        ((8.0, 1.0, 9.0, 12.0), (1, 6, 7, 7)),  # right of / below the image: empty, and still inside it
+        ((-9.0, -9.0, -8.0, -8.0), (0, 0, 0, 0)),
+    ],
+)
 def test_box_pixel_bounds_known_cases(box, bounds):
     assert geometry.box_pixel_bounds(box, (6, 7)) == bounds
 
@@ -183,11 +189,14 @@ def test_reflection_far_outside_is_periodic_and_in_range():
 # --- paste-back -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("box, hw", [
-    ((10.2, 5.7, 40.9, 33.3), (50, 60)),
-    ((-6.0, -3.5, 20.0, 15.5), (30, 25)),  # hangs over the top-left
-    ((50.0, 20.0, 70.5, 41.0), (40, 60)),  # hangs over the bottom-right
-])
+@pytest.mark.parametrize(
+    "box, hw",
+    [
+        ((10.2, 5.7, 40.9, 33.3), (50, 60)),
+        ((-6.0, -3.5, 20.0, 15.5), (30, 25)),  # hangs over the top-left
+        ((50.0, 20.0, 70.5, 41.0), (40, 60)),  # hangs over the bottom-right
+    ],
+)
 def test_paste_of_all_ones_reproduces_the_box_window(box, hw):
     region = geometry.crop_region(box, Margins.uniform())
     window_mask, window = oracles.paste_box_mask(torch.ones(16, 16), box, region, hw)
@@ -223,7 +232,13 @@ def test_crop_then_paste_of_a_smooth_map_inverts_the_crop():
 def test_degenerate_boxes_do_not_crash():
     hw = (20, 30)
     image = torch.zeros(3, *hw, dtype=torch.uint8)
-    for box in [(5.0, 5.0, 5.0, 5.0), (5.0, 5.0, 5.0, 12.0), (3.0, 7.5, 14.0, 7.5), (-3.0, -3.0, -3.0, -3.0), (40.0, 5.0, 40.0, 9.0)]:
+    for box in [
+        (5.0, 5.0, 5.0, 5.0),
+        (5.0, 5.0, 5.0, 12.0),
+        (3.0, 7.5, 14.0, 7.5),
+        (-3.0, -3.0, -3.0, -3.0),
+        (40.0, 5.0, 40.0, 9.0),
+    ]:
         region = geometry.crop_region(box, Margins.uniform())
         assert region[2] - region[0] >= 1.0 - 1e-9 and region[3] - region[1] >= 1.0 - 1e-9
         crop = geometry.crop_image(image, region, 16)
@@ -276,6 +291,8 @@ def test_boxes_pixel_bounds_is_the_scalar_rule():
     y1 = y0 + rng.uniform(0, 40, n).round(1)
     heights, widths = rng.integers(1, 50, n), rng.integers(1, 50, n)
     got = geometry.boxes_pixel_bounds(np.stack([x0, y0, x1, y1], axis=1), heights, widths)
-    want = [geometry.box_pixel_bounds((a, b, c, d), (int(h), int(w)))
-            for a, b, c, d, h, w in zip(x0, y0, x1, y1, heights, widths)]
+    want = [
+        geometry.box_pixel_bounds((a, b, c, d), (int(h), int(w)))
+        for a, b, c, d, h, w in zip(x0, y0, x1, y1, heights, widths)
+    ]
     assert got.tolist() == [list(map(float, bounds)) for bounds in want]

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import oracles  # tests/oracles.py: the reference RLE encoder
 import orjson
 import pytest
 from PIL import Image
 
-import oracles  # tests/oracles.py: the reference RLE encoder
 from mal_cli.cli import main
 from mal_cli.merge import dataset_records_digest
 
@@ -45,18 +45,40 @@ def _box_rle(x0: int, y0: int, x1: int, y1: int) -> dict:
 
 
 def _gt() -> dict:
-    images = [{"id": 1, "file_name": "a.png", "height": H, "width": W},
-              {"id": 2, "file_name": "b.png", "height": H, "width": W}]
-    anns = [
-        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 10, 8], "area": 80, "iscrowd": 0,
-         "segmentation": _box_rle(4, 4, 14, 12)},
-        {"id": 2, "image_id": 2, "category_id": 2, "bbox": [10, 6, 12, 10], "area": 120, "iscrowd": 0,
-         "segmentation": _box_rle(10, 6, 22, 16)},
-        {"id": 3, "image_id": 1, "category_id": 2, "bbox": [16, 2, 8, 8], "area": 64, "iscrowd": 0,
-         "segmentation": _box_rle(16, 2, 24, 10)},
+    images = [
+        {"id": 1, "file_name": "a.png", "height": H, "width": W},
+        {"id": 2, "file_name": "b.png", "height": H, "width": W},
     ]
-    return {"images": images, "annotations": anns,
-            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
+    anns = [
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [4, 4, 10, 8],
+            "area": 80,
+            "iscrowd": 0,
+            "segmentation": _box_rle(4, 4, 14, 12),
+        },
+        {
+            "id": 2,
+            "image_id": 2,
+            "category_id": 2,
+            "bbox": [10, 6, 12, 10],
+            "area": 120,
+            "iscrowd": 0,
+            "segmentation": _box_rle(10, 6, 22, 16),
+        },
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 2,
+            "bbox": [16, 2, 8, 8],
+            "area": 64,
+            "iscrowd": 0,
+            "segmentation": _box_rle(16, 2, 24, 10),
+        },
+    ]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
 
 
 def _labels() -> dict:
@@ -148,9 +170,14 @@ def run_limited(args: list, cwd: Path) -> Result:
     """`mal ARGS` in a child process under a 4 GiB address-space limit and a 60 s timeout."""
     quoted = " ".join(_sh(a) for a in [sys.executable, "-m", "mal_cli", *map(str, args)])
     try:
-        done = subprocess.run(["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {quoted}"], cwd=cwd,
-                              capture_output=True, text=True, timeout=TIMEOUT_S,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        done = subprocess.run(
+            ["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {quoted}"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"hang: mal {' '.join(map(str, args))} ran past {TIMEOUT_S} s")
     assert done.returncode >= 0, f"killed by signal {-done.returncode}: {done.stderr[-2000:]}"
@@ -260,7 +287,9 @@ def test_bad_segmentation_is_one_clear_error(kind, name, segmentation, problem, 
     assert _snapshot(case.tmp, ()) == before
 
 
-@pytest.mark.parametrize("name, segmentation, problem", BAD_SEGMENTATIONS[:6], ids=[b[0] for b in BAD_SEGMENTATIONS[:6]])
+@pytest.mark.parametrize(
+    "name, segmentation, problem", BAD_SEGMENTATIONS[:6], ids=[b[0] for b in BAD_SEGMENTATIONS[:6]]
+)
 def test_eval_viz_export_name_the_same_problem(name, segmentation, problem, case, mal):
     """One rule: the three commands refuse the same segmentation for the same reason, word for word."""
     labels, gt = _with_bad_prediction(case, segmentation)
@@ -305,9 +334,11 @@ def _huge(case: Case, h: int, w: int) -> Path:
 def test_declared_30000_square_is_refused_before_allocating(command, case):
     path = _huge(case, 30000, 30000)
     out = case.tmp / "out"
-    args = {"viz": ["viz", path, "--images", case.images, "--out", out, "--no-progress"],
-            "export": ["export", "yolo", path, "--out", out],
-            "eval": ["eval", path, "--gt", path, "--json", out]}[command]
+    args = {
+        "viz": ["viz", path, "--images", case.images, "--out", out, "--no-progress"],
+        "export": ["export", "yolo", path, "--out", out],
+        "eval": ["eval", path, "--gt", path, "--json", out],
+    }[command]
     if command == "eval":
         args[args.index("--gt") + 1] = path  # the same file as GT: the sizes agree
     result = run_limited(args, case.tmp)
@@ -329,21 +360,28 @@ def test_viz_size_from_boxes_is_budgeted(case, mal):
     expect_error(result, 2, "size from its boxes")
 
 
-@pytest.mark.parametrize("height, width, problem", [
-    ("24", W, "must be positive integers"),
-    (-24, W, "must be positive integers"),
-    (0, W, "must be positive integers"),
-    (24.5, W, "must be positive integers"),
-    (100000, 100000, "pixel limit"),
-], ids=["string", "negative", "zero", "fraction", "100000-square"])
+@pytest.mark.parametrize(
+    "height, width, problem",
+    [
+        ("24", W, "must be positive integers"),
+        (-24, W, "must be positive integers"),
+        (0, W, "must be positive integers"),
+        (24.5, W, "must be positive integers"),
+        (100000, 100000, "pixel limit"),
+    ],
+    ids=["string", "negative", "zero", "fraction", "100000-square"],
+)
 @pytest.mark.parametrize("command", ["viz", "export"])
 def test_declared_sizes_are_checked(command, height, width, problem, case, mal):
     doc = _labels()
     doc["images"][0].update(height=height, width=width)
     path = case.write("l.json", doc)
     out = case.tmp / "out"
-    args = (["viz", path, "--images", case.images, "--out", out, "--no-progress"] if command == "viz"
-            else ["export", "yolo", path, "--out", out])
+    args = (
+        ["viz", path, "--images", case.images, "--out", out, "--no-progress"]
+        if command == "viz"
+        else ["export", "yolo", path, "--out", out]
+    )
     expect_error(mal(*args), 2, problem)
     assert not out.exists()
 
@@ -352,8 +390,22 @@ def test_train_refuses_declared_bomb_and_all_unreadable(case, mal):
     doc = _gt()
     doc["images"][0].update(height=60000, width=60000)
     out = case.tmp / "run"
-    common = ["--out", out, "--backbone", "vit_tiny_patch16_224", "--crop-size", "32", "--max-steps", "1",
-              "--batch-size", "2", "--device", "cpu", "--min-box-area", "10"]
+    common = [
+        "--out",
+        out,
+        "--backbone",
+        "vit_tiny_patch16_224",
+        "--crop-size",
+        "32",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--min-box-area",
+        "10",
+    ]
     result = mal("train", case.write("bomb.json", doc), "--images", case.images, *common)
     expect_error(result, 2, "pixel limit")
     (case.images / "a.png").write_bytes(b"not a png")
@@ -367,15 +419,21 @@ def test_train_refuses_declared_bomb_and_all_unreadable(case, mal):
 
 
 def test_jsonstream_memory_is_bounded_by_the_longest_token(case):
-    doc = {"info": {"note": "x" * 20_000_000}, "images": [], "annotations": [{"id": 1, "note": "a\\\"" * 3_000_000}]}
+    doc = {"info": {"note": "x" * 20_000_000}, "images": [], "annotations": [{"id": 1, "note": 'a\\"' * 3_000_000}]}
     path = case.write("long.json", doc)
     # VmHWM: this process image's peak (ru_maxrss would include the forking pytest's).
-    code = ("from mal_cli.jsonstream import iter_document\n"
-            f"n = sum(1 for _ in iter_document({str(path)!r}, ['annotations']))\n"
-            "line = next(t for t in open('/proc/self/status') if t.startswith('VmHWM'))\n"
-            "print(int(line.split()[1]) // 1024)")
-    done = subprocess.run(["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {_sh(sys.executable)} -c {_sh(code)}"],
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    code = (
+        "from mal_cli.jsonstream import iter_document\n"
+        f"n = sum(1 for _ in iter_document({str(path)!r}, ['annotations']))\n"
+        "line = next(t for t in open('/proc/self/status') if t.startswith('VmHWM'))\n"
+        "print(int(line.split()[1]) // 1024)"
+    )
+    done = subprocess.run(
+        ["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {_sh(sys.executable)} -c {_sh(code)}"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert done.returncode == 0, done.stderr
     peak_mb = int(done.stdout.split()[-1])
     file_mb = path.stat().st_size / 2**20
@@ -392,11 +450,13 @@ def _deep(depth: int) -> bytes:
 def test_deep_nesting_is_a_clear_error(command, depth, case):
     path = case.write("deep.json", _deep(depth))
     out = case.tmp / "out.json"
-    args = {"eval": ["eval", path, "--gt", path],
-            "merge": ["merge", path, "--out", out],
-            "viz": ["viz", path, "--images", case.images, "--out", case.tmp / "o", "--no-progress"],
-            "export": ["export", "yolo", path, "--out", case.tmp / "o"],
-            "check": ["check", path]}[command]
+    args = {
+        "eval": ["eval", path, "--gt", path],
+        "merge": ["merge", path, "--out", out],
+        "viz": ["viz", path, "--images", case.images, "--out", case.tmp / "o", "--no-progress"],
+        "export": ["export", "yolo", path, "--out", case.tmp / "o"],
+        "check": ["check", path],
+    }[command]
     result = _in_process(args) if depth <= 300 else run_limited(args, case.tmp)
     if command == "check":  # check reports problems in its report, exit 1
         assert result.code == 1 and "nested deeper than 255 levels" in result.out and "Traceback" not in result.err
@@ -462,7 +522,9 @@ def test_viz_out_holding_an_input_is_refused(where, case, mal):
     out = case.tmp / "review"
     labels = case.write(f"review/{where}", _labels())
     before = _snapshot(case.tmp, ())
-    expect_error(mal("viz", labels, "--images", case.images, "--out", out, "--no-progress"), 3, "lies where this command writes")
+    expect_error(
+        mal("viz", labels, "--images", case.images, "--out", out, "--no-progress"), 3, "lies where this command writes"
+    )
     assert _snapshot(case.tmp, ()) == before
 
 
@@ -494,7 +556,9 @@ def test_export_link_images_to_its_own_images_is_refused(case, mal):
 
 def test_export_link_images_missing_folder_is_an_error(case, mal):
     out = case.tmp / "yolo"
-    result = mal("export", "yolo", case.write("labels.json", _labels()), "--out", out, "--link-images", case.tmp / "nope")
+    result = mal(
+        "export", "yolo", case.write("labels.json", _labels()), "--out", out, "--link-images", case.tmp / "nope"
+    )
     expect_error(result, 2, "no such folder")
     assert not out.exists()
 
@@ -521,7 +585,9 @@ def test_viz_planted_link_is_not_followed(name, case, mal):
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(case.outside / "secret.txt")
     before = _snapshot(case.outside, ())
-    expect_clean(mal("viz", case.write("labels.json", _labels()), "--images", case.images, "--out", out, "--no-progress"))
+    expect_clean(
+        mal("viz", case.write("labels.json", _labels()), "--images", case.images, "--out", out, "--no-progress")
+    )
     assert _snapshot(case.outside, ()) == before
     assert not link.is_symlink() and link.stat().st_size > 0
 
@@ -556,8 +622,11 @@ def test_unusable_file_names(command, name, file_name, problem, case, mal):
     doc["images"][0]["file_name"] = file_name
     path = case.write("l.json", doc)
     out = case.tmp / "out"
-    args = (["viz", path, "--images", case.images, "--out", out, "--no-progress"] if command == "viz"
-            else ["export", "yolo", path, "--out", out])
+    args = (
+        ["viz", path, "--images", case.images, "--out", out, "--no-progress"]
+        if command == "viz"
+        else ["export", "yolo", path, "--out", out]
+    )
     expect_error(mal(*args), 2, problem)
     assert not out.exists()
 
@@ -583,7 +652,9 @@ def test_viz_full_names_do_not_collide(case, mal):
     doc = _labels()
     doc["images"][0]["file_name"], doc["images"][1]["file_name"] = "train/x.png", "val/x.png"
     out = case.tmp / "out"
-    expect_clean(mal("viz", case.write("l.json", doc), "--images", case.images, "--out", out, "--full", "--no-progress"))
+    expect_clean(
+        mal("viz", case.write("l.json", doc), "--images", case.images, "--out", out, "--full", "--no-progress")
+    )
     review = orjson.loads((out / "review.json").read_bytes())
     fulls = {item["image_id"]: item["full"] for item in review["items"]}
     assert len(set(fulls.values())) == 2 and len(list((out / "full").iterdir())) == 2
@@ -593,7 +664,9 @@ def test_viz_two_megabyte_category_name(case):
     doc = _labels()
     doc["categories"][0]["name"] = "n" * 2_000_000
     out = case.tmp / "out"
-    result = run_limited(["viz", case.write("l.json", doc), "--images", case.images, "--out", out, "--no-progress"], case.tmp)
+    result = run_limited(
+        ["viz", case.write("l.json", doc), "--images", case.images, "--out", out, "--no-progress"], case.tmp
+    )
     expect_clean(result)
     review = orjson.loads((out / "review.json").read_bytes())
     assert max(len(item["category"]) for item in review["items"]) <= 120
@@ -611,17 +684,38 @@ def test_viz_bad_boxes(bbox, case, mal):
 def test_viz_infinite_box_and_nan_score(case, mal):
     doc = _labels()
     doc["annotations"][0]["bbox"] = [0, 0, float("inf"), 5]
-    result = mal("viz", case.write("l.json", doc, raw=True), "--images", case.images, "--out", case.tmp / "o", "--no-progress")
+    result = mal(
+        "viz", case.write("l.json", doc, raw=True), "--images", case.images, "--out", case.tmp / "o", "--no-progress"
+    )
     expect_error(result, 2, "4 finite numbers")
     doc = _labels()
     doc["annotations"][0]["mal_score"] = float("nan")
-    expect_clean(mal("viz", case.write("l2.json", doc, raw=True), "--images", case.images, "--out", case.tmp / "o2", "--no-progress"))
+    expect_clean(
+        mal(
+            "viz",
+            case.write("l2.json", doc, raw=True),
+            "--images",
+            case.images,
+            "--out",
+            case.tmp / "o2",
+            "--no-progress",
+        )
+    )
 
 
 @pytest.mark.parametrize("context", ["nan", "-1", "inf"])
 def test_viz_bad_context(context, case, mal):
-    result = mal("viz", case.write("l.json", _labels()), "--images", case.images, "--out", case.tmp / "o",
-                 "--context", context, "--no-progress")
+    result = mal(
+        "viz",
+        case.write("l.json", _labels()),
+        "--images",
+        case.images,
+        "--out",
+        case.tmp / "o",
+        "--context",
+        context,
+        "--no-progress",
+    )
     expect_error(result, 2, "--context")
     assert not (case.tmp / "o").exists()
 
@@ -642,7 +736,9 @@ def test_export_some_boxes_without_masks_are_refused(case, mal):
     doc = _labels()
     del doc["annotations"][1]["segmentation"]
     out = case.tmp / "yolo"
-    expect_error(mal("export", "yolo", case.write("l.json", doc), "--out", out), 2, "annotation id 2 has no 'segmentation'")
+    expect_error(
+        mal("export", "yolo", case.write("l.json", doc), "--out", out), 2, "annotation id 2 has no 'segmentation'"
+    )
     assert not out.exists()
 
 
@@ -718,22 +814,42 @@ def test_eval_crowd_only_gt_reports_ap_undefined(case, mal):
         ann["iscrowd"] = 1
     labels = _labels()
     report = case.tmp / "report.json"
-    result = mal("eval", case.write("l.json", labels), "--gt", case.write("gt.json", gt), "--json", report,
-                 "--reference-ap", "40")
+    result = mal(
+        "eval",
+        case.write("l.json", labels),
+        "--gt",
+        case.write("gt.json", gt),
+        "--json",
+        report,
+        "--reference-ap",
+        "40",
+    )
     expect_clean(result)
     figures = orjson.loads(report.read_bytes())
     assert figures["ap"]["AP"] == -1.0 and figures["retention"] is None
     assert "— (no GT)" in result.out
 
 
-@pytest.mark.parametrize("field, value, problem", [
-    ("score", "high", "'score' must be a finite number"),
-    ("score", None, "'score' must be a finite number"),
-], ids=["string-score", "null-score"])
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("score", "high", "'score' must be a finite number"),
+        ("score", None, "'score' must be a finite number"),
+    ],
+    ids=["string-score", "null-score"],
+)
 def test_eval_bad_scores(field, value, problem, case, mal):
     gt = _gt()
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
-                "segmentation": a["segmentation"], field: value} for a in _labels()["annotations"]]
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "segmentation": a["segmentation"],
+            field: value,
+        }
+        for a in _labels()["annotations"]
+    ]
     result = mal("eval", case.write("r.json", results), "--gt", case.write("gt.json", gt))
     expect_error(result, 2, problem)
 
@@ -741,7 +857,11 @@ def test_eval_bad_scores(field, value, problem, case, mal):
 def test_eval_gt_area_not_a_number(case, mal):
     gt = _gt()
     gt["annotations"][0]["area"] = "big"
-    expect_error(mal("eval", case.write("l.json", _labels()), "--gt", case.write("gt.json", gt)), 2, "'area' must be a finite number")
+    expect_error(
+        mal("eval", case.write("l.json", _labels()), "--gt", case.write("gt.json", gt)),
+        2,
+        "'area' must be a finite number",
+    )
 
 
 # --- merge: wrong results --------------------------------------------------------------------------------------
@@ -754,8 +874,12 @@ def _progress(case: Case, name: str, header: dict, lines: list) -> Path:
 
 
 def _result_line(pos: int, h: int = H, w: int = W) -> dict:
-    return {"image": 0, "results": [[pos, {"segmentation": {"size": [h, w], "counts": rle_string([h * w])},
-                                           "area": 0, "mal_score": 0.5}]]}
+    return {
+        "image": 0,
+        "results": [
+            [pos, {"segmentation": {"size": [h, w], "counts": rle_string([h * w])}, "area": 0, "mal_score": 0.5}]
+        ],
+    }
 
 
 def test_merge_into_refuses_another_datasets_progress(case, mal):
@@ -776,14 +900,18 @@ def test_merge_into_without_digest_checks_mask_sizes(case, mal):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name, lines, problem", [
-    ("position-too-large", [_result_line(7)], "position 7"),
-    ("position-negative", [{"image": 0, "results": [[-1, {}]]}], "not [position"),
-    ("result-not-object", [{"image": 0, "results": [[0, 5]]}], "not [position"),
-    ("results-missing", [{"image": 0}], "no 'results' list"),
-    ("garbage-line", [b"{oops", _result_line(0)], "line 2 is not valid JSON"),
-    ("line-is-a-list", [[1, 2]], "no 'results' list"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "name, lines, problem",
+    [
+        ("position-too-large", [_result_line(7)], "position 7"),
+        ("position-negative", [{"image": 0, "results": [[-1, {}]]}], "not [position"),
+        ("result-not-object", [{"image": 0, "results": [[0, 5]]}], "not [position"),
+        ("results-missing", [{"image": 0}], "no 'results' list"),
+        ("garbage-line", [b"{oops", _result_line(0)], "line 2 is not valid JSON"),
+        ("line-is-a-list", [[1, 2]], "no 'results' list"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_merge_damaged_progress_files(name, lines, problem, case, mal):
     progress = _progress(case, "p.progress.jsonl", {}, lines)
     out = case.tmp / "m.json"
@@ -791,29 +919,53 @@ def test_merge_damaged_progress_files(name, lines, problem, case, mal):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("header, problem", [
-    (b"[1, 2]", "is not a mal label progress file"),
-    (b'{"hello": 1}', "is not a mal label progress file"),
-    (b'{"mal_progress": 1, "records": 5}', "with 5 annotations"),
-], ids=["list", "no-marker", "count"])
+@pytest.mark.parametrize(
+    "header, problem",
+    [
+        (b"[1, 2]", "is not a mal label progress file"),
+        (b'{"hello": 1}', "is not a mal label progress file"),
+        (b'{"mal_progress": 1, "records": 5}', "with 5 annotations"),
+    ],
+    ids=["list", "no-marker", "count"],
+)
 def test_merge_bad_progress_headers(header, problem, case, mal):
     progress = case.write("p.progress.jsonl", header + b"\n")
-    expect_error(mal("merge", progress, "--into", case.write("gt.json", _gt()), "--out", case.tmp / "m.json"), 2, problem)
+    expect_error(
+        mal("merge", progress, "--into", case.write("gt.json", _gt()), "--out", case.tmp / "m.json"), 2, problem
+    )
 
 
 def test_merge_missing_progress_file(case, mal):
-    result = mal("merge", case.tmp / "nope.progress.jsonl", "--into", case.write("gt.json", _gt()), "--out", case.tmp / "m.json")
+    result = mal(
+        "merge", case.tmp / "nope.progress.jsonl", "--into", case.write("gt.json", _gt()), "--out", case.tmp / "m.json"
+    )
     expect_error(result, 2, "no such file")
 
 
-@pytest.mark.parametrize("doc, problem", [
-    ("just a string", "not a dataset or results list"),
-    ({"annotations": [1, 2]}, "not a dataset or results list"),
-    ({"annotations": [], "images": "x"}, "'images' must be a list"),
-    ({"annotations": [], "mal_shard": {"index": 3, "count": 2, "records": 1, "positions": [], "fingerprint": "f"}}, "damaged"),
-    ({"annotations": [{}], "mal_shard": {"index": 0, "count": 1, "records": 1, "positions": [9], "fingerprint": "f"}}, "damaged"),
-    ({"annotations": [], "mal_shard": {"index": 0, "count": 1, "records": 0, "positions": []}}, "damaged"),
-], ids=["string", "ann-not-objects", "images-string", "shard-index", "shard-position", "shard-no-fingerprint"])
+@pytest.mark.parametrize(
+    "doc, problem",
+    [
+        ("just a string", "not a dataset or results list"),
+        ({"annotations": [1, 2]}, "not a dataset or results list"),
+        ({"annotations": [], "images": "x"}, "'images' must be a list"),
+        (
+            {
+                "annotations": [],
+                "mal_shard": {"index": 3, "count": 2, "records": 1, "positions": [], "fingerprint": "f"},
+            },
+            "damaged",
+        ),
+        (
+            {
+                "annotations": [{}],
+                "mal_shard": {"index": 0, "count": 1, "records": 1, "positions": [9], "fingerprint": "f"},
+            },
+            "damaged",
+        ),
+        ({"annotations": [], "mal_shard": {"index": 0, "count": 1, "records": 0, "positions": []}}, "damaged"),
+    ],
+    ids=["string", "ann-not-objects", "images-string", "shard-index", "shard-position", "shard-no-fingerprint"],
+)
 def test_merge_malformed_parts(doc, problem, case, mal):
     out = case.tmp / "m.json"
     expect_error(mal("merge", case.write("part.json", doc), "--out", out), 2, problem)
@@ -850,8 +1002,19 @@ def test_label_progress_symlink_is_not_followed(case, mal):
     out = case.tmp / "out.json"
     (case.tmp / "out.json.progress.jsonl").symlink_to(case.outside / "secret.txt")
     before = _snapshot(case.outside, ())
-    result = mal("label", case.write("gt.json", _gt()), "--images", case.images, "--out", out, "--method", "box",
-                 "--workers", "0", "--no-progress")
+    result = mal(
+        "label",
+        case.write("gt.json", _gt()),
+        "--images",
+        case.images,
+        "--out",
+        out,
+        "--method",
+        "box",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert _snapshot(case.outside, ()) == before
     expect_error(result, 3, "symbolic link")
 
@@ -859,8 +1022,19 @@ def test_label_progress_symlink_is_not_followed(case, mal):
 def test_label_box_declared_100000_square(case, mal):
     doc = _gt()
     doc["images"][0].update(height=100000, width=100000)
-    result = mal("label", case.write("gt.json", doc), "--images", case.images, "--out", case.tmp / "o.json",
-                 "--method", "box", "--workers", "0", "--no-progress")
+    result = mal(
+        "label",
+        case.write("gt.json", doc),
+        "--images",
+        case.images,
+        "--out",
+        case.tmp / "o.json",
+        "--method",
+        "box",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     expect_error(result, 2, "pixel limit")
 
 
@@ -868,16 +1042,40 @@ def test_label_file_name_outside_images_is_refused(case, mal):
     _write_png(case.outside / "x.png")
     doc = _gt()
     doc["images"][0]["file_name"] = "../outside/x.png"
-    result = mal("label", case.write("gt.json", doc), "--images", case.images, "--out", case.tmp / "o.json",
-                 "--method", "box", "--workers", "0", "--no-progress")
+    result = mal(
+        "label",
+        case.write("gt.json", doc),
+        "--images",
+        case.images,
+        "--out",
+        case.tmp / "o.json",
+        "--method",
+        "box",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     expect_error(result, 2, "points outside the images folder")
 
 
 def test_label_summary_json_naming_the_input_is_refused(case, mal):
     gt = case.write("gt.json", _gt())
     before = _snapshot(case.tmp, ())
-    result = mal("label", gt, "--images", case.images, "--out", case.tmp / "o.json", "--method", "box",
-                 "--workers", "0", "--no-progress", "--summary-json", gt)
+    result = mal(
+        "label",
+        gt,
+        "--images",
+        case.images,
+        "--out",
+        case.tmp / "o.json",
+        "--method",
+        "box",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--summary-json",
+        gt,
+    )
     expect_error(result, 3, "would destroy the input")
     assert _snapshot(case.tmp, ()) == before
 
@@ -891,8 +1089,14 @@ def test_run_lock_tells_a_live_run_from_a_killed_one(case):
     lock_for_run(fd)
     with pytest.raises(FileExistsError):
         open_exclusive(path)
-    child = subprocess.run([sys.executable, "-c", "import sys; from mal_cli.safe_paths import held_by_live_run; "
-                            f"sys.exit(0 if held_by_live_run({str(path)!r}) else 1)"])
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mal_cli.safe_paths import held_by_live_run; "
+            f"sys.exit(0 if held_by_live_run({str(path)!r}) else 1)",
+        ]
+    )
     assert child.returncode == 0  # another process sees the live run
     os.close(fd)
     assert not held_by_live_run(path)  # the writer is gone: an earlier, unfinished run
@@ -923,8 +1127,19 @@ def test_label_deep_nesting_is_refused_before_any_output(where, case, mal):
     else:
         doc["annotations"][1]["extra"] = _nest(300)
     out = case.tmp / "o.json"
-    result = mal("label", case.write("deep.json", doc, raw=True), "--images", case.images, "--out", out, "--method", "box",
-                 "--workers", "0", "--no-progress")
+    result = mal(
+        "label",
+        case.write("deep.json", doc, raw=True),
+        "--images",
+        case.images,
+        "--out",
+        out,
+        "--method",
+        "box",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     expect_error(result, 2, "nested deeper than 255 levels")
     assert not out.exists() and not (case.tmp / "o.json.progress.jsonl").exists()
 
@@ -934,8 +1149,22 @@ def test_label_long_strings_under_limits(case):
     doc["info"] = {"note": "x" * 20_000_000}
     doc["annotations"][0]["note"] = "y" * 5_000_000
     out = case.tmp / "o.json"
-    result = run_limited(["label", case.write("long.json", doc), "--images", case.images, "--out", out,
-                          "--method", "box", "--workers", "0", "--no-progress"], case.tmp)
+    result = run_limited(
+        [
+            "label",
+            case.write("long.json", doc),
+            "--images",
+            case.images,
+            "--out",
+            out,
+            "--method",
+            "box",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        case.tmp,
+    )
     expect_clean(result)
     assert orjson.loads(out.read_bytes())["info"]["note"] == "x" * 20_000_000
 
@@ -946,7 +1175,9 @@ def test_viz_planted_folder_link_is_refused(folder, case, mal):
     out.mkdir()
     (out / folder).symlink_to(case.outside, target_is_directory=True)
     before = _snapshot(case.outside, ())
-    result = mal("viz", case.write("labels.json", _labels()), "--images", case.images, "--out", out, "--full", "--no-progress")
+    result = mal(
+        "viz", case.write("labels.json", _labels()), "--images", case.images, "--out", out, "--full", "--no-progress"
+    )
     expect_error(result, 3, "a link out of")
     assert _snapshot(case.outside, ()) == before
 
@@ -961,8 +1192,9 @@ def test_export_link_images_applies_the_path_rule_first(case, mal):
 
 
 def _label_box(case, mal, gt: Path, out: Path, *extra) -> Result:
-    return mal("label", gt, "--images", case.images, "--out", out, "--method", "box", "--workers", "0",
-               "--no-progress", *extra)
+    return mal(
+        "label", gt, "--images", case.images, "--out", out, "--method", "box", "--workers", "0", "--no-progress", *extra
+    )
 
 
 def test_label_loses_to_a_live_run_and_names_a_dead_ones_file(case, mal):

@@ -58,9 +58,7 @@ def _by_image_name(doc: dict) -> dict[str, list[tuple]]:
     names = {image["id"]: image["file_name"] for image in doc["images"]}
     out: dict[str, list[tuple]] = {}
     for ann in doc["annotations"]:
-        out.setdefault(names[ann["image_id"]], []).append(
-            (ann["category_id"], ann["bbox"])
-        )
+        out.setdefault(names[ann["image_id"]], []).append((ann["category_id"], ann["bbox"]))
     return out
 
 
@@ -74,20 +72,14 @@ def test_yolo_round_trip_gives_back_the_boxes_and_categories(tmp_path, mini16_ra
     raw = _box_labels(mini16_raw)
     doc, summary = import_yolo(_exported(tmp_path, raw))
     # Categories: the same names in COCO-id order (ids renumbered 1..K as YOLO keeps no ids).
-    original_names = [
-        c["name"] for c in sorted(raw["categories"], key=lambda c: c["id"])
-    ]
+    original_names = [c["name"] for c in sorted(raw["categories"], key=lambda c: c["id"])]
     assert [c["name"] for c in doc["categories"]] == original_names
     name_of = {c["id"]: c["name"] for c in raw["categories"]}
     new_name_of = {c["id"]: c["name"] for c in doc["categories"]}
     # Images: every one, with its real size read from the file.
-    assert sorted(i["file_name"] for i in doc["images"]) == sorted(
-        i["file_name"] for i in raw["images"]
-    )
+    assert sorted(i["file_name"] for i in doc["images"]) == sorted(i["file_name"] for i in raw["images"])
     sizes = {i["file_name"]: (i["width"], i["height"]) for i in raw["images"]}
-    assert all(
-        sizes[i["file_name"]] == (i["width"], i["height"]) for i in doc["images"]
-    )
+    assert all(sizes[i["file_name"]] == (i["width"], i["height"]) for i in doc["images"])
     # Boxes: per image, the same (category, box) multiset within the 6-decimal + 2-decimal rounding.
     before = _by_image_name(raw)
     after = _by_image_name(doc)
@@ -110,23 +102,17 @@ def test_yolo_seg_lines_of_real_masks_give_the_masks_extent(tmp_path, mini16_raw
         h, w = size[ann["image_id"]]
         rle = mask_utils.frPyObjects(ann["segmentation"], h, w)
         rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
-        want.setdefault(names[ann["image_id"]], []).append(
-            mask_utils.toBbox(rle).tolist()
-        )
+        want.setdefault(names[ann["image_id"]], []).append(mask_utils.toBbox(rle).tolist())
     got = {name: [b for _, b in boxes] for name, boxes in _by_image_name(doc).items()}
     assert sum(map(len, got.values())) == len(noncrowd)
     for name, boxes in want.items():
         np.testing.assert_allclose(sorted(got[name]), sorted(boxes), atol=0.01)
 
 
-def test_the_imported_json_is_a_dataset_mal_reads(
-    tmp_path, mini16_raw, capsys, monkeypatch
-):
+def test_the_imported_json_is_a_dataset_mal_reads(tmp_path, mini16_raw, capsys, monkeypatch):
     root = _exported(tmp_path, _box_labels(mini16_raw))
     out = tmp_path / "boxes.json"
-    code, stdout, err = run_mal(
-        capsys, monkeypatch, "import", "yolo", root, "--out", out
-    )
+    code, stdout, err = run_mal(capsys, monkeypatch, "import", "yolo", root, "--out", out)
     assert code == 0 and stdout == ""
     assert "16 images" in err and f"{len(mini16_raw['annotations'])} boxes" in err
     dataset = Dataset.from_dict(orjson.loads(out.read_bytes()), str(out))
@@ -138,9 +124,7 @@ def _yolo_tree(tmp_path: Path, label: str, classes: str | None = "cat\ndog\n") -
     (root / "images" / "train").mkdir(parents=True)
     (root / "labels" / "train").mkdir(parents=True)
     Image.new("RGB", (200, 100)).save(root / "images" / "train" / "a.jpg")
-    Image.new("RGB", (50, 40)).save(
-        root / "images" / "train" / "b.png"
-    )  # no label file: background
+    Image.new("RGB", (50, 40)).save(root / "images" / "train" / "b.png")  # no label file: background
     (root / "labels" / "train" / "a.txt").write_text(label)
     if classes is not None:
         (root / "classes.txt").write_text(classes)
@@ -148,9 +132,7 @@ def _yolo_tree(tmp_path: Path, label: str, classes: str | None = "cat\ndog\n") -
 
 
 def test_yolo_box_lines_become_pixel_boxes(tmp_path):
-    doc, summary = import_yolo(
-        _yolo_tree(tmp_path, "1 0.5 0.5 0.5 0.2\n\n0 0.1 0.1 0.2 0.2\n")
-    )
+    doc, summary = import_yolo(_yolo_tree(tmp_path, "1 0.5 0.5 0.5 0.2\n\n0 0.1 0.1 0.2 0.2\n"))
     assert [i["file_name"] for i in doc["images"]] == ["train/a.jpg", "train/b.png"]
     assert [(a["category_id"], a["bbox"]) for a in doc["annotations"]] == [
         (2, [50.0, 40.0, 100.0, 20.0]),
@@ -175,22 +157,13 @@ def test_yolo_box_lines_become_pixel_boxes(tmp_path):
         ("0 0.1 0.1 0.2 0.2 0.3\n", "expected 'class cx cy w h'"),
     ],
 )
-def test_yolo_bad_lines_stop_with_file_and_line(
-    tmp_path, capsys, monkeypatch, label, expected
-):
+def test_yolo_bad_lines_stop_with_file_and_line(tmp_path, capsys, monkeypatch, label, expected):
     root = _yolo_tree(tmp_path, label)
     with pytest.raises(InputError, match=None) as err:
         import_yolo(root)
     assert expected in str(err.value) and "a.txt" in str(err.value)
-    code, _, stderr = run_mal(
-        capsys, monkeypatch, "import", "yolo", root, "--out", tmp_path / "o.json"
-    )
-    assert (
-        code == 2
-        and stderr.count("\n") == 1
-        and expected in stderr
-        and "Traceback" not in stderr
-    )
+    code, _, stderr = run_mal(capsys, monkeypatch, "import", "yolo", root, "--out", tmp_path / "o.json")
+    assert code == 2 and stderr.count("\n") == 1 and expected in stderr and "Traceback" not in stderr
     assert not (tmp_path / "o.json").exists()
 
 
@@ -245,9 +218,7 @@ def _voc_xml(
 
 
 def _voc_object(name: str, box: tuple) -> str:
-    tags = "".join(
-        f"<{t}>{v}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box)
-    )
+    tags = "".join(f"<{t}>{v}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box))
     return f"<object><name>{name}</name><difficult>0</difficult><bndbox>{tags}</bndbox></object>"
 
 
@@ -264,13 +235,8 @@ def test_voc_boxes_follow_the_one_based_inclusive_convention(tmp_path):
     root = _voc_tree(
         tmp_path,
         {
-            "a.xml": _voc_xml(
-                _voc_object("person", (1, 1, 10, 20))
-                + _voc_object("dog", (50, 30, 200, 100))
-            ),
-            "b.xml": _voc_xml(
-                _voc_object("person", (11, 21, 11, 21)), filename="b.jpg"
-            ),
+            "a.xml": _voc_xml(_voc_object("person", (1, 1, 10, 20)) + _voc_object("dog", (50, 30, 200, 100))),
+            "b.xml": _voc_xml(_voc_object("person", (11, 21, 11, 21)), filename="b.jpg"),
         },
     )
     doc, summary = import_voc(root)
@@ -286,14 +252,10 @@ def test_voc_boxes_follow_the_one_based_inclusive_convention(tmp_path):
 
 
 def test_voc_classes_txt_fixes_the_order_and_refuses_unknown_names(tmp_path):
-    root = _voc_tree(
-        tmp_path, {"a.xml": _voc_xml(_voc_object("person", (1, 1, 10, 20)))}
-    )
+    root = _voc_tree(tmp_path, {"a.xml": _voc_xml(_voc_object("person", (1, 1, 10, 20)))})
     (root / "classes.txt").write_text("person\ncar\n")
     doc, _ = import_voc(root)
-    assert [c["name"] for c in doc["categories"]] == ["person", "car"] and doc[
-        "annotations"
-    ][0]["category_id"] == 1
+    assert [c["name"] for c in doc["categories"]] == ["person", "car"] and doc["annotations"][0]["category_id"] == 1
     (root / "classes.txt").write_text("car\n")
     with pytest.raises(InputError, match="'person' is not in"):
         import_voc(root)
@@ -336,16 +298,12 @@ BILLION_LAUGHS = """<?xml version="1.0"?>
         (_voc_xml(_voc_object("", (1, 1, 5, 5))), "object 1 has no <name>"),
     ],
 )
-def test_voc_hostile_files_stop_with_one_line(
-    tmp_path, capsys, monkeypatch, text, expected
-):
+def test_voc_hostile_files_stop_with_one_line(tmp_path, capsys, monkeypatch, text, expected):
     root = _voc_tree(tmp_path, {"a.xml": text})
     with pytest.raises(InputError) as err:
         import_voc(root)
     assert expected in str(err.value) and "a.xml" in str(err.value)
-    code, _, stderr = run_mal(
-        capsys, monkeypatch, "import", "voc", root, "--out", tmp_path / "o.json"
-    )
+    code, _, stderr = run_mal(capsys, monkeypatch, "import", "voc", root, "--out", tmp_path / "o.json")
     assert code == 2 and stderr.count("\n") == 1 and expected in stderr
 
 

@@ -46,7 +46,7 @@ def tricky_document() -> dict:
         if i % 5 == 0:
             ann["parts"] = [{"a": 1}, {"b": [2, {"c": 3}]}]
         if i % 6 == 0:
-            ann["name"] = "café \u00e9 \u2603 \\ \" end"
+            ann["name"] = 'café \u00e9 \u2603 \\ " end'
         anns.append(ann)
     images = [{"id": i, "file_name": f"{i}.jpg", "height": 10, "width": 12} for i in range(7)]
     return {"info": {"k": [1, {"a": "]"}]}, "annotations": anns, "images": images, "categories": [{"id": 1}], "z": None}
@@ -80,9 +80,9 @@ def test_top_level_array_and_scalars(tmp_path):
     assert rebuild(path)[0] == dets
     path.write_bytes(b"  []  ")
     assert rebuild(path)[0] == []
-    path.write_bytes(b' 42 ')
+    path.write_bytes(b" 42 ")
     assert list(iter_document(path)) == [("value", None, 42)]
-    path.write_bytes(b'{}')
+    path.write_bytes(b"{}")
     assert list(iter_document(path)) == []
 
 

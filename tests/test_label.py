@@ -34,7 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny_options(checkpoint: Path, **kw) -> LabelOptions:
-    base = dict(method="mal", checkpoint=str(checkpoint), threshold=TINY_THRESHOLD, batch_size=16, workers=0, device="cpu")
+    base = dict(
+        method="mal", checkpoint=str(checkpoint), threshold=TINY_THRESHOLD, batch_size=16, workers=0, device="cpu"
+    )
     base.update(kw)
     return LabelOptions(**base)
 
@@ -90,7 +92,9 @@ def test_box_method_output_is_valid_coco(tmp_path, mini16_raw):
         assert ann["mal_score"] == 0.5
     assert not progress_path_for(out).exists()
     # Every key besides the annotations passes through.
-    assert {k: v for k, v in doc.items() if k != "annotations"} == {k: v for k, v in mini16_raw.items() if k != "annotations"}
+    assert {k: v for k, v in doc.items() if k != "annotations"} == {
+        k: v for k, v in mini16_raw.items() if k != "annotations"
+    }
 
 
 def test_model_output_is_valid_and_deterministic(tmp_path, tiny_checkpoint, mini16_raw, tiny_single_run):
@@ -128,7 +132,11 @@ def test_fallbacks_keep_every_annotation(tmp_path, mini16_raw, tiny_checkpoint):
         result = orjson.loads(out.read_bytes())["annotations"]
         assert [a["id"] for a in result] == [a["id"] for a in anns]
         for i in range(3):
-            assert result[i]["mal_fallback"] == "degenerate_box" and result[i]["area"] == 0 and result[i]["mal_score"] == 0.0
+            assert (
+                result[i]["mal_fallback"] == "degenerate_box"
+                and result[i]["area"] == 0
+                and result[i]["mal_score"] == 0.0
+            )
     # With a model, the image is decoded: its boxes fall back to the filled box, flagged.
     out = tmp_path / "model.json"
     summary = run_label(boxes, out, tiny_options(tiny_checkpoint))
@@ -174,22 +182,64 @@ def test_lvis_key_order_and_stdin(tmp_path, mini16_raw):
 
     stdin_out = tmp_path / "stdin.json"
     with open(lvis_path, "rb") as stdin:
-        subprocess.run([sys.executable, "-m", "mal_cli", "label", "-", "--images", str(MINI16_IMAGES), "--out", str(stdin_out),
-                        "--method", "box", "--no-progress"], stdin=stdin, check=True, cwd=tmp_path)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mal_cli",
+                "label",
+                "-",
+                "--images",
+                str(MINI16_IMAGES),
+                "--out",
+                str(stdin_out),
+                "--method",
+                "box",
+                "--no-progress",
+            ],
+            stdin=stdin,
+            check=True,
+            cwd=tmp_path,
+        )
     assert stdin_out.read_bytes() == lvis_out.read_bytes()
 
     detections = tmp_path / "dets.json"
-    detections.write_bytes(orjson.dumps([{"image_id": a["image_id"], "bbox": a["bbox"], "category_id": 1, "score": 0.5}
-                                         for a in mini16_raw["annotations"]]))
+    detections.write_bytes(
+        orjson.dumps(
+            [
+                {"image_id": a["image_id"], "bbox": a["bbox"], "category_id": 1, "score": 0.5}
+                for a in mini16_raw["annotations"]
+            ]
+        )
+    )
     results_out = tmp_path / "results.json"
     with open(MINI16_JSON, "rb") as stdin:
-        subprocess.run([sys.executable, "-m", "mal_cli", "label", str(detections), "--image-info", "-", "--images",
-                        str(MINI16_IMAGES), "--out", str(results_out), "--method", "box", "--no-progress"],
-                       stdin=stdin, check=True, cwd=tmp_path)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mal_cli",
+                "label",
+                str(detections),
+                "--image-info",
+                "-",
+                "--images",
+                str(MINI16_IMAGES),
+                "--out",
+                str(results_out),
+                "--method",
+                "box",
+                "--no-progress",
+            ],
+            stdin=stdin,
+            check=True,
+            cwd=tmp_path,
+        )
     results = orjson.loads(results_out.read_bytes())
     assert [r["segmentation"] for r in results] == [a["segmentation"] for a in coco_doc["annotations"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no temp copies of stdin left behind
-        ["coco.json", "lvis_order.json", "lvis.json", "stdin.json", "dets.json", "results.json"])
+        ["coco.json", "lvis_order.json", "lvis.json", "stdin.json", "dets.json", "results.json"]
+    )
 
 
 def test_only_missing_keeps_existing_masks(tmp_path, mini16_raw):
@@ -210,17 +260,38 @@ def test_only_missing_keeps_existing_masks(tmp_path, mini16_raw):
 
 
 def _label_cmd(boxes, out, checkpoint, *extra):
-    return [sys.executable, "-m", "mal_cli", "label", str(boxes), "--images", str(MINI16_IMAGES), "--out", str(out),
-            "--checkpoint", str(checkpoint), "--threshold", str(TINY_THRESHOLD), "--batch-size", "16",
-            "--device", "cpu", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mal_cli",
+        "label",
+        str(boxes),
+        "--images",
+        str(MINI16_IMAGES),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(checkpoint),
+        "--threshold",
+        str(TINY_THRESHOLD),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_byte_identical(tmp_path, tiny_checkpoint, tiny_single_run):
     out = tmp_path / "labels.json"
     progress = progress_path_for(out)
-    proc = subprocess.Popen(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--workers", "1", "--batch-size", "16"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _label_cmd(MINI16_JSON, out, tiny_checkpoint, "--workers", "1", "--batch-size", "16"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     # Kill once the header and at least one image line are on disk (but not all 16).
     while time.monotonic() < deadline and proc.poll() is None:
@@ -238,7 +309,9 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, tiny_checkpoint, tiny_s
     # Without --resume: refused, nothing lost.
     refused = subprocess.run(_label_cmd(MINI16_JSON, out, tiny_checkpoint), capture_output=True)
     assert refused.returncode == 2 and b"--resume" in refused.stderr
-    done = subprocess.run(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--resume", "--workers", "0"), capture_output=True)
+    done = subprocess.run(
+        _label_cmd(MINI16_JSON, out, tiny_checkpoint, "--resume", "--workers", "0"), capture_output=True
+    )
     assert done.returncode == 0, done.stderr.decode()
     assert b"images resumed" in done.stderr
     assert out.read_bytes() == tiny_single_run
@@ -263,10 +336,33 @@ def test_shards_merge_to_the_single_run(tmp_path, tiny_checkpoint, tiny_single_r
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single(tmp_path, tiny_checkpoint, tiny_single_run):
     out = tmp_path / "labels.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "mal_cli", "label", str(MINI16_JSON), "--images", str(MINI16_IMAGES), "--out", str(out),
-           "--checkpoint", str(tiny_checkpoint), "--threshold", str(TINY_THRESHOLD), "--batch-size", "16",
-           "--device", "cpu", "--workers", "0", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mal_cli",
+        "label",
+        str(MINI16_JSON),
+        "--images",
+        str(MINI16_IMAGES),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--threshold",
+        str(TINY_THRESHOLD),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
@@ -277,8 +373,21 @@ def test_torchrun_two_processes_match_single(tmp_path, tiny_checkpoint, tiny_sin
 def test_stdout_output_and_summary_json(tmp_path):
     summary_path = tmp_path / "summary.json"
     done = subprocess.run(
-        [sys.executable, "-m", "mal_cli", "label", str(MINI16_JSON), "--images", str(MINI16_IMAGES), "--method", "box",
-         "--out", "-", "--summary-json", str(summary_path)],
+        [
+            sys.executable,
+            "-m",
+            "mal_cli",
+            "label",
+            str(MINI16_JSON),
+            "--images",
+            str(MINI16_IMAGES),
+            "--method",
+            "box",
+            "--out",
+            "-",
+            "--summary-json",
+            str(summary_path),
+        ],
         capture_output=True,
     )
     assert done.returncode == 0, done.stderr.decode()
@@ -329,8 +438,9 @@ def test_help_has_examples():
         assert "Examples" in done.stdout and "--out" in done.stdout
 
 
-def test_crop_plan_changes_small_and_large_boxes_only_and_is_part_of_resume(tmp_path, tiny_checkpoint, mini16_raw,
-                                                                             tiny_single_run, monkeypatch):
+def test_crop_plan_changes_small_and_large_boxes_only_and_is_part_of_resume(
+    tmp_path, tiny_checkpoint, mini16_raw, tiny_single_run, monkeypatch
+):
     """The default plan (crops 48,64,64 for the 64 px tiny model, large boxes' decoder at x1.5) vs the exact
     model: small and large boxes differ, medium ones do not; a progress file made with another plan (other
     crop sizes, or another version's default decoder scales) is refused instead of mixed into the output."""
@@ -346,7 +456,10 @@ def test_crop_plan_changes_small_and_large_boxes_only_and_is_part_of_resume(tmp_
     areas = [a["bbox"][2] * a["bbox"][3] for a in mini16_raw["annotations"]]
     route = ["small" if a < 32**2 else "medium" if a < 96**2 else "large" for a in areas]
     assert {"small", "medium", "large"} <= set(route)
-    changed = {r: [f["segmentation"] != d["segmentation"] for f, d, rr in zip(full, default, route) if rr == r] for r in set(route)}
+    changed = {
+        r: [f["segmentation"] != d["segmentation"] for f, d, rr in zip(full, default, route) if rr == r]
+        for r in set(route)
+    }
     assert any(changed["small"]), "the default plan should re-crop small boxes"
     assert any(changed["large"]), "the default plan should run large boxes' decoder coarser"
     assert not any(changed["medium"]), "medium boxes must be untouched"
@@ -354,7 +467,9 @@ def test_crop_plan_changes_small_and_large_boxes_only_and_is_part_of_resume(tmp_
         run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint, crop_sizes=(32, 64, 64)), resume=True)
     default_out = tmp_path / "default.json"
     run_label(MINI16_JSON, default_out, tiny_options(tiny_checkpoint), keep_progress=True)
-    monkeypatch.setattr(predictor_module, "DEFAULT_DECODER_FRACTIONS", (1.0, 1.0, 1.0))  # a version with another default
+    monkeypatch.setattr(
+        predictor_module, "DEFAULT_DECODER_FRACTIONS", (1.0, 1.0, 1.0)
+    )  # a version with another default
     with pytest.raises(InputError, match="other input or options"):
         run_label(MINI16_JSON, default_out, tiny_options(tiny_checkpoint), resume=True)
 
@@ -365,7 +480,9 @@ def test_compile_reaches_the_model_and_is_not_part_of_resume(tmp_path, tiny_chec
     from mal_cli import predictor as predictor_module
 
     compiled = []
-    monkeypatch.setattr(predictor_module, "compile_encoder_blocks", compiled.append)  # what is compiled, not the compile
+    monkeypatch.setattr(
+        predictor_module, "compile_encoder_blocks", compiled.append
+    )  # what is compiled, not the compile
     out = tmp_path / "labels.json"
     run_label(MINI16_JSON, out, tiny_options(tiny_checkpoint, compile=True))
     assert len(compiled) == 1 and compiled[0].encoder.patch_size == 16
@@ -404,7 +521,9 @@ def test_boxes_changed_during_the_run_is_an_error(tmp_path, mini16_raw):
         inp.ensure_unchanged()
 
 
-def test_next_group_goes_to_the_model_before_the_last_results_are_used(tmp_path, monkeypatch, tiny_checkpoint, tiny_single_run):
+def test_next_group_goes_to_the_model_before_the_last_results_are_used(
+    tmp_path, monkeypatch, tiny_checkpoint, tiny_single_run
+):
     # On a GPU `submit_crops` only queues the work: the loop must queue group i before it waits for group
     # i - 1's probabilities and hands out their paste/RLE, or the device idles while this process works.
     from mal_cli.predictor import BoxPredictor
@@ -464,7 +583,9 @@ def test_a_gpu_labels_like_the_cpu(tmp_path, mini16_raw, shipped_cpu_labels, com
     """The shipped model on a GPU, through the loader's pin thread, several groups in flight: valid output whose
     masks are the CPU's up to bf16 rounding at their edges."""
     out = tmp_path / "labels.json"
-    summary = run_label(MINI16_JSON, out, LabelOptions(method="mal", workers=2, batch_size=16, device="cuda", compile=compile))
+    summary = run_label(
+        MINI16_JSON, out, LabelOptions(method="mal", workers=2, batch_size=16, device="cuda", compile=compile)
+    )
     assert summary.device.startswith("cuda")
     check_labelled(out, mini16_raw, expect_nonempty=True)
     report = evaluate(load_dataset(out), Dataset.from_dict(shipped_cpu_labels), compute_ap=False)  # the CPU's as truth
@@ -474,16 +595,18 @@ def test_a_gpu_labels_like_the_cpu(tmp_path, mini16_raw, shipped_cpu_labels, com
 
 
 def _label_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "mal_cli", "label", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "mal_cli", "label", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_a_wrong_images_folder_is_one_line_and_writes_nothing(tmp_path):
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     for method in ("box", "mal"):
-        done = _label_cli(MINI16_JSON, "--images", wrong, "--out", tmp_path / "o.json", "--method", method,
-                          "--no-progress")
+        done = _label_cli(
+            MINI16_JSON, "--images", wrong, "--out", tmp_path / "o.json", "--method", method, "--no-progress"
+        )
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1 and "none of the 16 images" in done.stderr, done.stderr
         assert "is it the right folder?" in done.stderr and str(wrong / "") in done.stderr
@@ -504,8 +627,9 @@ def test_missing_images_warn_five_times_then_count(tmp_path, mini16_raw):
     missing_ids = {im["id"] for im in mini16_raw["images"][9:]}
     flagged = {a["image_id"] for a in doc["annotations"] if a.get("mal_fallback") == "image_error"}
     assert flagged == missing_ids and len(doc["annotations"]) == 141
-    strict = _label_cli(MINI16_JSON, "--images", some, "--out", tmp_path / "s.json", "--method", "box",
-                        "--no-progress", "--strict")
+    strict = _label_cli(
+        MINI16_JSON, "--images", some, "--out", tmp_path / "s.json", "--method", "box", "--no-progress", "--strict"
+    )
     assert strict.returncode == 2 and "--strict" in strict.stderr and not (tmp_path / "s.json").exists()
 
 
@@ -517,8 +641,18 @@ def test_replaced_segmentations_are_counted_and_said(tmp_path, mini16_raw):
     boxes = tmp_path / "boxes.json"
     boxes.write_bytes(orjson.dumps(doc))
     summary_path = tmp_path / "summary.json"
-    done = _label_cli(boxes, "--images", MINI16_IMAGES, "--out", tmp_path / "o.json", "--method", "box",
-                      "--no-progress", "--summary-json", summary_path)
+    done = _label_cli(
+        boxes,
+        "--images",
+        MINI16_IMAGES,
+        "--out",
+        tmp_path / "o.json",
+        "--method",
+        "box",
+        "--no-progress",
+        "--summary-json",
+        summary_path,
+    )
     assert done.returncode == 0, done.stderr
     assert f"mal label: replaced {had} existing segmentations (keep them with --only-missing)" in done.stderr
     assert orjson.loads(summary_path.read_bytes())["replaced"] == had
@@ -548,8 +682,9 @@ def test_min_score_leaves_low_detections_out_and_shards_still_merge(tmp_path, mi
     parts = []
     for k in range(3):
         parts.append(tmp_path / f"p{k}.json")
-        part = run_label(boxes, parts[-1], LabelOptions(min_score=0.5, **options), image_info=str(MINI16_JSON),
-                         shard=(k, 3))
+        part = run_label(
+            boxes, parts[-1], LabelOptions(min_score=0.5, **options), image_info=str(MINI16_JSON), shard=(k, 3)
+        )
         assert "shard " in part.line()
     merge_files([str(p) for p in parts], str(tmp_path / "m.json"))
     assert (tmp_path / "m.json").read_bytes() == (tmp_path / "o.json").read_bytes()
@@ -562,8 +697,9 @@ def test_summary_line_counts_fallback_boxes_and_hides_the_single_shard(tmp_path,
     mini16_raw["annotations"][1]["bbox"] = [1, 1, 0.2, 0.2]
     boxes = tmp_path / "boxes.json"
     boxes.write_bytes(orjson.dumps(mini16_raw))
-    done = _label_cli(boxes, "--images", MINI16_IMAGES, "--out", tmp_path / "o.json", "--method", "box",
-                      "--no-progress")
+    done = _label_cli(
+        boxes, "--images", MINI16_IMAGES, "--out", tmp_path / "o.json", "--method", "box", "--no-progress"
+    )
     assert done.returncode == 0, done.stderr
     line = next(s for s in done.stderr.splitlines() if s.startswith("mal label: 16 images"))
     assert "2 boxes got fallbacks (degenerate_box: 2)" in line and "shard" not in line
@@ -574,8 +710,11 @@ def test_summary_line_counts_fallback_boxes_and_hides_the_single_shard(tmp_path,
 def test_ctrl_c_keeps_the_finished_images_and_says_how_to_resume(tmp_path, tiny_checkpoint, tiny_single_run):
     out = tmp_path / "labels.json"
     progress = progress_path_for(out)
-    proc = subprocess.Popen(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--workers", "1", "--progress"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _label_cmd(MINI16_JSON, out, tiny_checkpoint, "--workers", "1", "--progress"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         if progress.exists() and progress.read_bytes().count(b"\n") >= 3:
@@ -593,7 +732,8 @@ def test_ctrl_c_keeps_the_finished_images_and_says_how_to_resume(tmp_path, tiny_
         f"mal: interrupted; {finished} of 16 images done — rerun the same command with --resume"
     )
     assert not out.exists()
-    done = subprocess.run(_label_cmd(MINI16_JSON, out, tiny_checkpoint, "--resume", "--workers", "0"),
-                          capture_output=True)
+    done = subprocess.run(
+        _label_cmd(MINI16_JSON, out, tiny_checkpoint, "--resume", "--workers", "0"), capture_output=True
+    )
     assert done.returncode == 0, done.stderr.decode()
     assert out.read_bytes() == tiny_single_run

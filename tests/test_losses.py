@@ -171,7 +171,8 @@ def test_crf_equals_the_product_form(iterations):
     gen = torch.Generator().manual_seed(iterations)
     size, batch = 40, 3
     smooth = lambda c: torch.nn.functional.interpolate(  # noqa: E731 - blobs, so regions form and survive
-        torch.rand(batch, c, size // 8, size // 8, generator=gen), size=(size, size), mode="bilinear")
+        torch.rand(batch, c, size // 8, size // 8, generator=gen), size=(size, size), mode="bilinear"
+    )
     prob = smooth(1)[:, 0]
     teacher = (prob + 0.2 * torch.rand(batch, size, size, generator=gen)).clamp(0, 1)
     box = torch.stack([_box(size, 3 + i, 35, 5, 30 - i)[0] for i in range(batch)])

@@ -91,7 +91,8 @@ def test_into_fills_missing_masks_only(tmp_path, mini16_raw):
     labels = run_box(base, tmp_path / "labels.json")
     out = tmp_path / "complete.json"
     done = subprocess.run(
-        [sys.executable, "-m", "mal_cli", "merge", str(labels), "--into", str(base), "--out", str(out)], capture_output=True
+        [sys.executable, "-m", "mal_cli", "merge", str(labels), "--into", str(base), "--out", str(out)],
+        capture_output=True,
     )
     assert done.returncode == 0, done.stderr.decode()
     merged = orjson.loads(out.read_bytes())["annotations"]

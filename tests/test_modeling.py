@@ -174,8 +174,13 @@ def test_load_labeler_training_checkpoint_picks_student_or_teacher(model, tmp_pa
             p.add_(1.0)
     path = tmp_path / "checkpoint.pth"
     atomic_torch_save(
-        {"format": "mal-labeler", "version": 1, "config": model.config.to_dict(),
-         "student": model.state_dict(), "teacher": teacher.state_dict()},
+        {
+            "format": "mal-labeler",
+            "version": 1,
+            "config": model.config.to_dict(),
+            "student": model.state_dict(),
+            "teacher": teacher.state_dict(),
+        },
         path,
     )
     key = "decoder.instance_mlp.2.weight"
@@ -210,8 +215,12 @@ def test_encoder_at_a_smaller_crop_equals_a_vit_built_at_that_size(model):
     assert features.shape == (2, model.encoder.embed_dim, 2, 2)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the native size still takes timm's own path, unchanged
-        torch.testing.assert_close(model.encoder(_crops(1) / 255), model.encoder._forward_features_at(_crops(1) / 255)[:, 1:]
-                                   .transpose(1, 2).reshape(1, -1, 4, 4), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.encoder(_crops(1) / 255),
+            model.encoder._forward_features_at(_crops(1) / 255)[:, 1:].transpose(1, 2).reshape(1, -1, 4, 4),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_decoder_routes_a_half_size_grid_like_the_full_grid():

@@ -25,6 +25,7 @@ AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 amx
 @pytest.fixture
 def cpu(monkeypatch, tmp_path):
     """Set the CPU `auto` sees: cpu('flags text') or cpu(None) for a machine without /proc/cpuinfo."""
+
     def set_cpu(cpuinfo: str | None):
         path = tmp_path / "cpuinfo"
         path.unlink(missing_ok=True)
@@ -58,6 +59,7 @@ def test_without_cpuinfo_one_timing_decides_and_is_kept(cpu, monkeypatch):
         def fake():
             calls.append(speedup)
             return speedup
+
         return fake
 
     cpu(None)
@@ -114,26 +116,50 @@ def test_precision_is_in_the_summary_and_the_resume_fingerprint(tmp_path, tiny_c
     """bf16 and fp32 give different bytes (measured on this fixture: see docs/performance.md), so a progress
     file made at one precision cannot be resumed at the other."""
     cpu(NO_AMX)
-    options = {"method": "mal", "checkpoint": str(tiny_checkpoint), "threshold": 0.499, "batch_size": 16, "workers": 0,
-               "device": "cpu"}
+    options = {
+        "method": "mal",
+        "checkpoint": str(tiny_checkpoint),
+        "threshold": 0.499,
+        "batch_size": 16,
+        "workers": 0,
+        "device": "cpu",
+    }
     outs = {}
     for choice in ("fp32", "bf16"):
         out = tmp_path / f"{choice}.json"
-        summary = label(str(MINI16_JSON), str(MINI16_IMAGES), str(out), LabelOptions(precision=choice, **options),
-                        progress_bar=False, keep_progress=True)
+        summary = label(
+            str(MINI16_JSON),
+            str(MINI16_IMAGES),
+            str(out),
+            LabelOptions(precision=choice, **options),
+            progress_bar=False,
+            keep_progress=True,
+        )
         assert summary.precision == choice and f"on cpu, {choice}]" in summary.line()
         outs[choice] = out
-    auto = label(str(MINI16_JSON), str(MINI16_IMAGES), str(tmp_path / "auto.json"), LabelOptions(**options),
-                 progress_bar=False)
+    auto = label(
+        str(MINI16_JSON), str(MINI16_IMAGES), str(tmp_path / "auto.json"), LabelOptions(**options), progress_bar=False
+    )
     assert auto.precision == "fp32"
     assert (tmp_path / "auto.json").read_bytes() == outs["fp32"].read_bytes()
     header = {c: orjson.loads(progress_path_for(o).read_bytes().splitlines()[0]) for c, o in outs.items()}
     assert header["fp32"]["fingerprint"] != header["bf16"]["fingerprint"]
     with pytest.raises(InputError, match="other input or options"):
-        label(str(MINI16_JSON), str(MINI16_IMAGES), str(outs["fp32"]), LabelOptions(precision="bf16", **options),
-              progress_bar=False, resume=True)
-    box = label(str(MINI16_JSON), str(MINI16_IMAGES), str(tmp_path / "box.json"), LabelOptions(method="box", workers=0),
-                progress_bar=False)
+        label(
+            str(MINI16_JSON),
+            str(MINI16_IMAGES),
+            str(outs["fp32"]),
+            LabelOptions(precision="bf16", **options),
+            progress_bar=False,
+            resume=True,
+        )
+    box = label(
+        str(MINI16_JSON),
+        str(MINI16_IMAGES),
+        str(tmp_path / "box.json"),
+        LabelOptions(method="box", workers=0),
+        progress_bar=False,
+    )
     assert box.precision == "" and "[box on cpu]" in box.line()  # no model, no precision; unsharded: no shard
 
 

@@ -54,7 +54,11 @@ def test_crops_are_grouped_by_size_in_box_order():
     regions = [geometry.crop_region(b, geometry.Margins.uniform()) for b in BOXES]
     crops = plan.crops(_image(), regions, AREAS)
     assert crops.sizes == [16, 32, 16, 48]
-    assert {s: tuple(t.shape) for s, t in crops.by_size.items()} == {16: (2, 3, 16, 16), 32: (1, 3, 32, 32), 48: (1, 3, 48, 48)}
+    assert {s: tuple(t.shape) for s, t in crops.by_size.items()} == {
+        16: (2, 3, 16, 16),
+        32: (1, 3, 32, 32),
+        48: (1, 3, 48, 48),
+    }
     # each group holds its boxes in order: the second 16 px crop is box 2's
     expected = geometry.crop_images(_image(), [regions[2]], 16).round_().clamp_(0, 255).to(torch.uint8)
     assert torch.equal(crops.by_size[16][1:2], expected)
@@ -100,9 +104,15 @@ def test_full_plan_is_the_exact_model(model):
     torch.testing.assert_close(fast_probs[3:], large)
 
 
-@pytest.mark.parametrize("device, says", [
-    ("cuda", "no usable CUDA GPU"), ("cuda:1", "no usable CUDA GPU"), ("gpu", "is not a device"), ("mps", "cpu or cuda"),
-])
+@pytest.mark.parametrize(
+    "device, says",
+    [
+        ("cuda", "no usable CUDA GPU"),
+        ("cuda:1", "no usable CUDA GPU"),
+        ("gpu", "is not a device"),
+        ("mps", "cpu or cuda"),
+    ],
+)
 def test_resolve_device_explains_a_device_this_machine_lacks(monkeypatch, device, says):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -137,8 +147,12 @@ def test_compiled_blocks_are_one_graph_with_the_eager_probabilities(model, devic
     compiled = BoxPredictor(compiled_model, device, crop_sizes=(32, 48, 64), compile=True)
     assert list(compiled_model.state_dict()) == names  # checkpoints written from it keep their keys
     for batch_size in (64, 2):  # three crop sizes, batches of 4 and 2: four (batch, tokens) shapes
-        torch.testing.assert_close(compiled.predict_crops(crops, areas, batch_size),
-                                   eager.predict_crops(crops, areas, batch_size), atol=2e-2, rtol=0)
+        torch.testing.assert_close(
+            compiled.predict_crops(crops, areas, batch_size),
+            eager.predict_crops(crops, areas, batch_size),
+            atol=2e-2,
+            rtol=0,
+        )
     # Dynamic shapes: no compile per crop size or batch (a batch of 1 would get one more: torch specialises size 1).
     assert counters["stats"]["unique_graphs"] == 1
 

@@ -35,9 +35,7 @@ def _iou(a, b):
     "refine",
     [
         lambda p, i: meanfield_refine(p, i, MeanFieldConfig()),
-        lambda p, i: guided_refine(
-            p, i, GuidedConfig(radius_fraction=1 / 16, eps=1e-3)
-        ),
+        lambda p, i: guided_refine(p, i, GuidedConfig(radius_fraction=1 / 16, eps=1e-3)),
     ],
 )
 def test_refinement_moves_the_outline_to_the_colour_edge(refine):
@@ -60,9 +58,7 @@ def test_meanfield_keeps_a_flat_image_decision():
 
 
 def test_meanfield_working_resolution_gives_the_window_size_back():
-    prob, image, truth = _edge_case(
-        h=300, w=410, edge=250, blur_centre=238, blur_width=12
-    )
+    prob, image, truth = _edge_case(h=300, w=410, edge=250, blur_centre=238, blur_width=12)
     refined = meanfield_refine(prob, image, MeanFieldConfig(max_side=64, iterations=10))
     assert refined.shape == (300, 410)
     assert _iou(refined >= 0.5, truth) > _iou(prob >= 0.5, truth)

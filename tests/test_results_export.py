@@ -28,9 +28,7 @@ def _labels(raw: dict, with_detector_scores: bool = True) -> Dataset:
     for k, ann in enumerate(raw["annotations"]):
         ann["mal_score"] = round(float(rng.random()), 4)
         if with_detector_scores and k % 4:
-            ann["score"] = [0.01, 0.3, 0.7, 0.95][
-                k % 4
-            ]  # every 4th box has none: a human box
+            ann["score"] = [0.01, 0.3, 0.7, 0.95][k % 4]  # every 4th box has none: a human box
     raw["annotations"][0]["iscrowd"] = 1
     return Dataset.from_dict(raw, "labels.json")
 
@@ -57,17 +55,13 @@ def test_results_load_in_pycocotools_with_mal_score(mini16_raw):
         coco_gt = COCO()
         coco_gt.dataset = copy.deepcopy(mini16_raw)
         coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(
-            copy.deepcopy(results)
-        )  # what fails on a labels *file*
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # what fails on a labels *file*
         evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     assert len(coco_dt.getAnnIds()) == len(results)
-    assert (
-        evaluator.stats[1] > 0.9
-    )  # the masks are the GT's: AP50 near 1 (one crowd GT unanswered)
+    assert evaluator.stats[1] > 0.9  # the masks are the GT's: AP50 near 1 (one crowd GT unanswered)
 
 
 def test_score_kinds_and_min_score(mini16_raw):
@@ -76,15 +70,9 @@ def test_score_kinds_and_min_score(mini16_raw):
     noncrowd = [a for a in labels.annotations if not a.get("iscrowd")]
     assert [r["score"] for r in detector] == [a.get("score", 1.0) for a in noncrowd]
     results, skipped = to_results(labels, score="product", min_score=0.5)
-    kept = [
-        a
-        for a in labels.annotations
-        if not a.get("iscrowd") and not a.get("score", 1.0) < 0.5
-    ]
+    kept = [a for a in labels.annotations if not a.get("iscrowd") and not a.get("score", 1.0) < 0.5]
     assert len(results) == len(kept) and skipped["low_score"] > 0
-    assert [r["score"] for r in results] == pytest.approx(
-        [a.get("score", 1.0) * a["mal_score"] for a in kept]
-    )
+    assert [r["score"] for r in results] == pytest.approx([a.get("score", 1.0) * a["mal_score"] for a in kept])
     unlabelled = copy.deepcopy(labels.raw)
     del unlabelled["annotations"][3]["mal_score"]
     with pytest.raises(InputError, match="no 'mal_score'; label it first"):
@@ -93,17 +81,11 @@ def test_score_kinds_and_min_score(mini16_raw):
         to_results(labels, score="best")
 
 
-def test_exported_results_keep_the_given_box_protocol(
-    tmp_path, mini16_raw, capsys, monkeypatch
-):
+def test_exported_results_keep_the_given_box_protocol(tmp_path, mini16_raw, capsys, monkeypatch):
     labels_path = tmp_path / "labels.json"
-    labels_path.write_bytes(
-        orjson.dumps(_labels(mini16_raw, with_detector_scores=False).raw)
-    )
+    labels_path.write_bytes(orjson.dumps(_labels(mini16_raw, with_detector_scores=False).raw))
     out = tmp_path / "results.json"
-    code, stdout, err = run_mal(
-        capsys, monkeypatch, "export", "results", labels_path, "--out", out
-    )
+    code, stdout, err = run_mal(capsys, monkeypatch, "export", "results", labels_path, "--out", out)
     assert code == 0 and stdout == "" and "1 crowd" in err
     results = orjson.loads(out.read_bytes())
     report = evaluate(
@@ -112,9 +94,7 @@ def test_exported_results_keep_the_given_box_protocol(
         compute_ap=False,
     )
     assert report.protocol == "given-box" and report.instance_miou == pytest.approx(1.0)
-    code, _, err = run_mal(
-        capsys, monkeypatch, "export", "results", out, "--out", tmp_path / "again.json"
-    )
+    code, _, err = run_mal(capsys, monkeypatch, "export", "results", out, "--out", tmp_path / "again.json")
     assert code == 2 and "already a results list" in err
 
 
@@ -124,12 +104,6 @@ def test_yolo_export_leaves_low_score_detections_out_by_default(tmp_path, mini16
     low = sum(1 for a in labels.annotations if a.get("score", 1.0) < TRAINING_MIN_SCORE)
     assert low > 0 and stats["skipped_low_score"] == low
     everything = export_yolo(labels, tmp_path / "b", min_score=0.0)
-    assert (
-        everything["skipped_low_score"] == 0
-        and everything["instances"] == stats["instances"] + low
-    )
-    lines = sum(
-        len(p.read_text().splitlines())
-        for p in (tmp_path / "a" / "labels").glob("*.txt")
-    )
+    assert everything["skipped_low_score"] == 0 and everything["instances"] == stats["instances"] + low
+    lines = sum(len(p.read_text().splitlines()) for p in (tmp_path / "a" / "labels").glob("*.txt"))
     assert lines == stats["lines"]

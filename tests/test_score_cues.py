@@ -7,9 +7,7 @@ from mal_cli.score import fill_consistency, mask_agreement
 
 def test_fill_consistency_is_one_for_a_mask_touching_every_row_and_column():
     mask = np.zeros((20, 30), bool)
-    mask[np.arange(20), (np.arange(20) * 3) // 2] = (
-        True  # a thin diagonal still touches every row...
-    )
+    mask[np.arange(20), (np.arange(20) * 3) // 2] = True  # a thin diagonal still touches every row...
     mask[10, :] = True  # ...and a bar every column
     assert fill_consistency(mask) == 1.0
 

@@ -29,7 +29,9 @@ def plain_cocoeval(images: list[dict], categories: list[dict], gt_anns: list[dic
     return [float(v) for v in evaluator.stats[:6]]
 
 
-def chunked(images: list[dict], categories: list[dict], gt_anns: list[dict], dets: list[dict], per_chunk: int) -> list[float]:
+def chunked(
+    images: list[dict], categories: list[dict], gt_anns: list[dict], dets: list[dict], per_chunk: int
+) -> list[float]:
     acc = ChunkedSegmAP(c["id"] for c in categories)
     ordered = sorted(images, key=lambda image: image["id"])
     for start in range(0, len(ordered), per_chunk):
@@ -68,13 +70,25 @@ def _fixture_case(raw: dict, score_mode: str) -> tuple[list, list, list, list]:
         for _ in range(int(rng.integers(0, 3))):  # 0 = missed, 2 = a duplicate
             segmentation = ann["segmentation"] if rng.random() < 0.4 else masks.box_polygon(ann["bbox"])
             category = ann["category_id"] if rng.random() < 0.85 else int(rng.choice([c["id"] for c in categories]))
-            dets.append({"image_id": image["id"], "category_id": category, "segmentation": _rle(segmentation, image),
-                         "score": 1.0 if score_mode == "equal" else float(np.round(rng.random(), 1))})
+            dets.append(
+                {
+                    "image_id": image["id"],
+                    "category_id": category,
+                    "segmentation": _rle(segmentation, image),
+                    "score": 1.0 if score_mode == "equal" else float(np.round(rng.random(), 1)),
+                }
+            )
     # False positives on an image without GT (the other empty image gets nothing).
     empty = by_id[900001]
     for j in range(3):
-        dets.append({"image_id": 900001, "category_id": categories[j]["id"], "score": 0.5 if score_mode != "equal" else 1.0,
-                     "segmentation": _rle(masks.box_polygon([10.0 * j, 5.0, 30.0, 40.0 + 10 * j]), empty)})
+        dets.append(
+            {
+                "image_id": 900001,
+                "category_id": categories[j]["id"],
+                "score": 0.5 if score_mode != "equal" else 1.0,
+                "segmentation": _rle(masks.box_polygon([10.0 * j, 5.0, 30.0, 40.0 + 10 * j]), empty),
+            }
+        )
     order = rng.permutation(len(dets))  # results order is not image order
     return images, categories, gt_anns, [dets[i] for i in order]
 
@@ -108,8 +122,22 @@ def test_per_image_max_dets_truncation_is_kept():
     images = [{"id": 1, "height": 64, "width": 64}, {"id": 2, "height": 64, "width": 64}]
     categories = [{"id": 1, "name": "a"}]
     gt_anns = [
-        {"id": 11, "image_id": 1, "category_id": 1, "segmentation": _square(images[0], 0, 0), "area": 64.0, "iscrowd": 0},
-        {"id": 12, "image_id": 2, "category_id": 1, "segmentation": _square(images[1], 0, 0), "area": 64.0, "iscrowd": 0},
+        {
+            "id": 11,
+            "image_id": 1,
+            "category_id": 1,
+            "segmentation": _square(images[0], 0, 0),
+            "area": 64.0,
+            "iscrowd": 0,
+        },
+        {
+            "id": 12,
+            "image_id": 2,
+            "category_id": 1,
+            "segmentation": _square(images[1], 0, 0),
+            "area": 64.0,
+            "iscrowd": 0,
+        },
     ]
     far = _square(images[0], 40, 40)
     dets = [{"image_id": 1, "category_id": 1, "segmentation": far, "score": 0.9} for _ in range(100)]

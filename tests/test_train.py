@@ -32,9 +32,18 @@ def _offline(monkeypatch):
 
 def _config(out: Path, **overrides) -> TrainConfig:
     kwargs = dict(
-        annotations=str(DATA / "annotations_mini16.json"), images=str(DATA / "images"), out=str(out),
-        backbone=BACKBONE, crop_size=32, batch_size=2, workers=0, max_steps=4, checkpoint_every=2,
-        crf_iterations=5, log_every=1, device="cpu",
+        annotations=str(DATA / "annotations_mini16.json"),
+        images=str(DATA / "images"),
+        out=str(out),
+        backbone=BACKBONE,
+        crop_size=32,
+        batch_size=2,
+        workers=0,
+        max_steps=4,
+        checkpoint_every=2,
+        crf_iterations=5,
+        log_every=1,
+        device="cpu",
     )
     kwargs.update(overrides)
     return TrainConfig(**kwargs)
@@ -62,7 +71,9 @@ def test_ema_update_is_the_exact_convex_combination():
         torch.testing.assert_close(value, expected, atol=1e-7, rtol=1e-6, msg=key)
         assert not torch.equal(value, before[key]) or torch.equal(before[key], s_state[key])
     # the student is untouched; m = 1 keeps the teacher, m = 0 copies the student
-    torch.testing.assert_close(student.state_dict()["decoder.instance_mlp.0.weight"], s_state["decoder.instance_mlp.0.weight"])
+    torch.testing.assert_close(
+        student.state_dict()["decoder.instance_mlp.0.weight"], s_state["decoder.instance_mlp.0.weight"]
+    )
     kept = {k: v.clone() for k, v in teacher.state_dict().items()}
     ema_update(teacher, student, 1.0)
     assert all(torch.equal(teacher.state_dict()[k], kept[k]) for k in kept)
@@ -132,7 +143,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     result = train(_config(straight), progress=False)
     assert result["step"] == 4 and not result["interrupted"]
     assert result["workers"] == _config(straight).workers
-    assert sorted(p.name for p in straight.iterdir()) == ["checkpoint.pth", "config.json", "labeler.pth", "metrics.jsonl"]
+    assert sorted(p.name for p in straight.iterdir()) == [
+        "checkpoint.pth",
+        "config.json",
+        "labeler.pth",
+        "metrics.jsonl",
+    ]
     assert [m["step"] for m in _metrics(straight)] == [1, 2, 3, 4]
 
     split = tmp_path / "split"
@@ -244,10 +260,35 @@ def test_torchrun_two_process_gloo_run_writes_one_checkpoint(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-        "-m", "mal_cli", "train", str(DATA / "annotations_mini16.json"), "--images", str(DATA / "images"),
-        "--out", str(out), "--backbone", BACKBONE, "--crop-size", "32", "--max-steps", "2", "--batch-size", "2",
-        "--workers", "0", "--crf-iterations", "5", "--device", "cpu",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "mal_cli",
+        "train",
+        str(DATA / "annotations_mini16.json"),
+        "--images",
+        str(DATA / "images"),
+        "--out",
+        str(out),
+        "--backbone",
+        BACKBONE,
+        "--crop-size",
+        "32",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--crf-iterations",
+        "5",
+        "--device",
+        "cpu",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -265,8 +306,17 @@ def test_short_cpu_training_lowers_the_losses(tmp_path):
     """30 steps on random tiny-ViT weights: the MIL and total losses fall well below their first step."""
     out = tmp_path / "fall"
     train(
-        _config(out, batch_size=8, max_steps=30, checkpoint_every=1000, warmup_steps=1, mil_ramp_steps=0,
-                crf_ramp_steps=0, lr=1e-3, backbone_lr_mult=1.0),
+        _config(
+            out,
+            batch_size=8,
+            max_steps=30,
+            checkpoint_every=1000,
+            warmup_steps=1,
+            mil_ramp_steps=0,
+            crf_ramp_steps=0,
+            lr=1e-3,
+            backbone_lr_mult=1.0,
+        ),
         progress=False,
     )
     m = _metrics(out)
@@ -279,6 +329,14 @@ def test_short_cpu_training_lowers_the_losses(tmp_path):
 def test_train_help():
     result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
     assert result.exit_code == 0, result.output
-    for flag in ("--images", "--out", "--backbone-weights", "--crop-size", "--max-steps", "--resume", "--crf-iterations"):
+    for flag in (
+        "--images",
+        "--out",
+        "--backbone-weights",
+        "--crop-size",
+        "--max-steps",
+        "--resume",
+        "--crf-iterations",
+    ):
         assert flag in result.output
     assert "torchrun" in result.output  # the multi-GPU example

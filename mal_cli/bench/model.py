@@ -95,8 +95,8 @@ def model_benchmark(
     compiled (in the warm-up call, timed apart) and timed."""
     import torch
 
-    from mal_cli.labeling.options import default_checkpoint, parse_crop_sizes
     from mal_cli import precision as precisions
+    from mal_cli.labeling.options import default_checkpoint, parse_crop_sizes
     from mal_cli.modeling.labeler import compile_encoder_blocks, load_labeler
     from mal_cli.predictor import BoxCrops, BoxPredictor
 

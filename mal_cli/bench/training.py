@@ -263,7 +263,17 @@ def _flop_rates(dataset: str, images: str, config, device: str, rate: Optional[f
 
 
 def _train_config(
-    dataset, images, device, crop_size, batch_size, steps, workers, backbone_weights, backbone, log_every, compile,
+    dataset,
+    images,
+    device,
+    crop_size,
+    batch_size,
+    steps,
+    workers,
+    backbone_weights,
+    backbone,
+    log_every,
+    compile,
     precision="auto",
 ):
     """`mal train`'s config for the benchmark run: its defaults, no validation, one checkpoint at the end."""
@@ -317,7 +327,17 @@ def train_benchmark(
     if steps <= warmup_steps:
         raise ValueError(f"train steps ({steps}) must exceed the warm-up steps ({warmup_steps})")
     config = _train_config(
-        dataset, images, device, crop_size, batch_size, steps, workers, backbone_weights, backbone, log_every, compile,
+        dataset,
+        images,
+        device,
+        crop_size,
+        batch_size,
+        steps,
+        workers,
+        backbone_weights,
+        backbone,
+        log_every,
+        compile,
         precision,
     )
     usage, wall, rows, info = _run_train_child(config, backbone_weights, folder, split_steps)

@@ -26,7 +26,8 @@ _CropSizes = Annotated[
 ]
 _Compile = Annotated[bool, typer.Option("--compile", help="torch.compile for the end-to-end, model and training rows.")]
 _Precision = Annotated[
-    str, typer.Option(metavar="auto|fp32|bf16|fp16", help="As `mal label --precision`, for every row that runs the model.")
+    str,
+    typer.Option(metavar="auto|fp32|bf16|fp16", help="As `mal label --precision`, for every row that runs the model."),
 ]
 _Limit = Annotated[Optional[int], typer.Option(help="Use the first whole images holding at least N boxes.")]
 _Repeat = Annotated[int, typer.Option(min=1, help="Label the (limited) dataset N times over, new ids each time.")]

@@ -64,7 +64,9 @@ def export_results_command(
     labels: str = typer.Argument(..., help="Labelled JSON (what `mal label` writes); - = stdin."),
     out: str = typer.Option(..., "--out", "-o", help="Results list JSON to write; - = stdout."),
     score: str = typer.Option("mal", "--score", help="mal (mal_score), detector (the box's own score) or product."),
-    min_score: float = typer.Option(0.0, "--min-score", help="Leave out annotations whose detector score is below this."),
+    min_score: float = typer.Option(
+        0.0, "--min-score", help="Leave out annotations whose detector score is below this."
+    ),
 ) -> None:
     """Export labels as a COCO results list ({image_id, category_id, bbox, segmentation, score})."""
     from mal_cli.results import export_results

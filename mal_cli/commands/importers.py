@@ -17,7 +17,9 @@ import_app = typer.Typer(help="Convert YOLO or Pascal VOC boxes into a COCO box 
     ),
 )
 def import_yolo_command(
-    root: Path = typer.Argument(..., help="YOLO dataset folder: images/, labels/ (mirrored), classes.txt or data.yaml."),
+    root: Path = typer.Argument(
+        ..., help="YOLO dataset folder: images/, labels/ (mirrored), classes.txt or data.yaml."
+    ),
     out: str = typer.Option(..., "--out", "-o", help="COCO box JSON to write; - = stdout."),
 ) -> None:
     """YOLO txt boxes (or YOLO-seg polygons' extents) -> COCO box JSON; file names relative to DIR/images."""
@@ -29,8 +31,9 @@ def import_yolo_command(
 @import_app.command(
     "voc",
     epilog=(
-        "Example:\n\n"
-        "  mal import voc VOC2012/ --out boxes.json && mal label boxes.json --images VOC2012/JPEGImages --out labels.json"
+        "Example:\n\n\b\n"
+        "  mal import voc VOC2012/ --out boxes.json\n"
+        "  mal label boxes.json --images VOC2012/JPEGImages --out labels.json"
     ),
 )
 def import_voc_command(

@@ -43,7 +43,9 @@ class LoadedGroup:
         return LoadedGroup(self.images, self.crops.pin_memory() if self.crops is not None else None, self.box_areas)
 
 
-def _decode(job: ImageJob, reduce: int = 1) -> tuple[Optional[tuple[int, int]], Optional[str], Optional[np.ndarray], float]:
+def _decode(
+    job: ImageJob, reduce: int = 1
+) -> tuple[Optional[tuple[int, int]], Optional[str], Optional[np.ndarray], float]:
     """The image, its size, an error message (errors become a value, never an exception) and the scale its pixels
     were decoded at (`images.load_rgb_reduced`: a JPEG may decode at 1/`reduce` of its size)."""
     from mal_cli.images import load_rgb_reduced  # PIL import stays out of `mal --help`

@@ -28,15 +28,18 @@ class ImageEncoder(nn.Module):
             self.vit = timm.create_model(backbone, pretrained=pretrained, img_size=img_size, num_classes=0)
         except RuntimeError as err:
             if "Unknown model" in str(err):
-                raise InputError(f"unknown backbone '{backbone}': use a timm ViT name, e.g. vit_small_patch14_dinov2") from None
+                raise InputError(
+                    f"unknown backbone '{backbone}': use a timm ViT name, e.g. vit_small_patch14_dinov2"
+                ) from None
             raise
         if not hasattr(self.vit, "patch_embed") or not hasattr(self.vit, "num_prefix_tokens"):
             raise InputError(f"backbone '{backbone}' is not a timm VisionTransformer (it has no patch_embed)")
         self.patch_size = int(self.vit.patch_embed.patch_size[0])
         if img_size % self.patch_size:
+            lower = img_size // self.patch_size * self.patch_size
             raise InputError(
                 f"crop size {img_size} is not a multiple of the backbone's patch size {self.patch_size}: "
-                f"use e.g. {img_size // self.patch_size * self.patch_size} or {(img_size // self.patch_size + 1) * self.patch_size}"
+                f"use e.g. {lower} or {lower + self.patch_size}"
             )
         self.img_size = img_size
         self.embed_dim = int(self.vit.embed_dim)
@@ -47,7 +50,9 @@ class ImageEncoder(nn.Module):
         (any multiple of the patch size): the position embeddings are then resampled to that grid."""
         size = images.shape[-1]
         if images.shape[-2] != size or size % self.patch_size:
-            raise ValueError(f"crops must be square multiples of {self.patch_size} pixels, got {tuple(images.shape[-2:])}")
+            raise ValueError(
+                f"crops must be square multiples of {self.patch_size} pixels, got {tuple(images.shape[-2:])}"
+            )
         if size == self.img_size:
             tokens = self.vit.forward_features(images)
         else:
@@ -65,7 +70,9 @@ class ImageEncoder(nn.Module):
         x = vit.patch_embed.norm(x)
         prefix_len = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
         # Resampled per call: a bicubic on a (grid x grid x D) map, negligible next to the blocks.
-        pos_embed = resample_abs_pos_embed(vit.pos_embed, new_size=(grid, grid), num_prefix_tokens=prefix_len).to(x.dtype)
+        pos_embed = resample_abs_pos_embed(vit.pos_embed, new_size=(grid, grid), num_prefix_tokens=prefix_len).to(
+            x.dtype
+        )
         prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
         if getattr(vit, "no_embed_class", False):
             x = torch.cat(prefix + [x + pos_embed], dim=1)
@@ -122,11 +129,17 @@ def load_backbone_weights(encoder: ImageEncoder, path: str | Path) -> dict[str, 
     }
     log.info(
         "backbone weights %s: %d tensors loaded, %d missing, %d unexpected, %d shape-mismatched",
-        path, len(report["loaded"]), len(report["missing"]), len(report["unexpected"]), len(report["mismatched"]),
+        path,
+        len(report["loaded"]),
+        len(report["missing"]),
+        len(report["unexpected"]),
+        len(report["mismatched"]),
     )
     for kind in ("missing", "unexpected", "mismatched"):
         if report[kind]:
-            log.warning("backbone %s keys: %s", kind, ", ".join(report[kind][:20]) + (" ..." if len(report[kind]) > 20 else ""))
+            log.warning(
+                "backbone %s keys: %s", kind, ", ".join(report[kind][:20]) + (" ..." if len(report[kind]) > 20 else "")
+            )
     if not report["loaded"]:
         raise InputError(f"no tensor of {path} matches backbone '{type(vit).__name__}': is it the right architecture?")
     return report

@@ -73,7 +73,9 @@ class MaskLabeler(nn.Module):
     def mask_size(self) -> int:
         return self.encoder.grid_size * self.config.output_stride
 
-    def forward(self, crops: torch.Tensor, box_areas: torch.Tensor, route_scales: Sequence[float] | None = None) -> torch.Tensor:
+    def forward(
+        self, crops: torch.Tensor, box_areas: torch.Tensor, route_scales: Sequence[float] | None = None
+    ) -> torch.Tensor:
         """Returns mask logits (B, 1, M, M), M = output_stride x the token grid of `config.crop_size`.
 
         Crops may be smaller than `config.crop_size` (a multiple of the patch size): the decoder then
@@ -81,7 +83,9 @@ class MaskLabeler(nn.Module):
         `route_scales` overrides the decoder's trained per-route scales (labelling's plan, `predictor.CropPlan`).
         """
         images = (crops - self.pixel_mean) / self.pixel_std
-        return self.decoder(self.encoder(images), box_areas, grid_size=self.encoder.grid_size, route_scales=route_scales)
+        return self.decoder(
+            self.encoder(images), box_areas, grid_size=self.encoder.grid_size, route_scales=route_scales
+        )
 
 
 def compile_encoder_blocks(model: MaskLabeler) -> None:
@@ -104,11 +108,19 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
-def export_labeler(model: MaskLabeler, path: str | Path, dtype: torch.dtype = torch.float16, meta: dict | None = None) -> None:
+def export_labeler(
+    model: MaskLabeler, path: str | Path, dtype: torch.dtype = torch.float16, meta: dict | None = None
+) -> None:
     """Write an inference-only checkpoint (config + weights in `dtype`), e.g. the one shipped in models/."""
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     atomic_torch_save(
-        {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": model.config.to_dict(), "model": state, "meta": meta or {}},
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": model.config.to_dict(),
+            "model": state,
+            "meta": meta or {},
+        },
         path,
     )
 

@@ -50,7 +50,11 @@ class MaskDecoder(nn.Module):
 
     def pixel_features(self, features: torch.Tensor, scale: float) -> torch.Tensor:
         size = (max(1, round(features.shape[-2] * scale)), max(1, round(features.shape[-1] * scale)))
-        x = features if size == tuple(features.shape[-2:]) else F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        x = (
+            features
+            if size == tuple(features.shape[-2:])
+            else F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        )
         if self.pixel_convs[0].weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # match NHWC weights (see BoxPredictor)
         for i, conv in enumerate(self.pixel_convs):
