@@ -213,19 +213,7 @@ def export_yolo(
     if parts not in PARTS_MODES:
         raise InputError(f"--parts must be one of {', '.join(PARTS_MODES)}, got '{parts}'")
     inputs = [None if isinstance(labels, Dataset) else labels, image_info]
-    if isinstance(labels, Dataset):
-        dataset, records, source = labels, labels.annotations, labels.source
-    else:
-        loaded = load_any(labels)
-        source = "<stdin>" if str(labels) == "-" else str(labels)
-        if isinstance(loaded, Dataset):
-            dataset, records = loaded, loaded.annotations
-        else:
-            if image_info is None:
-                raise InputError(
-                    f"{source} is a results list: pass --image-info DATASET.json for images and categories"
-                )
-            dataset, records = load_dataset(image_info), loaded
+    dataset, records, source = _read_labels(labels, image_info)
     categories = sorted(dataset.categories, key=lambda c: c["id"])
     if not categories:
         raise InputError(f"{dataset.source}: no 'categories'; YOLO needs the class names")
@@ -268,6 +256,33 @@ def export_yolo(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     stats.update(classes=len(categories), parts=parts, out=str(out), skipped_low_score=low_score)
+    _write_class_files(out, names)
+    if link_dir is not None:
+        stats["missing_images"] = _link_images(dataset, link_dir, out)
+        if stats["missing_images"]:
+            print(
+                f"mal export yolo: warning: {stats['missing_images']} image(s) not found in {link_dir}; not linked",
+                file=sys.stderr,
+            )
+    os.unlink(marker)
+    return stats
+
+
+def _read_labels(labels: Union[str, Path, Dataset], image_info: Optional[str]) -> tuple[Dataset, list, str]:
+    """The dataset (images, categories), the records to export and the name of their source."""
+    if isinstance(labels, Dataset):
+        return labels, labels.annotations, labels.source
+    loaded = load_any(labels)
+    source = "<stdin>" if str(labels) == "-" else str(labels)
+    if isinstance(loaded, Dataset):
+        return loaded, loaded.annotations, source
+    if image_info is None:
+        raise InputError(f"{source} is a results list: pass --image-info DATASET.json for images and categories")
+    return load_dataset(image_info), loaded, source
+
+
+def _write_class_files(out: Path, names: list[str]) -> None:
+    """OUT/classes.txt (line k = class k) and OUT/data.yaml (Ultralytics' dataset file)."""
     _write_small(out / "classes.txt", "".join(n + "\n" for n in names).encode())
     yaml = [
         "# written by `mal export yolo`; class k = line k of classes.txt = k-th category by COCO id",
@@ -279,15 +294,6 @@ def export_yolo(
     ]
     yaml += [f"  {k}: {_yaml_str(n)}" for k, n in enumerate(names)]
     _write_small(out / "data.yaml", ("\n".join(yaml) + "\n").encode())
-    if link_dir is not None:
-        stats["missing_images"] = _link_images(dataset, link_dir, out)
-        if stats["missing_images"]:
-            print(
-                f"mal export yolo: warning: {stats['missing_images']} image(s) not found in {link_dir}; not linked",
-                file=sys.stderr,
-            )
-    os.unlink(marker)
-    return stats
 
 
 UNFINISHED_MARKER = ".mal-export-unfinished"
