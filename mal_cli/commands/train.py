@@ -8,6 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from mal_cli.commands import command
+from mal_cli.train_config import TrainConfig
+
+_TRAIN = TrainConfig()  # the defaults
 
 _Boxes = Annotated[Path, typer.Argument(help="COCO or LVIS dataset JSON; only its boxes are used (masks are ignored).")]
 _Images = Annotated[Path, typer.Option("--images", "-i", help="Folder with the dataset's images.")]
@@ -89,41 +92,41 @@ def train_command(
     boxes: _Boxes,
     images: _Images,
     out: _Out,
-    backbone: _Backbone = "vit_small_patch14_dinov2",
+    backbone: _Backbone = _TRAIN.backbone,
     backbone_weights: _BackboneWeights = None,
     init: _Init = None,
-    crop_size: _CropSize = 224,
-    epochs: _Epochs = 10,
-    max_steps: _MaxSteps = None,
-    batch_size: _BatchSize = 32,
-    lr: _Lr = 1e-4,
-    backbone_lr_mult: _BackboneLrMult = 0.1,
-    weight_decay: _WeightDecay = 5e-4,
-    warmup_steps: _WarmupSteps = 200,
-    min_box_area: _MinBoxArea = 2048.0,
-    margin_max: _MarginMax = 1.2,
-    color_jitter: _ColorJitter = 0.4,
-    grayscale_prob: _GrayscaleProb = 0.2,
-    blur_prob: _BlurProb = 0.3,
-    grad_clip: _GradClip = 1.0,
-    mil_weight: _MilWeight = 4.0,
-    mil_ramp_steps: _MilRampSteps = 1000,
-    crf_weight: _CrfWeight = 0.5,
-    crf_ramp_steps: _CrfRampSteps = 4000,
-    crf_iterations: _CrfIterations = 100,
-    crf_zeta: _CrfZeta = 0.1,
-    ema_momentum: _EmaMomentum = 0.996,
-    device: _Device = "auto",
-    workers: _Workers = None,
-    seed: _Seed = 0,
-    amp: _Amp = True,
-    precision: _Precision = "auto",
-    compile: _Compile = False,
-    checkpoint_every: _CheckpointEvery = 500,
+    crop_size: _CropSize = _TRAIN.crop_size,
+    epochs: _Epochs = _TRAIN.epochs,
+    max_steps: _MaxSteps = _TRAIN.max_steps,
+    batch_size: _BatchSize = _TRAIN.batch_size,
+    lr: _Lr = _TRAIN.lr,
+    backbone_lr_mult: _BackboneLrMult = _TRAIN.backbone_lr_mult,
+    weight_decay: _WeightDecay = _TRAIN.weight_decay,
+    warmup_steps: _WarmupSteps = _TRAIN.warmup_steps,
+    min_box_area: _MinBoxArea = _TRAIN.min_box_area,
+    margin_max: _MarginMax = _TRAIN.margin_max,
+    color_jitter: _ColorJitter = _TRAIN.color_jitter,
+    grayscale_prob: _GrayscaleProb = _TRAIN.grayscale_prob,
+    blur_prob: _BlurProb = _TRAIN.blur_prob,
+    grad_clip: _GradClip = _TRAIN.grad_clip,
+    mil_weight: _MilWeight = _TRAIN.mil_weight,
+    mil_ramp_steps: _MilRampSteps = _TRAIN.mil_ramp_steps,
+    crf_weight: _CrfWeight = _TRAIN.crf_weight,
+    crf_ramp_steps: _CrfRampSteps = _TRAIN.crf_ramp_steps,
+    crf_iterations: _CrfIterations = _TRAIN.crf_iterations,
+    crf_zeta: _CrfZeta = _TRAIN.crf_zeta,
+    ema_momentum: _EmaMomentum = _TRAIN.ema_momentum,
+    device: _Device = _TRAIN.device,
+    workers: _Workers = _TRAIN.workers,
+    seed: _Seed = _TRAIN.seed,
+    amp: _Amp = _TRAIN.amp,
+    precision: _Precision = _TRAIN.precision,
+    compile: _Compile = _TRAIN.compile,
+    checkpoint_every: _CheckpointEvery = _TRAIN.checkpoint_every,
     val: _Val = None,
     val_images: _ValImages = None,
-    val_every: _ValEvery = 500,
-    val_limit: _ValLimit = 500,
+    val_every: _ValEvery = _TRAIN.val_every,
+    val_limit: _ValLimit = _TRAIN.val_limit,
     resume: _Resume = False,
 ) -> None:
     """Train a MAL labeler from boxes alone (MIL + CRF losses, EMA teacher)."""
@@ -131,7 +134,7 @@ def train_command(
     options = {name: str(v) if isinstance(v, Path) else v for name, v in locals().items() if name != "boxes"}
     import logging
 
-    from mal_cli.train import TrainConfig, train
+    from mal_cli.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     config = TrainConfig(annotations=str(boxes), **options)
