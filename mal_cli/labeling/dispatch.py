@@ -78,9 +78,12 @@ def run_groups(groups, jobs, done, predictor, options, writer, summary, fallback
             results.dispatch(*in_flight)
         results.drain()
         results.finish()
-    except BaseException:  # Ctrl-C, --strict, a full disk: stop the workers now, keep what is written
+    except BaseException:  # Ctrl-C, --strict, a full disk: keep what is written, let the workers finish
+        # Not pool.terminate(): a worker killed while it holds the result queue's lock deadlocks the pool's
+        # threads (seen as a hang after Ctrl-C). The workers ignore SIGINT and hold a few images' work at most.
         if pool is not None:
-            pool.terminate()
+            pool.close()
+            pool.join()
         raise
     finally:
         items.close()
