@@ -152,6 +152,21 @@ class GroupCropDataset:
         return LoadedGroup(images, crops, areas)
 
 
+def quiet_worker_threads(_worker_id: int) -> None:
+    """DataLoader worker init: a Ctrl-C'd main process may leave while this worker hands it a tensor's file
+    descriptor; the resulting connection error in the worker's fd-serving thread is not the user's business
+    (it printed a traceback after "interrupted; rerun with --resume")."""
+    import threading
+
+    default = threading.excepthook
+
+    def hook(args):
+        if not issubclass(args.exc_type, (OSError, EOFError)):
+            default(args)
+
+    threading.excepthook = hook
+
+
 def identity(item):  # DataLoader collate for batch_size=None (a module-level function pickles)
     return item
 
@@ -170,6 +185,7 @@ def iter_groups(dataset: GroupCropDataset, workers: int, pin_memory: bool):
             shuffle=False,
             num_workers=workers,
             collate_fn=identity,
+            worker_init_fn=quiet_worker_threads,
             prefetch_factor=2 if workers else None,
             persistent_workers=False,
             pin_memory=pin_memory,
