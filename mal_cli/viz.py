@@ -12,6 +12,7 @@ Written under OUT:
 - `index.html`: the contact sheet, thumbnails embedded as base64 JPEG (the page works on its own, and
   when the folder is moved its links to crops/ and full/ still resolve: they are relative);
 - `review.json`: the same list, machine-readable.
+A rerun into the same OUT removes the crops/ and full/ pictures it did not write (only names viz writes).
 
 Pillow (ImageDraw) and numpy only.
 """
