@@ -582,10 +582,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     metrics_file = out_dir / "metrics.jsonl"
     if dist_info.is_main:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        from mal_cli.training_boxes import describe_training_boxes
+
         log.info(
-            "training on %d boxes, %d steps (%d per epoch), batch %d x %d process(es), device %s, %s, "
-            "%d loader workers",
-            len(records),
+            "training on %s, %d steps (%d per epoch), batch %d x %d process(es), device %s, %s, %d loader workers",
+            describe_training_boxes(dataset_doc, len(records), config.min_box_area, config.min_box_side),
             total_steps,
             steps_per_epoch,
             config.batch_size,
@@ -672,9 +673,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{float(loss.detach()):.3f}",
-                    mil=f"{float(out['mil'].detach()):.3f}",
-                    crf=f"{float(out['crf'].detach()):.3f}",
+                    loss=f"{float(loss.detach()):.3g}",  # 3 significant figures: tiny during the ramps
+                    mil=f"{float(out['mil'].detach()):.3g}",
+                    crf=f"{float(out['crf'].detach()):.3g}",
                     sps=f"{samples_seen / max(time.time() - t_start, 1e-9):.1f}",
                 )
             if config.val and dist_info.is_main and (step % config.val_every == 0 or step == total_steps):

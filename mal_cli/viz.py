@@ -12,6 +12,7 @@ Written under OUT:
 - `index.html`: the contact sheet, thumbnails embedded as base64 JPEG (the page works on its own, and
   when the folder is moved its links to crops/ and full/ still resolve: they are relative);
 - `review.json`: the same list, machine-readable.
+A rerun into the same OUT removes the crops/ and full/ pictures it did not write (only names viz writes).
 
 Pillow (ImageDraw) and numpy only.
 """
@@ -22,6 +23,7 @@ import base64
 import html
 import io
 import math
+import re
 import shutil
 import sys
 from collections import defaultdict
@@ -43,6 +45,8 @@ from mal_cli.viz_draw import CONTEXT, category_color, full_picture_size, render_
 __all__ = ["ReviewItem", "category_color", "collect_items", "render_crop", "render_full", "write_review"]
 
 THUMB_SIDE = 224
+CROWD_COLOR = (160, 160, 160)  # crowd regions in grey: a region of many objects, not one instance
+_CROP_NAME = re.compile(r"\d{4,}_ann.*\.png")  # the names viz writes under crops/ (rank, annotation id)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class ReviewItem:
     iou: Optional[float]
     fallback: Optional[str]
     bbox: list
+    crowd: bool = False
     crop: str = ""
     full: str = ""
 
@@ -126,6 +131,7 @@ def collect_items(
                 iou=ious.get(key),
                 fallback=_label(rec["mal_fallback"]) if rec.get("mal_fallback") else None,
                 bbox=list(rec["bbox"]),
+                crowd=bool(rec.get("iscrowd")),
             )
         )
     position = {item.ann_id: k for k, item in enumerate(items)}
@@ -179,8 +185,8 @@ def _thumbnail_b64(picture) -> str:
 
 
 _LEGEND = (
-    "Mask: filled and outlined in the\ncategory colour; box: rectangle; ground-truth outline (with --gt): dashed white."
-    " Click a picture for the full-size crop."
+    "Mask: filled and outlined in the\ncategory colour; box: rectangle; ground-truth outline (with --gt): dashed white;"
+    " crowd regions (iscrowd): grey, captioned 'crowd'. Click a picture for the full-size crop."
 )
 
 
@@ -192,6 +198,8 @@ def _html(items: list[ReviewItem], thumbs: dict, title: str, sort_key: str, tota
             f"mal_score {_fmt(item.mal_score)}" + (f" · IoU {_fmt(item.iou)}" if sort_key == "IoU" else ""),
             f"ann {html.escape(str(item.ann_id))} · {html.escape(item.file_name)}",
         ]
+        if item.crowd:
+            bits.append("<span class=fb>crowd</span>")
         if item.fallback:
             bits.append(f"<span class=fb>fallback: {html.escape(item.fallback)}</span>")
         links = f'<a href="{html.escape(item.crop)}">crop</a>'
@@ -325,14 +333,14 @@ def _write_folder(
     with_gt: bool,
 ) -> dict:
     full = bool(full_names)
-
     thumbs: dict = {}
     missing_images: list[str] = []
     iterator = by_image.items()
     if progress_bar:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, total=len(by_image), desc="mal viz", unit="img", file=sys.stderr)
+        # disable=None: no bar when stderr is not a terminal (no '\r' lines in a redirected log).
+        iterator = tqdm(iterator, total=len(by_image), desc="mal viz", unit="img", file=sys.stderr, disable=None)
     for image_id, group in iterator:
         rgb = _image_or_grey(paths[image_id], images[image_id], group, missing_images)
         height, width = rgb.shape[:2]
@@ -345,9 +353,9 @@ def _write_folder(
             gt_mask = (
                 _checked(gt_ann["segmentation"], height, width, f"GT annotation {gt_ann['id']}") if gt_ann else None
             )
-            color = category_color(item.category_id)
+            color = CROWD_COLOR if item.crowd else category_color(item.category_id)
             caption = [
-                f"#{item.rank}  {item.category}  (ann {item.ann_id})",
+                f"#{item.rank}  {item.category}  (ann {item.ann_id})" + ("  crowd" if item.crowd else ""),
                 f"mal_score {_fmt(item.mal_score)}"
                 + (f"   IoU {_fmt(item.iou)}" if with_gt else "")
                 + (f"   {item.fallback}" if item.fallback else ""),
@@ -362,7 +370,7 @@ def _write_folder(
                         resized_mask(mask, full_size),
                         item.bbox,
                         color,
-                        f"#{item.rank} {item.category} {_fmt(item.mal_score)}",
+                        f"#{item.rank} {item.category}{' crowd' if item.crowd else ''} {_fmt(item.mal_score)}",
                     )
                 )
             del mask, gt_mask
@@ -372,6 +380,7 @@ def _write_folder(
             for item in group:
                 item.full = name
 
+    _remove_stale(out, {out / item.crop for item in items} | {out / name for name in full_names.values()})
     sort_key = "IoU" if with_gt else "mal_score"
     title = f"mal viz: {Path(labels).name if labels != '-' else '<stdin>'}" + (f" vs {Path(gt).name}" if gt else "")
     _write_bytes(out / "index.html", _html(items, thumbs, title, sort_key, total).encode("utf-8"))
@@ -387,6 +396,18 @@ def _write_folder(
         "missing_images": missing_images,
         "out": str(out),
     }
+
+
+def _remove_stale(out: Path, written: set) -> None:
+    """Crops and full pictures of an earlier run into the same OUT, gone; only names viz writes, nothing else."""
+    stale = [p for p in (out / "crops").glob("*.png") if _CROP_NAME.fullmatch(p.name)]
+    stale += list((out / "full").glob("*.png"))
+    for path in stale:
+        if path not in written and (path.is_file() or path.is_symlink()):
+            try:
+                path.unlink()
+            except OSError as err:
+                raise write_error(err, path) from None
 
 
 def _image_or_grey(path: Path, image: dict, group: list, missing_images: list) -> np.ndarray:

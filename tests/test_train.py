@@ -340,3 +340,27 @@ def test_train_help():
     ):
         assert flag in result.output
     assert "torchrun" in result.output  # the multi-GPU example
+
+
+def test_first_log_line_counts_the_boxes_left_out_per_reason(tmp_path, caplog):
+    from mal_cli.dataset import load_dataset
+    from mal_cli.train import collect_training_boxes
+
+    doc = json.loads((DATA / "annotations_mini16.json").read_text())
+    anns = doc["annotations"]
+    large = [a for a in anns if a["bbox"][2] * a["bbox"][3] > 2048 and min(a["bbox"][2:]) > 2]
+    for ann in large[:3]:
+        ann["iscrowd"] = 1
+    large[3]["bbox"] = [10.0, 10.0, 1.5, 3000.0]  # area above 2048, one side 2 px or less
+    small = sum(a["bbox"][2] * a["bbox"][3] <= 2048 and min(a["bbox"][2:]) > 2 for a in anns)
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps(doc))
+    kept = len(anns) - small - 4
+    assert len(collect_training_boxes(load_dataset(path), DATA / "images", 2048.0, 2.0)) == kept
+    with caplog.at_level("INFO", logger="mal_cli.train"):
+        train(_config(tmp_path / "run", annotations=str(path), max_steps=1, checkpoint_every=1), progress=False)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training on")]
+    assert line.startswith(
+        f"training on {kept} of {len(anns)} boxes ({small + 4} left out: {small} below --min-box-area 2048, "
+        "3 crowd, 1 with a side of 2 px or less), 1 steps"
+    ), line

@@ -145,3 +145,47 @@ def test_cli_viz_from_stdin_and_errors(tmp_path, box_labels):
         results = tmp_path / "results.json"
         results.write_bytes(orjson.dumps([{"image_id": 328, "category_id": 1, "bbox": [1, 1, 5, 5]}]))
         write_review(str(results), MINI16_IMAGES, out)
+
+
+def _viz(labels: Path, out: Path, *extra: str, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "mal_cli", "viz", str(labels), "--images", str(MINI16_IMAGES), "--out", str(out)]
+    return subprocess.run([*args, *extra], stderr=stderr, stdout=subprocess.PIPE, text=True)
+
+
+def test_cli_viz_no_bar_when_stderr_is_a_file(tmp_path, box_labels):
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as handle:
+        done = _viz(box_labels, tmp_path / "review", "--worst", "3", stderr=handle)
+    assert done.returncode == 0
+    text = log.read_text()
+    assert "3 of 141" in text and "\r" not in text and "img/s" not in text
+
+
+def test_rerun_removes_stale_crops_only(tmp_path, box_labels):
+    out = tmp_path / "review"
+    write_review(str(box_labels), MINI16_IMAGES, out, worst=5, full=True)
+    assert len(list((out / "crops").glob("*.png"))) == 5
+    foreign = [out / "crops" / "notes.txt", out / "crops" / "mine.png", out / "full" / "keep.txt"]
+    for path in foreign:
+        path.write_text("mine")
+    write_review(str(box_labels), MINI16_IMAGES, out, worst=2, full=True)
+    items = _ranks(out)
+    crops = sorted(p.name for p in (out / "crops").glob("*_ann*.png"))
+    assert crops == sorted(Path(it["crop"]).name for it in items) and len(crops) == 2
+    assert sorted(p.name for p in (out / "full").glob("*.png")) == sorted({Path(it["full"]).name for it in items})
+    assert all(path.read_text() == "mine" for path in foreign)
+
+
+def test_crowd_boxes_are_marked(tmp_path, box_labels):
+    doc = orjson.loads(box_labels.read_bytes())
+    crowd = doc["annotations"][0]
+    crowd["iscrowd"], crowd["mal_score"] = 1, 0.0  # reviewed first
+    labels = tmp_path / "crowd.json"
+    labels.write_bytes(orjson.dumps(doc))
+    out = tmp_path / "review"
+    write_review(str(labels), MINI16_IMAGES, out, worst=3)
+    items = _ranks(out)
+    assert items[0]["ann_id"] == crowd["id"] and items[0]["crowd"] is True
+    assert not any(it["crowd"] for it in items[1:])
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", (out / "index.html").read_text())
+    assert "crowd" in captions[0] and not any("crowd" in c for c in captions[1:])
