@@ -154,17 +154,17 @@ class GroupCropDataset:
 
 def quiet_worker_threads(_worker_id: int) -> None:
     """DataLoader worker init: a Ctrl-C'd main process may leave while this worker hands it a tensor's file
-    descriptor; the resulting connection error in the worker's fd-serving thread is not the user's business
-    (it printed a traceback after "interrupted; rerun with --resume")."""
-    import threading
+    descriptor; the connection error of the worker's fd-serving thread (multiprocessing.resource_sharer, which
+    reports through sys.excepthook) is not the user's business: it printed a traceback after "interrupted"."""
+    import sys
 
-    default = threading.excepthook
+    default = sys.excepthook
 
-    def hook(args):
-        if not issubclass(args.exc_type, (OSError, EOFError)):
-            default(args)
+    def hook(exc_type, exc, tb):
+        if not issubclass(exc_type, (OSError, EOFError)):
+            default(exc_type, exc, tb)
 
-    threading.excepthook = hook
+    sys.excepthook = hook
 
 
 def identity(item):  # DataLoader collate for batch_size=None (a module-level function pickles)
