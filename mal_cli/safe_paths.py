@@ -117,24 +117,34 @@ def open_append(path: PathLike) -> int:
 
 
 def lock_for_run(fd: int) -> None:
-    """Hold an advisory lock on a run's own file (e.g. OUT.progress.jsonl) for as long as `fd` is open."""
+    """Hold an advisory lock on a run's own file (e.g. OUT.progress.jsonl) for as long as this process has it open.
+
+    A POSIX record lock (lockf), not flock: it belongs to this process alone, so the loader and pool processes
+    forked later do not keep it alive after this process is killed (a SIGKILL'd run is then "unfinished", not
+    "live"). `fd` must be open for writing.
+    """
     import fcntl
 
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def held_by_live_run(path: PathLike) -> bool:
-    """Whether a running process holds `lock_for_run` on `path` (False: its writer is gone, or it has no lock)."""
+    """Whether another running process holds `lock_for_run` on `path` (False: its writer is gone, or no lock).
+
+    Only for a file this process has not locked itself: closing the probe's descriptor drops this process's own
+    record locks on the file."""
     import fcntl
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EAGAIN):
+            return True
+        return False
     finally:
         os.close(fd)  # closing drops a lock this call took
     return False

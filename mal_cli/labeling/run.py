@@ -202,7 +202,7 @@ def _open_progress(out: str, resume: bool, fingerprint_: str, header: dict) -> t
         raise write_error(err, progress_path) from None
     try:
         lock_for_run(fd)
-    except BlockingIOError:
+    except (BlockingIOError, PermissionError):  # lockf says EAGAIN or EACCES when another process holds it
         os.close(fd)
         raise InputError(f"another mal label run is writing {out} now; wait for it or choose another --out") from None
     if done:
