@@ -1198,18 +1198,27 @@ def _label_box(case, mal, gt: Path, out: Path, *extra) -> Result:
 
 
 def test_label_loses_to_a_live_run_and_names_a_dead_ones_file(case, mal):
-    from mal_cli.safe_paths import lock_for_run
-
     gt, out = case.write("gt.json", _gt()), case.tmp / "o.json"
     progress = case.tmp / "o.json.progress.jsonl"
     progress.write_bytes(b"")
-    fd = os.open(progress, os.O_RDWR)
+    # A live run in another process holds the lock (a record lock: this process's own would not conflict).
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys; from mal_cli.safe_paths import lock_for_run; "
+            f"fd = os.open({str(progress)!r}, os.O_RDWR); lock_for_run(fd); print('locked', flush=True); "
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
-        lock_for_run(fd)  # a live run holds it
+        assert holder.stdout.readline() == b"locked\n"
         for extra in ((), ("--resume",)):
             expect_error(_label_box(case, mal, gt, out, *extra), 2, "another mal label run is writing")
     finally:
-        os.close(fd)
+        holder.communicate(timeout=30)
     assert progress.read_bytes() == b"" and not out.exists()
     expect_error(_label_box(case, mal, gt, out), 2, "exists from an earlier, unfinished run")
 
