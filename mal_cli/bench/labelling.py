@@ -326,18 +326,7 @@ def stage_benchmark(
         for job, item in zip(group, loaded):
             image_probs = None if probs is None else probs[start : start + item.num_model_boxes]
             start += item.num_model_boxes
-            task = ImageTask(
-                job.position,
-                job.record_positions.tolist(),
-                job.boxes_xywh.tolist(),
-                item.hw,
-                item.error,
-                item.model_index,
-                item.regions,
-                image_probs,
-                predictor.threshold if predictor else 0.5,
-                "rle",
-            )
+            task = ImageTask.of(job, item, image_probs, predictor.threshold if predictor else 0.5, "rle")
             results = _post_stages(task, t)
             s = time.perf_counter()
             image_line(job.position, results)

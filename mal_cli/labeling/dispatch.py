@@ -137,18 +137,7 @@ class ResultDispatch:
             if item.error:
                 self._count_image_error(item.error)
             tasks.append(
-                ImageTask(
-                    job.position,
-                    job.record_positions.tolist(),
-                    job.boxes_xywh.tolist(),
-                    item.hw,
-                    item.error,
-                    item.model_index,
-                    item.regions,
-                    probs_by_image.get(item.job_index),
-                    self.threshold,
-                    self.options.format,
-                )
+                ImageTask.of(job, item, probs_by_image.get(item.job_index), self.threshold, self.options.format)
             )
             task_boxes += job.num_boxes
             # A few images a task: a task per image costs this process more pickling and pipe work.

@@ -100,6 +100,22 @@ class ImageTask:
     threshold: float
     fmt: str  # "rle" or "polygon"
 
+    @classmethod
+    def of(cls, job, loaded, probs: Optional[np.ndarray], threshold: float, fmt: str) -> "ImageTask":
+        """The task of a planned image (`plan.ImageJob`) as the loader read it (`loader.LoadedImage`)."""
+        return cls(
+            job.position,
+            job.record_positions.tolist(),
+            job.boxes_xywh.tolist(),
+            loaded.hw,
+            loaded.error,
+            loaded.model_index,
+            loaded.regions,
+            probs,
+            threshold,
+            fmt,
+        )
+
 
 def box_result_of(task: ImageTask, i: int) -> dict:
     """Box i's result (see the module docstring)."""
