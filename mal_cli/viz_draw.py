@@ -148,15 +148,39 @@ def render_full(image: np.ndarray, instances: list[tuple[np.ndarray, list, tuple
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     font = _font(12)
-    for _, bbox, color, label in instances:
-        x, y, w, h = (float(v) * scale for v in bbox)
+    boxes = [[float(v) * scale for v in bbox] for _, bbox, _, _ in instances]
+    extents = [draw.textbbox((0, 0), label, font=font) for _, _, _, label in instances]
+    corners = place_labels(
+        [(e[2] - e[0] + 4, e[3] - e[1] + 4) for e in extents],
+        [(x + 2, max(y - 15, 0)) for x, y, _, _ in boxes],
+        size[1],
+    )
+    for (_, _, color, _), (x, y, w, h) in zip(instances, boxes):
         draw.rectangle([x, y, x + w, y + h], outline=tuple(color), width=2)
-        tx, ty = x + 2, max(y - 15, 0)
+    for (_, _, color, label), (tx, ty) in zip(instances, corners):  # labels last: no outline crosses them
         text_box = draw.textbbox((tx, ty), label, font=font)
         draw.rectangle([text_box[0] - 2, text_box[1] - 1, text_box[2] + 2, text_box[3] + 1], fill=tuple(color))
         luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
         draw.text((tx, ty), label, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
     return picture
+
+
+def place_labels(sizes: list[tuple[float, float]], anchors: list[tuple[float, float]], height: int) -> list:
+    """Top-left corners for labels of these (width, height) sizes, each at its anchor (x, y) unless that overlaps
+    a label placed before it: then a line lower at a time, while it stays in the picture (else at its anchor)."""
+    placed: list[tuple[float, float, float, float]] = []
+    corners = []
+    for (w, h), (x, y) in zip(sizes, anchors):
+        corner = (x, y)
+        for ty in [y + k * h for k in range(int(max(height - y, 0) // max(h, 1)) + 1)]:
+            if ty + h > height and ty > y:
+                break
+            if not any(x < px + pw and px < x + w and ty < py + ph and py < ty + h for px, py, pw, ph in placed):
+                corner = (x, ty)
+                break
+        placed.append((corner[0], corner[1], w, h))
+        corners.append(corner)
+    return corners
 
 
 def full_picture_size(height: int, width: int) -> tuple[int, int]:

@@ -189,3 +189,22 @@ def test_crowd_boxes_are_marked(tmp_path, box_labels):
     assert not any(it["crowd"] for it in items[1:])
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", (out / "index.html").read_text())
     assert "crowd" in captions[0] and not any("crowd" in c for c in captions[1:])
+
+
+def test_full_picture_labels_of_overlapping_boxes_do_not_overlap():
+    """Two instances with the same box: their labels are stacked, not drawn over each other."""
+    from mal_cli.viz_draw import place_labels, render_full
+
+    corners = place_labels([(60, 14), (60, 14), (40, 14)], [(10, 5), (10, 5), (30, 8)], 200)
+    rects = [(x, y, w, 14) for (x, y), w in zip(corners, (60, 60, 40))]
+    for i, (ax, ay, aw, ah) in enumerate(rects):
+        for bx, by, bw, bh in rects[i + 1 :]:
+            assert not (ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah), corners
+    assert corners[0] == (10, 5)  # the first label stays at its anchor
+    image = np.zeros((80, 120, 3), np.uint8)
+    mask = np.zeros((80, 120), np.uint8)
+    mask[20:40, 20:60] = 1
+    picture = render_full(
+        image, [(mask, [20, 20, 40, 20], (255, 0, 0), "cat 0.9"), (mask, [20, 20, 40, 20], (0, 0, 255), "dog 0.8")]
+    )
+    assert picture.size == (120, 80)
