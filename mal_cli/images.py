@@ -27,6 +27,11 @@ class ImageLoadError(InputError):
     """An image that cannot be used: missing, corrupt, truncated or too large."""
 
 
+def swaps_sides(raw: Image.Image) -> bool:
+    """Whether an opened image's EXIF orientation (5-8) shows it with width and height swapped."""
+    return raw.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float images: scale the full range to 8 bits instead of clipping at 255.
@@ -70,9 +75,8 @@ def load_rgb_reduced(
                     scale = 1.0 / round(1.0 / scale)
                 raw.load()
                 # Orientation is decided on the full sizes (the recorded size refers to them), then applied.
-                swaps = raw.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
                 raw_hw = (full_wh[1], full_wh[0])
-                oriented_hw = raw_hw[::-1] if swaps else raw_hw
+                oriented_hw = raw_hw[::-1] if swaps_sides(raw) else raw_hw
                 image, full_hw = ImageOps.exif_transpose(raw), oriented_hw
                 if expected_hw is not None and oriented_hw != tuple(expected_hw) and raw_hw == tuple(expected_hw):
                     image, full_hw = raw, raw_hw

@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from mal_cli.errors import InputError
+from mal_cli.images import swaps_sides
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -48,8 +49,6 @@ IMAGE_SUFFIXES = (
     ".webp",
 )  # Ultralytics' common ones
 _MAX_XML_BYTES = 16 * 1024 * 1024  # a VOC file is a few kB; refuse anything absurd before parsing it
-_EXIF_ORIENTATION = 274
-_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -57,10 +56,10 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            swapped = swaps_sides(image)
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"cannot read the image size of {path}: {err}") from None
-    return (height, width) if orientation in _ROTATED else (width, height)
+    return (height, width) if swapped else (width, height)
 
 
 def _dataset(images: list[dict], annotations: list[dict], names: list[str]) -> dict:

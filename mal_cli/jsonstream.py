@@ -26,9 +26,8 @@ from mal_cli.errors import InputError
 
 __all__ = ["iter_document", "iter_entries", "loads", "unreadable", "Entry"]
 
-CHUNK_BYTES = (
-    1 << 18
-)  # items parsed per orjson call: 256 KB of text, ~2k COCO boxes (bigger chunks: more memory, no faster)
+# Items parsed per orjson call: 256 KB of text, ~2k COCO boxes (bigger chunks: more memory, no faster).
+CHUNK_BYTES = 1 << 18
 
 _WS = re.compile(rb"[ \t\r\n]*")
 _BRACKET_OR_QUOTE = re.compile(rb'[\[\]{}"]')
@@ -116,6 +115,7 @@ def depth_exceeded(text: bytes, limit: int, chunk: int = 1 << 24) -> Optional[in
 
 
 def _escaped(text: bytes, quote: int) -> bool:
+    """Whether the quote at `quote` is escaped: an odd number of backslashes stands before it."""
     backslashes = 0
     while quote - 1 - backslashes >= 0 and text[quote - 1 - backslashes] == 0x5C:
         backslashes += 1
@@ -164,10 +164,7 @@ def _string_end(buf: bytes, start: int) -> Optional[int]:
     """The index just past the string whose opening quote is at `start`, or None if `buf` ends inside it."""
     pos = start + 1
     while (quote := buf.find(b'"', pos)) >= 0:
-        backslashes = 0
-        while buf[quote - 1 - backslashes] == 0x5C:
-            backslashes += 1
-        if backslashes % 2 == 0:  # not escaped
+        if not _escaped(buf, quote):
             return quote + 1
         pos = quote + 1
     return None

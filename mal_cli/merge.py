@@ -15,43 +15,15 @@ DATASET keep it; the parts fill the others (and add annotations DATASET lacks, a
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
-
-import numpy as np
-import orjson
 
 from mal_cli.dataset import read_json, write_json_atomic
 from mal_cli.errors import InputError
 from mal_cli.fileio import remove_stale_temps
+from mal_cli.labeling.progress import dataset_records_digest, read_progress_results
 from mal_cli.labeling.progress import is_progress_file as _is_progress_file
-from mal_cli.labeling.progress import read_progress_results
 from mal_cli.safe_paths import refuse_overwrite
-
-
-def records_digest(ids: Sequence, image_ids: Sequence, bboxes: Sequence) -> str:
-    """A fingerprint of which boxes a dataset holds, in order: annotation ids, image ids, boxes (as float64).
-
-    `mal label` writes it into its progress header (`records_digest`), so `merge --into` can tell the
-    dataset that was labelled from another one with as many annotations.
-    """
-    digest = hashlib.sha256()
-    digest.update(orjson.dumps([list(ids), list(image_ids)]))
-    boxes = bboxes if isinstance(bboxes, np.ndarray) else [_float_box(b) for b in bboxes]  # array: `mal label`'s
-    digest.update(np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tobytes())
-    return digest.hexdigest()
-
-
-def dataset_records_digest(doc: dict) -> str:
-    """`records_digest` of a parsed dataset document."""
-    anns = doc["annotations"]
-    return records_digest([a.get("id") for a in anns], [a.get("image_id") for a in anns], [a.get("bbox") for a in anns])
-
-
-def _float_box(bbox: Any) -> list[float]:
-    values = bbox if isinstance(bbox, list) and len(bbox) == 4 else [None] * 4
-    return [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan") for v in values]
 
 
 def _check_progress_matches(name: str, header: dict, results: dict, base_doc: dict) -> None:

@@ -79,10 +79,15 @@ def cpu_has_fast_bf16() -> bool:
     return _timed_bf16_speedup() >= TIMED_SPEEDUP
 
 
-def resolve(precision: str, device: torch.device | str) -> str:
-    """`--precision` on `device` -> the precision that runs: 'fp32', 'bf16' or 'fp16' ('auto' resolved)."""
+def check(precision: str) -> None:
+    """InputError unless `precision` is one of CHOICES (what every command's --precision takes)."""
     if precision not in CHOICES:
         raise InputError(f"--precision must be one of {', '.join(CHOICES)}, got '{precision}'")
+
+
+def resolve(precision: str, device: torch.device | str) -> str:
+    """`--precision` on `device` -> the precision that runs: 'fp32', 'bf16' or 'fp16' ('auto' resolved)."""
+    check(precision)
     if precision != "auto":
         return precision
     import torch

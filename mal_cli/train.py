@@ -41,6 +41,7 @@ from mal_cli.modeling.labeler import (
     read_checkpoint,
 )
 from mal_cli.train_config import TrainConfig  # noqa: F401  (its home; `mal_cli.train.TrainConfig` still works)
+from mal_cli.training_boxes import describe_training_boxes, left_out_reason
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,16 @@ class BoxRecord:
 def collect_training_boxes(
     dataset, images_dir: str | Path, min_box_area: float, min_box_side: float
 ) -> list[BoxRecord]:
-    """The boxes MAL trains on: non-crowd, w and h > min_box_side, area > min_box_area. Masks are ignored."""
+    """The boxes MAL trains on: non-crowd, w and h > min_box_side, area > min_box_area
+    (`training_boxes.left_out_reason`). Masks are ignored."""
     records: list[BoxRecord] = []
     for image in dataset.images:
         path = str(dataset.image_path(image, images_dir))
         hw = (int(image["height"]), int(image["width"]))
         for ann in dataset.annotations_by_image.get(image["id"], []):
-            if ann.get("iscrowd", 0):
+            if left_out_reason(ann, min_box_area, min_box_side) is not None:
                 continue
             x, y, w, h = (float(v) for v in ann["bbox"])
-            if not all(math.isfinite(v) for v in (x, y, w, h, x + w, y + h, w * h)):
-                continue
-            if w <= min_box_side or h <= min_box_side or w * h <= min_box_area:
-                continue
             records.append(BoxRecord(path, hw, (x, y, x + w, y + h), w * h))
     return records
 
@@ -582,8 +580,6 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     metrics_file = out_dir / "metrics.jsonl"
     if dist_info.is_main:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        from mal_cli.training_boxes import describe_training_boxes
-
         log.info(
             "training on %s, %d steps (%d per epoch), batch %d x %d process(es), device %s, %s, %d loader workers",
             describe_training_boxes(dataset_doc, len(records), config.min_box_area, config.min_box_side),

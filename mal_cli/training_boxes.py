@@ -1,6 +1,5 @@
-"""Why boxes are left out of training, counted per reason for `mal train`'s first log line.
-
-The reasons follow `mal_cli.train.collect_training_boxes`, in its order (a test checks that they agree).
+"""Which boxes `mal train` leaves out and why: the one rule (`collect_training_boxes` keeps the others), and
+the count per reason for its first log line.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from typing import Optional
 
 
 def left_out_reason(ann: dict, min_box_area: float, min_box_side: float) -> Optional[str]:
-    """Why `collect_training_boxes` leaves `ann` out, or None when it trains on it."""
+    """Why training leaves `ann` out, or None when it trains on it."""
     if ann.get("iscrowd", 0):
         return "crowd"
     x, y, w, h = (float(v) for v in ann["bbox"])

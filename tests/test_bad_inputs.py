@@ -12,10 +12,8 @@ import io
 import json
 import math
 import struct
-import sys
 import tempfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,11 +23,11 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mal_runner import Result, in_process_runner
 from PIL import Image, ImageOps
 
 from mal_cli import masks
 from mal_cli.check import check_paths
-from mal_cli.cli import main
 from mal_cli.images import MAX_IMAGE_PIXELS, load_rgb
 from mal_cli.labeling import LabelOptions, label, progress_path_for
 
@@ -43,29 +41,10 @@ TINY_THRESHOLD = 0.499
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def mal(capsys, monkeypatch) -> Callable[..., Result]:
     """Run `mal ARGS...` in-process as the console script does: exit code, stdout, stderr."""
-
-    def run(*args: str) -> Result:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["mal", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
+    return in_process_runner(capsys, monkeypatch)
 
 
 def dataset(**edit) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import oracles  # tests/oracles.py: the reference RLE encoder
 import orjson
 import pytest
+from mal_runner import Result, in_process_runner
 from PIL import Image
 
 from mal_cli.cli import main
@@ -140,30 +141,10 @@ def _snapshot(root: Path, skip: tuple[Path, ...]) -> dict:
     return found
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def mal(capsys, monkeypatch) -> Callable[..., Result]:
     """Run `mal ARGS...` in-process as the console script does: exit code, stdout, stderr."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def run(*args) -> Result:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["mal", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
+    return in_process_runner(capsys, monkeypatch)
 
 
 def run_limited(args: list, cwd: Path) -> Result:

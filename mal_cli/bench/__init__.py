@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mal_cli.errors import InputError
-from mal_cli.precision import CHOICES as PRECISIONS
+from mal_cli.precision import check as check_precision
 
 __all__ = ["BenchConfig", "run_bench"]
 
@@ -92,8 +92,7 @@ class BenchConfig:
     def validate(self) -> None:
         if self.method not in BENCH_METHODS:
             raise InputError(f"--method must be one of {', '.join(BENCH_METHODS)}, got '{self.method}'")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        check_precision(self.precision)
         if self.repeat < 1:
             raise InputError(f"--repeat must be at least 1, got {self.repeat}")
         if self.train_split_steps < 0:

@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from mal_cli.errors import InputError
+from mal_cli.labeling.progress import records_digest
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,11 @@ def _digest(columns) -> str:
 
 
 def _records_digest(columns) -> str:
-    """`merge.records_digest` of the records, computed from the columns as merge computes it from the JSON."""
+    """`progress.records_digest` of the records, from the columns as `mal merge` computes it from the JSON."""
     from mal_cli.columns import MISSING
-    from mal_cli.merge import records_digest
 
     def values(column) -> list:
-        return [None if v is MISSING else v for v in (column[i] for i in range(len(column)))]
+        return [None if v is MISSING else v for v in column.tolist()]
 
     return records_digest(values(columns.record_ids), values(columns.record_image_ids), columns.record_bbox)
 

@@ -77,10 +77,11 @@ def _labellable(job: ImageJob, hw: tuple[int, int], margins: Margins) -> tuple[l
 
 
 def load_image(
-    job: ImageJob, index: int, need_pixels: bool, margins: Margins, reduce: int = 1
+    job: ImageJob, index: int, need_pixels: bool, margins: Margins, reduce: int = 1, labellable=None
 ) -> tuple[LoadedImage, Any, float]:
-    """Decodes one image (when its pixels or its size are needed) and decides which of its boxes are labellable.
-    Returns the image's record, its pixels (or None) and the scale they were decoded at."""
+    """Decodes one image (when its pixels or its size are needed) and decides which of its boxes are labellable
+    (`labellable`: that decision already made on the recorded size). Returns the image's record, its pixels (or
+    None) and the scale they were decoded at."""
     hw, error, image, scale = job.recorded_hw, None, None, 1.0
     if need_pixels or hw is None:
         hw, error, image, scale = _decode(job, reduce)
@@ -88,7 +89,7 @@ def load_image(
         error = f"{job.path}: no such image file"
     if error:
         return LoadedImage(index, hw, error, [-1] * job.num_boxes, [], []), None, 1.0
-    model_index, regions, areas = _labellable(job, hw, margins)
+    model_index, regions, areas = labellable or _labellable(job, hw, margins)  # hw is the recorded size if any
     if not need_pixels:
         model_index, regions, areas = [0 if i >= 0 else -1 for i in model_index], [], []
     return LoadedImage(index, hw, error, model_index, regions, areas), image, scale
@@ -101,12 +102,13 @@ def load_image_crops(
     region spans its crop size at a reduced scale is decoded at that scale (`images.draft_reduction`)."""
     from mal_cli.images import draft_reduction, scale_regions
 
-    reduce = 1
+    reduce, labellable = 1, None
     if need_pixels and job.recorded_hw is not None:
-        _, regions, areas = _labellable(job, job.recorded_hw, margins)
+        labellable = _labellable(job, job.recorded_hw, margins)
+        _, regions, areas = labellable
         if regions:
             reduce = draft_reduction(regions, [crop_plan.size_for(a) for a in areas])
-    loaded, image, scale = load_image(job, index, need_pixels, margins, reduce)
+    loaded, image, scale = load_image(job, index, need_pixels, margins, reduce, labellable)
     if not loaded.regions:
         return loaded, None
     import torch

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mal_cli.errors import InputError
-from mal_cli.precision import CHOICES as PRECISIONS
+from mal_cli.precision import check as check_precision
 
 DEFAULT_CHECKPOINT_NAME = "mal_vits14_coco343.pth"
 METHODS = ("mal", "box")
@@ -51,8 +51,7 @@ class LabelOptions:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        check_precision(self.precision)
         if not self.min_score >= 0.0:  # NaN too
             raise InputError(f"--min-score must be 0 or more, got {self.min_score}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:

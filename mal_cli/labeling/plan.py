@@ -79,16 +79,14 @@ def plan_jobs(
     return jobs
 
 
-def require_some_images(jobs: Sequence[ImageJob], images_dir: str | Path, source: str) -> int:
-    """A cheap stat of every image to label: none there is a wrong --images folder (InputError, before any work).
-    Returns how many are missing (each becomes an image_error fallback, or stops a --strict run)."""
-    missing = [job for job in jobs if not os.path.exists(job.path)]
-    if jobs and len(missing) == len(jobs):
+def require_some_images(jobs: Sequence[ImageJob], images_dir: str | Path, source: str) -> None:
+    """None of the images to label there is a wrong --images folder: InputError before any work. Stats images
+    until one exists; a missing one is found again by the loader (an image_error fallback, or a --strict stop)."""
+    if jobs and not any(os.path.exists(job.path) for job in jobs):
         raise InputError(
             f"--images {images_dir}: none of the {len(jobs)} images of {source} are there "
-            f"(e.g. {missing[0].path}); is it the right folder?"
+            f"(e.g. {jobs[0].path}); is it the right folder?"
         )
-    return len(missing)
 
 
 def _image_id(index: BoxIndex, position: int):

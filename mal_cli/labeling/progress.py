@@ -9,13 +9,15 @@ run).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import orjson
 
 from mal_cli.errors import InputError
@@ -36,10 +38,34 @@ def is_progress_file(path: str | Path) -> bool:
     return str(path).endswith(".jsonl")
 
 
+def records_digest(ids: Sequence, image_ids: Sequence, bboxes: Sequence) -> str:
+    """A fingerprint of which boxes a dataset holds, in order: annotation ids, image ids, boxes (as float64).
+
+    `mal label` writes it into its progress header, so `merge --into` can tell the dataset that was
+    labelled from another one with as many annotations.
+    """
+    digest = hashlib.sha256()
+    digest.update(orjson.dumps([list(ids), list(image_ids)]))
+    boxes = bboxes if isinstance(bboxes, np.ndarray) else [_float_box(b) for b in bboxes]  # array: `mal label`'s
+    digest.update(np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tobytes())
+    return digest.hexdigest()
+
+
+def dataset_records_digest(doc: dict) -> str:
+    """`records_digest` of a parsed dataset document."""
+    anns = doc["annotations"]
+    return records_digest([a.get("id") for a in anns], [a.get("image_id") for a in anns], [a.get("bbox") for a in anns])
+
+
+def _float_box(bbox: Any) -> list[float]:
+    values = bbox if isinstance(bbox, list) and len(bbox) == 4 else [None] * 4
+    return [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan") for v in values]
+
+
 def progress_header(
     fingerprint: str, records: int, shard: tuple[int, int], source: str, records_digest: str = ""
 ) -> dict:
-    """`records_digest` (`merge.records_digest`): lets `mal merge --into` refuse another dataset of as many records."""
+    """`records_digest` (`records_digest` below): lets `mal merge --into` refuse another dataset of as many records."""
     header = {
         "mal_progress": PROGRESS_VERSION,
         "fingerprint": fingerprint,
