@@ -4,13 +4,16 @@
 only where the CPU multiplies bf16 matrices fast (Intel AMX); elsewhere bf16 autocast is emulated through
 fp32 plus conversions and runs slower than fp32 itself (docs/performance.md has the figures), so `auto` is
 fp32. The CPU check reads the `amx_bf16` flag (Linux /proc/cpuinfo); where there is no such file it times
-a small bf16 and fp32 matmul once (well under a second) and keeps the answer for the process.
+a small bf16 and fp32 matmul once (well under a second) and keeps the answer for the process. oneDNN's
+ISA cap `ONEDNN_MAX_CPU_ISA` (or its older name `DNNL_MAX_CPU_ISA`), when set below AMX, keeps torch's
+matmuls off AMX whatever the flags say, so `auto` is then fp32 too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,9 +73,21 @@ def _timed_bf16_speedup(n: int = 256, repeats: int = 3) -> float:
     return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
 
 
+def onednn_isa_allows_amx() -> bool:
+    """False where oneDNN is capped below AMX (`ONEDNN_MAX_CPU_ISA=AVX512_CORE` etc.; unset, ALL or DEFAULT: no cap)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if not cap:
+        return True
+    cap = cap.strip().upper()
+    return cap in ("ALL", "DEFAULT") or "AMX" in cap
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """Whether bf16 matmuls are native and fast on this CPU: the amx_bf16 flag, else a one-off timing."""
+    """Whether bf16 matmuls are native and fast on this CPU: the amx_bf16 flag (unless oneDNN is capped below
+    AMX), else a one-off timing."""
+    if not onednn_isa_allows_amx():
+        return False
     flags = cpu_flags()
     if flags is not None:
         return "amx_bf16" in flags

@@ -25,6 +25,8 @@ AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 amx
 @pytest.fixture
 def cpu(monkeypatch, tmp_path):
     """Set the CPU `auto` sees: cpu('flags text') or cpu(None) for a machine without /proc/cpuinfo."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # no oneDNN cap unless a test sets one
+        monkeypatch.delenv(name, raising=False)
 
     def set_cpu(cpuinfo: str | None):
         path = tmp_path / "cpuinfo"
@@ -44,6 +46,22 @@ def test_auto_is_fp32_on_a_cpu_without_amx_and_bf16_with_it(cpu, monkeypatch):
     assert precision.resolve("auto", "cpu") == "fp32"
     cpu(AMX)
     assert precision.resolve("auto", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize(
+    "cap, fast",
+    [("AVX512_CORE", False), ("avx512_core_bf16", False), ("AVX2", False), ("AVX512_CORE_AMX", True), ("ALL", True)],
+)
+def test_auto_follows_onednns_isa_cap_on_an_amx_cpu(cpu, monkeypatch, cap, fast):
+    """A cap below AMX keeps torch's bf16 matmuls off AMX (emulated, slow), so `auto` must not pick bf16 there."""
+    monkeypatch.setattr(precision, "_timed_bf16_speedup", lambda: pytest.fail("flags were there: no timing"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu(AMX)
+    assert precision.resolve("auto", "cpu") == ("bf16" if fast else "fp32")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)  # oneDNN's older name of the same cap
+    cpu(AMX)
+    assert precision.resolve("auto", "cpu") == ("bf16" if fast else "fp32")
 
 
 def test_auto_is_bf16_on_cuda_whatever_the_cpu(cpu):
