@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -225,7 +225,3 @@ def run_bench(config: BenchConfig) -> dict:
         _peak(config, result)
     result["bench_peak_rss_mib"] = rss_mib()
     return result
-
-
-def config_dict(config: BenchConfig) -> dict:
-    return asdict(config)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import orjson
 
-from mal_cli.bench.common import run_child, sync
+from mal_cli.bench.common import child_usage, run_child, sync
 from mal_cli.errors import InputError
 
 
@@ -92,7 +92,7 @@ def end_to_end(
     if checkpoint and method == "mal":
         cmd += ["--checkpoint", checkpoint]
     usage, wall = run_child(cmd, f"mal label ({method})")
-    peak_kib = usage.ru_maxrss
+    cpu_seconds = usage.ru_utime + usage.ru_stime
     summary = orjson.loads(summary_path.read_bytes())
     out.unlink(missing_ok=True)
     boxes = int(summary["boxes"])
@@ -104,12 +104,9 @@ def end_to_end(
         "boxes_per_s": round(boxes / summary["seconds"], 1) if summary["seconds"] else None,
         "seconds_wall": round(wall, 3),
         "boxes_per_s_wall": round(boxes / wall, 1) if wall else None,
-        "peak_rss_mib": round(peak_kib / 1024, 1) if peak_kib else None,
         # CPU seconds of the run and its reaped workers: on a shared machine, boxes per CPU-second is steadier.
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
-        "boxes_per_cpu_s": round(boxes / (usage.ru_utime + usage.ru_stime), 2)
-        if usage.ru_utime + usage.ru_stime
-        else None,
+        **child_usage(usage),
+        "boxes_per_cpu_s": round(boxes / cpu_seconds, 2) if cpu_seconds else None,
         "device": summary.get("device"),
         "precision": summary.get("precision"),
         "batch_size": batch_size,

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import orjson
 
-from mal_cli.bench.common import sync
+from mal_cli.bench.common import count_flops, sync
 
 
 def route_areas(dataset: str, n: int) -> np.ndarray:
@@ -19,15 +19,6 @@ def route_areas(dataset: str, n: int) -> np.ndarray:
     raw = orjson.loads(Path(dataset).read_bytes())
     areas = np.array([geometry.box_area(a["bbox"]) for a in raw["annotations"]] or [1.0])
     return np.resize(areas, n)
-
-
-def _count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def _route_flops(model, plan, dev) -> dict:
@@ -49,10 +40,10 @@ def _route_flops(model, plan, dev) -> dict:
                 def encode(probe=probe, out=out):
                     out["features"] = model.encoder((probe - model.pixel_mean) / model.pixel_std)
 
-                enc = _count_flops(encode) / 2
+                enc = count_flops(encode) / 2
                 areas = torch.full((2,), float(area), device=dev)
                 dec = (
-                    _count_flops(
+                    count_flops(
                         lambda out=out, areas=areas, scales=scales: model.decoder(
                             out["features"], areas, grid_size=model.encoder.grid_size, route_scales=scales
                         )
@@ -124,7 +115,7 @@ def model_benchmark(
         for size, size_crops in crops.by_size.items():
             idx = [i for i, s in enumerate(sizes) if s == size]
             with precisions.autocast(dev, predictor.precision):
-                batch_flops += _count_flops(
+                batch_flops += count_flops(
                     lambda c=size_crops, i=idx: model(c.to(dev).float(), area_t[i].to(dev), plan.decoder_scales)
                 )
     routes = model.decoder.route(area_t).tolist()
