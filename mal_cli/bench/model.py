@@ -56,19 +56,16 @@ def _route_flops(model, plan, dev) -> dict:
     return per_route
 
 
-def _time_batches(predictor, crops, area_t, batch_size: int, iterations: int) -> tuple[float, list[float]]:
-    """Warm-up seconds (with `compile`, the compile) and the seconds of each timed batch."""
-    warmup = time.perf_counter()
-    predictor.predict_crops(crops, area_t, batch_size)
-    sync(predictor.device)
-    warmup = time.perf_counter() - warmup
+def _time_calls(fn, device, iterations: int) -> tuple[float, list[float]]:
+    """Seconds of a first call of `fn` (the warm-up: kernel selection; with `compile`, the compile) and of each of
+    `iterations` more, every call waited for on the device."""
     times = []
-    for _ in range(iterations):
+    for _ in range(1 + iterations):
         s = time.perf_counter()
-        predictor.predict_crops(crops, area_t, batch_size)
-        sync(predictor.device)
+        fn()
+        sync(device)
         times.append(time.perf_counter() - s)
-    return warmup, times
+    return times[0], times[1:]
 
 
 def model_benchmark(
@@ -126,7 +123,7 @@ def model_benchmark(
     )
     if compile:
         compile_encoder_blocks(model)
-    warmup, times = _time_batches(predictor, crops, area_t, batch_size, iterations)
+    warmup, times = _time_calls(lambda: predictor.predict_crops(crops, area_t, batch_size), dev, iterations)
     best = min(times)
     return {
         "device": str(dev),
@@ -156,14 +153,7 @@ def measure_peak_flops(device: str, size: Optional[int] = None, iterations: int 
     n = size or (8192 if dev.type == "cuda" else 2048)
     a = torch.randn(n, n, device=dev, dtype=dtype or torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=dtype or torch.bfloat16)
-    a @ b
-    sync(dev)
-    times = []
-    for _ in range(iterations):
-        s = time.perf_counter()
-        a @ b
-        sync(dev)
-        times.append(time.perf_counter() - s)
+    _, times = _time_calls(lambda: a @ b, dev, iterations)
     return {"device": str(dev), "matmul_n": n, "tflop_per_s": round(2 * n**3 / min(times) / 1e12, 4)}
 
 
