@@ -109,7 +109,6 @@ def _labelling(config: BenchConfig, result: dict, folder: Path) -> None:
     result["images"], result["boxes"] = n_images, n_boxes
     result["end_to_end"] = {}
     for method in c.methods:
-        extra = (["--compile"] if c.compile else []) + ["--precision", c.precision] if method == "mal" else []
         result["end_to_end"][method] = end_to_end(
             subset,
             c.images,
@@ -119,8 +118,9 @@ def _labelling(config: BenchConfig, result: dict, folder: Path) -> None:
             c.batch_size,
             c.workers,
             folder,
-            extra=extra,
             crop_sizes=c.crop_sizes,
+            compile=c.compile,
+            precision=c.precision,
         )
     if c.pipeline and "mal" in c.methods:
         result["pipeline"] = pipeline_ceiling(

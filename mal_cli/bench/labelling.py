@@ -6,7 +6,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import orjson
@@ -58,10 +58,12 @@ def end_to_end(
     batch_size: int,
     workers: Optional[int],
     folder: Path,
-    extra: Sequence[str] = (),
     crop_sizes: Optional[str] = None,
+    compile: bool = False,
+    precision: str = "auto",
 ) -> dict:
-    """One `mal label` run in a subprocess: in-run and wall boxes/s, peak RSS of the process (MiB)."""
+    """One `mal label` run in a subprocess: in-run and wall boxes/s, peak RSS of the process (MiB). The model's
+    options (checkpoint, crop sizes, compile, precision) go to `--method mal` only: `box` runs no model."""
     out = folder / f"bench_{method}.json"
     summary_path = folder / f"bench_{method}_summary.json"
     cmd = [
@@ -83,14 +85,13 @@ def end_to_end(
         "--no-progress",
         "--summary-json",
         str(summary_path),
-        *extra,
     ]
     if workers is not None:
         cmd += ["--workers", str(workers)]
-    if crop_sizes and method == "mal":
-        cmd += ["--crop-sizes", crop_sizes]
-    if checkpoint and method == "mal":
-        cmd += ["--checkpoint", checkpoint]
+    if method == "mal":
+        cmd += ["--precision", precision] + (["--compile"] if compile else [])
+        cmd += ["--crop-sizes", crop_sizes] if crop_sizes else []
+        cmd += ["--checkpoint", checkpoint] if checkpoint else []
     usage, wall = run_child(cmd, f"mal label ({method})")
     cpu_seconds = usage.ru_utime + usage.ru_stime
     summary = orjson.loads(summary_path.read_bytes())
