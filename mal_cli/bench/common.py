@@ -44,7 +44,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_flops(fn) -> float:
+def total_flops(fn) -> float:
     """FLOPs of `fn()` as torch's FlopCounterMode counts them (matmul, conv, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import orjson
 
-from mal_cli.bench.common import count_flops, sync
+from mal_cli.bench.common import sync, total_flops
 
 
 def route_areas(dataset: str, n: int) -> np.ndarray:
@@ -40,10 +40,10 @@ def _route_flops(model, plan, dev) -> dict:
                 def encode(probe=probe, out=out):
                     out["features"] = model.encoder((probe - model.pixel_mean) / model.pixel_std)
 
-                enc = count_flops(encode) / 2
+                enc = total_flops(encode) / 2
                 areas = torch.full((2,), float(area), device=dev)
                 dec = (
-                    count_flops(
+                    total_flops(
                         lambda out=out, areas=areas, scales=scales: model.decoder(
                             out["features"], areas, grid_size=model.encoder.grid_size, route_scales=scales
                         )
@@ -112,7 +112,7 @@ def model_benchmark(
         for size, size_crops in crops.by_size.items():
             idx = [i for i, s in enumerate(sizes) if s == size]
             with precisions.autocast(dev, predictor.precision):
-                batch_flops += count_flops(
+                batch_flops += total_flops(
                     lambda c=size_crops, i=idx: model(c.to(dev).float(), area_t[i].to(dev), plan.decoder_scales)
                 )
     routes = model.decoder.route(area_t).tolist()

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import orjson
 
-from mal_cli.bench.common import child_usage, count_flops, run_child, sync
+from mal_cli.bench.common import child_usage, run_child, sync, total_flops
 from mal_cli.bench.model import route_probe_areas
 
 
@@ -31,10 +31,10 @@ def _sample_flops(model, crops, box_areas) -> dict:
         with torch.no_grad(), autocast:
             model(crops, box_areas)
 
-    fwd = count_flops(student_forward)
-    bwd = count_flops(lambda: holder.pop("logits").sum().backward())
+    fwd = total_flops(student_forward)
+    bwd = total_flops(lambda: holder.pop("logits").sum().backward())
     model.zero_grad(set_to_none=True)
-    teacher = count_flops(teacher_forward)
+    teacher = total_flops(teacher_forward)
     total = (fwd + bwd + teacher) / 2
     return {
         "student_forward_gflop": round(fwd / 2e9, 4),
@@ -241,13 +241,15 @@ def _run_train_child(config, folder: Optional[Path], split_steps: int):
     return usage, wall, rows, info
 
 
-def _flop_rates(dataset: str, images: str, config, device: str, rate: Optional[float]) -> dict:
+def _flop_rates(config, rate: Optional[float]) -> dict:
     """GFLOP per training sample, weighted by the routes of the dataset's training boxes, and achieved TFLOP/s."""
     from mal_cli.dataset import load_dataset
     from mal_cli.train import collect_training_boxes
 
-    records = collect_training_boxes(load_dataset(dataset), images, config.min_box_area, config.min_box_side)
-    flops = training_flops_per_sample(config.crop_size, config.backbone, device, [r.area for r in records])
+    records = collect_training_boxes(
+        load_dataset(config.annotations), config.images, config.min_box_area, config.min_box_side
+    )
+    flops = training_flops_per_sample(config.crop_size, config.backbone, config.device, [r.area for r in records])
     return {
         "gflop_per_sample": flops["gflop_per_sample"],
         "gflop_per_sample_by_route": flops["by_route"],
@@ -335,5 +337,5 @@ def train_benchmark(
         if key in info:
             result[key] = info[key]
     if count_flops:
-        result.update(_flop_rates(dataset, images, config, device, result["samples_per_s_steady"]))
+        result.update(_flop_rates(config, result["samples_per_s_steady"]))
     return result
