@@ -52,9 +52,6 @@ class MalCommand(typer.core.TyperCommand):
         return [re.sub(r"^\{(.*)\}((?:\.\.\.)?)$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
-_state = {"debug": False}
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"mal {__version__}")
@@ -68,7 +65,8 @@ def _root(
     ),
     debug: bool = typer.Option(False, "--debug", help="Show full Python tracebacks on errors."),
 ) -> None:
-    _state["debug"] = debug
+    # --version acts in its callback; --debug is read from the command line by `main`, which handles the errors.
+    del version, debug
 
 
 # --- commands: one module each in mal_cli/commands/, thin (parse options, call the library) ---------------

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -109,7 +109,6 @@ def _labelling(config: BenchConfig, result: dict, folder: Path) -> None:
     result["images"], result["boxes"] = n_images, n_boxes
     result["end_to_end"] = {}
     for method in c.methods:
-        extra = (["--compile"] if c.compile else []) + ["--precision", c.precision] if method == "mal" else []
         result["end_to_end"][method] = end_to_end(
             subset,
             c.images,
@@ -119,8 +118,9 @@ def _labelling(config: BenchConfig, result: dict, folder: Path) -> None:
             c.batch_size,
             c.workers,
             folder,
-            extra=extra,
             crop_sizes=c.crop_sizes,
+            compile=c.compile,
+            precision=c.precision,
         )
     if c.pipeline and "mal" in c.methods:
         result["pipeline"] = pipeline_ceiling(
@@ -225,7 +225,3 @@ def run_bench(config: BenchConfig) -> dict:
         _peak(config, result)
     result["bench_peak_rss_mib"] = rss_mib()
     return result
-
-
-def config_dict(config: BenchConfig) -> dict:
-    return asdict(config)

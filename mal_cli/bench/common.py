@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: child processes, device sync, memory."""
+"""Helpers shared by the benchmarks: child processes, device sync, FLOP counts, memory."""
 
 from __future__ import annotations
 
@@ -28,12 +28,30 @@ def run_child(cmd: Sequence[str], what: str, env: Optional[dict] = None):
     return usage, wall
 
 
+def child_usage(usage) -> dict:
+    """A child's peak RSS (MiB) and CPU seconds, from the rusage `run_child` returns."""
+    return {
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1) if usage.ru_maxrss else None,
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+    }
+
+
 def sync(device) -> None:
     """Wait for the device's queued work (a no-op on a CPU), so a timer measures it."""
     if device.type == "cuda":
         import torch
 
         torch.cuda.synchronize(device)
+
+
+def total_flops(fn) -> float:
+    """FLOPs of `fn()` as torch's FlopCounterMode counts them (matmul, conv, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def rss_mib() -> float:

@@ -6,12 +6,12 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import orjson
 
-from mal_cli.bench.common import run_child, sync
+from mal_cli.bench.common import child_usage, run_child, sync
 from mal_cli.errors import InputError
 
 
@@ -58,10 +58,12 @@ def end_to_end(
     batch_size: int,
     workers: Optional[int],
     folder: Path,
-    extra: Sequence[str] = (),
     crop_sizes: Optional[str] = None,
+    compile: bool = False,
+    precision: str = "auto",
 ) -> dict:
-    """One `mal label` run in a subprocess: in-run and wall boxes/s, peak RSS of the process (MiB)."""
+    """One `mal label` run in a subprocess: in-run and wall boxes/s, peak RSS of the process (MiB). The model's
+    options (checkpoint, crop sizes, compile, precision) go to `--method mal` only: `box` runs no model."""
     out = folder / f"bench_{method}.json"
     summary_path = folder / f"bench_{method}_summary.json"
     cmd = [
@@ -83,16 +85,15 @@ def end_to_end(
         "--no-progress",
         "--summary-json",
         str(summary_path),
-        *extra,
     ]
     if workers is not None:
         cmd += ["--workers", str(workers)]
-    if crop_sizes and method == "mal":
-        cmd += ["--crop-sizes", crop_sizes]
-    if checkpoint and method == "mal":
-        cmd += ["--checkpoint", checkpoint]
+    if method == "mal":
+        cmd += ["--precision", precision] + (["--compile"] if compile else [])
+        cmd += ["--crop-sizes", crop_sizes] if crop_sizes else []
+        cmd += ["--checkpoint", checkpoint] if checkpoint else []
     usage, wall = run_child(cmd, f"mal label ({method})")
-    peak_kib = usage.ru_maxrss
+    cpu_seconds = usage.ru_utime + usage.ru_stime
     summary = orjson.loads(summary_path.read_bytes())
     out.unlink(missing_ok=True)
     boxes = int(summary["boxes"])
@@ -104,12 +105,9 @@ def end_to_end(
         "boxes_per_s": round(boxes / summary["seconds"], 1) if summary["seconds"] else None,
         "seconds_wall": round(wall, 3),
         "boxes_per_s_wall": round(boxes / wall, 1) if wall else None,
-        "peak_rss_mib": round(peak_kib / 1024, 1) if peak_kib else None,
         # CPU seconds of the run and its reaped workers: on a shared machine, boxes per CPU-second is steadier.
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
-        "boxes_per_cpu_s": round(boxes / (usage.ru_utime + usage.ru_stime), 2)
-        if usage.ru_utime + usage.ru_stime
-        else None,
+        **child_usage(usage),
+        "boxes_per_cpu_s": round(boxes / cpu_seconds, 2) if cpu_seconds else None,
         "device": summary.get("device"),
         "precision": summary.get("precision"),
         "batch_size": batch_size,

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import orjson
 
-from mal_cli.bench.common import sync
+from mal_cli.bench.common import sync, total_flops
 
 
 def route_areas(dataset: str, n: int) -> np.ndarray:
@@ -19,15 +19,6 @@ def route_areas(dataset: str, n: int) -> np.ndarray:
     raw = orjson.loads(Path(dataset).read_bytes())
     areas = np.array([geometry.box_area(a["bbox"]) for a in raw["annotations"]] or [1.0])
     return np.resize(areas, n)
-
-
-def _count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def _route_flops(model, plan, dev) -> dict:
@@ -49,10 +40,10 @@ def _route_flops(model, plan, dev) -> dict:
                 def encode(probe=probe, out=out):
                     out["features"] = model.encoder((probe - model.pixel_mean) / model.pixel_std)
 
-                enc = _count_flops(encode) / 2
+                enc = total_flops(encode) / 2
                 areas = torch.full((2,), float(area), device=dev)
                 dec = (
-                    _count_flops(
+                    total_flops(
                         lambda out=out, areas=areas, scales=scales: model.decoder(
                             out["features"], areas, grid_size=model.encoder.grid_size, route_scales=scales
                         )
@@ -65,19 +56,16 @@ def _route_flops(model, plan, dev) -> dict:
     return per_route
 
 
-def _time_batches(predictor, crops, area_t, batch_size: int, iterations: int) -> tuple[float, list[float]]:
-    """Warm-up seconds (with `compile`, the compile) and the seconds of each timed batch."""
-    warmup = time.perf_counter()
-    predictor.predict_crops(crops, area_t, batch_size)
-    sync(predictor.device)
-    warmup = time.perf_counter() - warmup
+def _time_calls(fn, device, iterations: int) -> tuple[float, list[float]]:
+    """Seconds of a first call of `fn` (the warm-up: kernel selection; with `compile`, the compile) and of each of
+    `iterations` more, every call waited for on the device."""
     times = []
-    for _ in range(iterations):
+    for _ in range(1 + iterations):
         s = time.perf_counter()
-        predictor.predict_crops(crops, area_t, batch_size)
-        sync(predictor.device)
+        fn()
+        sync(device)
         times.append(time.perf_counter() - s)
-    return warmup, times
+    return times[0], times[1:]
 
 
 def model_benchmark(
@@ -124,7 +112,7 @@ def model_benchmark(
         for size, size_crops in crops.by_size.items():
             idx = [i for i, s in enumerate(sizes) if s == size]
             with precisions.autocast(dev, predictor.precision):
-                batch_flops += _count_flops(
+                batch_flops += total_flops(
                     lambda c=size_crops, i=idx: model(c.to(dev).float(), area_t[i].to(dev), plan.decoder_scales)
                 )
     routes = model.decoder.route(area_t).tolist()
@@ -135,7 +123,7 @@ def model_benchmark(
     )
     if compile:
         compile_encoder_blocks(model)
-    warmup, times = _time_batches(predictor, crops, area_t, batch_size, iterations)
+    warmup, times = _time_calls(lambda: predictor.predict_crops(crops, area_t, batch_size), dev, iterations)
     best = min(times)
     return {
         "device": str(dev),
@@ -165,14 +153,7 @@ def measure_peak_flops(device: str, size: Optional[int] = None, iterations: int 
     n = size or (8192 if dev.type == "cuda" else 2048)
     a = torch.randn(n, n, device=dev, dtype=dtype or torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=dtype or torch.bfloat16)
-    a @ b
-    sync(dev)
-    times = []
-    for _ in range(iterations):
-        s = time.perf_counter()
-        a @ b
-        sync(dev)
-        times.append(time.perf_counter() - s)
+    _, times = _time_calls(lambda: a @ b, dev, iterations)
     return {"device": str(dev), "matmul_n": n, "tflop_per_s": round(2 * n**3 / min(times) / 1e12, 4)}
 
 

@@ -12,20 +12,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import orjson
 
-from mal_cli.bench.common import run_child, sync
+from mal_cli.bench.common import child_usage, run_child, sync, total_flops
 from mal_cli.bench.model import route_probe_areas
 
 
 def _sample_flops(model, crops, box_areas) -> dict:
     """FLOPs of a batch of 2 training samples, per sample: student forward + backward + teacher forward."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def count(fn) -> float:
-        counter = FlopCounterMode(display=False)
-        with counter:
-            fn()
-        return float(counter.get_total_flops())
 
     autocast = torch.autocast(crops.device.type, dtype=torch.bfloat16, enabled=crops.device.type == "cuda")
     holder: dict[str, torch.Tensor] = {}
@@ -38,10 +31,10 @@ def _sample_flops(model, crops, box_areas) -> dict:
         with torch.no_grad(), autocast:
             model(crops, box_areas)
 
-    fwd = count(student_forward)
-    bwd = count(lambda: holder.pop("logits").sum().backward())
+    fwd = total_flops(student_forward)
+    bwd = total_flops(lambda: holder.pop("logits").sum().backward())
     model.zero_grad(set_to_none=True)
-    teacher = count(teacher_forward)
+    teacher = total_flops(teacher_forward)
     total = (fwd + bwd + teacher) / 2
     return {
         "student_forward_gflop": round(fwd / 2e9, 4),
@@ -230,7 +223,7 @@ def _train_child(config_json: str, result_json: str, split_steps: int = 0) -> No
     Path(result_json).write_bytes(orjson.dumps(info, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
-def _run_train_child(config, backbone_weights, folder: Optional[Path], split_steps: int):
+def _run_train_child(config, folder: Optional[Path], split_steps: int):
     """`mal train`'s loop in a subprocess: its rusage, wall seconds, metrics.jsonl rows and result file."""
     with tempfile.TemporaryDirectory(prefix="mal-bench-train-", dir=folder) as tmp:
         run_dir = Path(tmp) / "run"
@@ -239,7 +232,7 @@ def _run_train_child(config, backbone_weights, folder: Optional[Path], split_ste
         config_path.write_bytes(orjson.dumps(config.to_dict()))
         cmd = [sys.executable, "-m", "mal_cli.bench", "train-child", str(config_path), str(info_path), str(split_steps)]
         env = dict(os.environ)
-        if not backbone_weights:
+        if not config.backbone_weights:
             env["HF_HUB_OFFLINE"] = "1"  # random backbone weights: the same cost, and no download in a benchmark
         usage, wall = run_child(cmd, "mal train (bench)", env)
         metrics_path = run_dir / "metrics.jsonl"
@@ -248,54 +241,20 @@ def _run_train_child(config, backbone_weights, folder: Optional[Path], split_ste
     return usage, wall, rows, info
 
 
-def _flop_rates(dataset: str, images: str, config, device: str, rate: Optional[float]) -> dict:
+def _flop_rates(config, rate: Optional[float]) -> dict:
     """GFLOP per training sample, weighted by the routes of the dataset's training boxes, and achieved TFLOP/s."""
     from mal_cli.dataset import load_dataset
     from mal_cli.train import collect_training_boxes
 
-    records = collect_training_boxes(load_dataset(dataset), images, config.min_box_area, config.min_box_side)
-    flops = training_flops_per_sample(config.crop_size, config.backbone, device, [r.area for r in records])
+    records = collect_training_boxes(
+        load_dataset(config.annotations), config.images, config.min_box_area, config.min_box_side
+    )
+    flops = training_flops_per_sample(config.crop_size, config.backbone, config.device, [r.area for r in records])
     return {
         "gflop_per_sample": flops["gflop_per_sample"],
         "gflop_per_sample_by_route": flops["by_route"],
         "tflop_per_s": round(rate * flops["flop_per_sample"] / 1e12, 5) if rate else None,
     }
-
-
-def _train_config(
-    dataset,
-    images,
-    device,
-    crop_size,
-    batch_size,
-    steps,
-    workers,
-    backbone_weights,
-    backbone,
-    log_every,
-    compile,
-    precision="auto",
-):
-    """`mal train`'s config for the benchmark run: its defaults, no validation, one checkpoint at the end."""
-    from mal_cli.train import TrainConfig
-
-    defaults = TrainConfig()
-    return TrainConfig(
-        annotations=str(dataset),
-        images=str(images),
-        backbone=backbone or defaults.backbone,
-        backbone_weights=str(backbone_weights) if backbone_weights else None,
-        crop_size=crop_size,
-        batch_size=batch_size,
-        max_steps=steps,
-        device=device,
-        workers=defaults.workers if workers is None else workers,
-        log_every=log_every,
-        checkpoint_every=steps,  # one checkpoint, after the last logged step (outside the timed window)
-        val=None,
-        compile=compile,
-        precision=precision,
-    )
 
 
 def train_benchmark(
@@ -323,24 +282,27 @@ def train_benchmark(
     on `device` after the run). `workers`/`backbone` None: `mal train`'s defaults. World size 1.
     """
     from mal_cli.device import resolve_device
+    from mal_cli.train_config import TrainConfig
 
     if steps <= warmup_steps:
         raise ValueError(f"train steps ({steps}) must exceed the warm-up steps ({warmup_steps})")
-    config = _train_config(
-        dataset,
-        images,
-        device,
-        crop_size,
-        batch_size,
-        steps,
-        workers,
-        backbone_weights,
-        backbone,
-        log_every,
-        compile,
-        precision,
+    # `mal train`'s defaults, no validation, one checkpoint after the last logged step (outside the timed window)
+    config = TrainConfig(
+        annotations=str(dataset),
+        images=str(images),
+        backbone=backbone or TrainConfig.backbone,
+        backbone_weights=str(backbone_weights) if backbone_weights else None,
+        crop_size=crop_size,
+        batch_size=batch_size,
+        max_steps=steps,
+        device=device,
+        workers=workers,
+        log_every=log_every,
+        checkpoint_every=steps,
+        compile=compile,
+        precision=precision,
     )
-    usage, wall, rows, info = _run_train_child(config, backbone_weights, folder, split_steps)
+    usage, wall, rows, info = _run_train_child(config, folder, split_steps)
     log = [
         {"step": int(r["step"]), "time": float(r["time"]), "samples_per_s": float(r["samples_per_s"])}
         for r in rows
@@ -367,8 +329,7 @@ def train_benchmark(
         "samples_per_s_overall": round(last["step"] * batch_size / last["time"], 3) if last["time"] > 0 else None,
         "seconds_in_loop": round(last["time"], 4),
         "seconds_wall": round(wall, 3),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1) if usage.ru_maxrss else None,
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+        **child_usage(usage),
         "skipped_nonfinite": final.get("skipped_nonfinite"),
         "log": log,
     }
@@ -376,5 +337,5 @@ def train_benchmark(
         if key in info:
             result[key] = info[key]
     if count_flops:
-        result.update(_flop_rates(dataset, images, config, device, result["samples_per_s_steady"]))
+        result.update(_flop_rates(config, result["samples_per_s_steady"]))
     return result

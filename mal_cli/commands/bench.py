@@ -9,16 +9,16 @@ import typer
 
 from mal_cli.bench import BENCH_METHODS, BenchConfig
 from mal_cli.commands import command
+from mal_cli.commands._options import Device, Images
+from mal_cli.precision import CHOICES as PRECISIONS
 
 _BENCH = BenchConfig
 
 
 _Dataset = Annotated[str, typer.Argument(metavar="DATASET", help="COCO/LVIS dataset JSON whose boxes are labelled.")]
-_Images = Annotated[Path, typer.Option("--images", "-i", help="Folder with the images.")]
 _Checkpoint = Annotated[
     Optional[Path], typer.Option("--checkpoint", "-c", help="Labeler checkpoint [default: the shipped one].")
 ]
-_Device = Annotated[str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="Where the model runs.")]
 _BatchSize = Annotated[int, typer.Option(help="Boxes per model batch.")]
 _Workers = Annotated[Optional[int], typer.Option(help="As `mal label --workers`.")]
 _CropSizes = Annotated[
@@ -27,7 +27,7 @@ _CropSizes = Annotated[
 _Compile = Annotated[bool, typer.Option("--compile", help="torch.compile for the end-to-end, model and training rows.")]
 _Precision = Annotated[
     str,
-    typer.Option(metavar="auto|fp32|bf16|fp16", help="As `mal label --precision`, for every row that runs the model."),
+    typer.Option(metavar="|".join(PRECISIONS), help="As `mal label --precision`, for every row that runs the model."),
 ]
 _Limit = Annotated[Optional[int], typer.Option(help="Use the first whole images holding at least N boxes.")]
 _Repeat = Annotated[int, typer.Option(min=1, help="Label the (limited) dataset N times over, new ids each time.")]
@@ -68,9 +68,9 @@ _JsonOut = Annotated[Optional[str], typer.Option("--json", help="Write all figur
 )
 def bench_command(
     dataset: _Dataset,
-    images: _Images,
+    images: Images,
     checkpoint: _Checkpoint = None,
-    device: _Device = _BENCH.device,
+    device: Device = _BENCH.device,
     batch_size: _BatchSize = _BENCH.batch_size,
     workers: _Workers = _BENCH.workers,
     crop_sizes: _CropSizes = _BENCH.crop_sizes,
@@ -95,38 +95,14 @@ def bench_command(
     json_out: _JsonOut = None,
 ) -> None:
     """Benchmark `mal label` (and with --train, `mal train`): throughput, memory, FLOP/s vs the device peak."""
+    # Every option but --json is the BenchConfig field of the same name; paths go in as strings.
+    options = {name: str(v) if isinstance(v, Path) else v for name, v in locals().items() if name != "json_out"}
     from rich.console import Console
 
     from mal_cli.bench import run_bench
     from mal_cli.bench.report import bench_table
 
-    config = BenchConfig(
-        dataset=dataset,
-        images=str(images),
-        checkpoint=str(checkpoint) if checkpoint else None,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        crop_sizes=crop_sizes,
-        compile=compile,
-        precision=precision,
-        limit=limit,
-        repeat=repeat,
-        method=method,
-        stages=stages,
-        model=model,
-        peak=peak,
-        pipeline=pipeline,
-        train=train,
-        train_crop_size=train_crop_size,
-        train_batch_size=train_batch_size,
-        train_steps=train_steps,
-        train_warmup=train_warmup,
-        train_workers=train_workers,
-        train_split_steps=train_split_steps,
-        backbone_weights=str(backbone_weights) if backbone_weights else None,
-        backbone=backbone,
-    )
+    config = BenchConfig(**options)
     result = run_bench(config)
     Console(stderr=True).print(bench_table(result))
     if json_out:

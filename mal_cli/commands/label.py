@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from mal_cli.commands import command
+from mal_cli.commands._options import Device, Images
 from mal_cli.labeling.options import FORMATS, METHODS, LabelOptions
 from mal_cli.precision import CHOICES as PRECISIONS
 
@@ -18,7 +19,6 @@ _LABEL = LabelOptions
 _Boxes = Annotated[
     str, typer.Argument(metavar="BOXES", help="COCO/LVIS dataset JSON or detector results list; - = stdin.")
 ]
-_Images = Annotated[Path, typer.Option("--images", "-i", help="Folder with the images.")]
 _Out = Annotated[str, typer.Option("--out", "-o", help="Labelled JSON to write (atomically); - = stdout.")]
 _ImageInfo = Annotated[
     Optional[str],
@@ -31,7 +31,6 @@ _Checkpoint = Annotated[
 _Method = Annotated[
     str, typer.Option(metavar="|".join(METHODS), help="mal: the labeler; box: the filled box (no model).")
 ]
-_Device = Annotated[str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="Where the model runs.")]
 _BatchSize = Annotated[int, typer.Option(help="Boxes per model batch; part of the result (keep it when resuming).")]
 _Workers = Annotated[
     Optional[int], typer.Option(help="Loading and post-processing processes [default: by device and cores].")
@@ -97,12 +96,12 @@ _Precision = Annotated[
 )
 def label_command(
     boxes: _Boxes,
-    images: _Images,
+    images: Images,
     out: _Out,
     image_info: _ImageInfo = None,
     checkpoint: _Checkpoint = None,
     method: _Method = _LABEL.method,
-    device: _Device = _LABEL.device,
+    device: Device = _LABEL.device,
     batch_size: _BatchSize = _LABEL.batch_size,
     workers: _Workers = _LABEL.workers,
     crop_sizes: _CropSizes = None,
