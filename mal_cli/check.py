@@ -18,6 +18,7 @@ annotations); `--images` adds one `stat` per image, `--decode` a full decode per
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -82,10 +83,11 @@ def check_image_files(report: CheckReport, images_dir: Union[str, Path], decode:
         except OSError as err:
             report.add("image_missing", f"image id {image_id}: {path} ({err.strerror})")
             continue
-        if not os.path.isfile(path) or st.st_size == 0:
+        is_file = stat.S_ISREG(st.st_mode)  # the stat above: no second one per image
+        if not is_file or st.st_size == 0:
             report.add(
                 "image_unreadable",
-                f"image id {image_id}: {path} ({'empty file' if os.path.isfile(path) else 'not a file'})",
+                f"image id {image_id}: {path} ({'empty file' if is_file else 'not a file'})",
             )
             continue
         if not decode:
