@@ -295,7 +295,6 @@ def write_review(
             progress_bar,
             labels,
             gt,
-            gt_ds is not None,
         )
     except BaseException:
         if created:  # a folder this run made holds nothing worth keeping
@@ -330,9 +329,9 @@ def _write_folder(
     progress_bar: bool,
     labels: str,
     gt: Optional[str],
-    with_gt: bool,
 ) -> dict:
     full = bool(full_names)
+    with_gt = bool(gt)  # GT read (write_review loads it exactly when `gt` is given)
     thumbs: dict = {}
     missing_images: list[str] = []
     iterator = by_image.items()
