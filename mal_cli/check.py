@@ -58,9 +58,7 @@ def finish_results(check: DocumentCheck, info: DocumentCheck, records: Optional[
     info_report = info.finish()
     for code, group in info_report.groups.items():
         if code in ("image_not_object", "image_bad_id", "duplicate_image_id", "image_bad_size", "layout", "unreadable"):
-            for example in group.examples:
-                check._layout.add(code, example)
-            check._layout.groups[code].count += group.count - len(group.examples)
+            check._layout.add_counted(code, group.examples, group.count)
     # The results' records refer to the info's images.
     check.columns.use_images_of(info.columns)
     check.image_source = info.source
