@@ -18,6 +18,7 @@ annotations); `--images` adds one `stat` per image, `--decode` a full decode per
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -57,9 +58,7 @@ def finish_results(check: DocumentCheck, info: DocumentCheck, records: Optional[
     info_report = info.finish()
     for code, group in info_report.groups.items():
         if code in ("image_not_object", "image_bad_id", "duplicate_image_id", "image_bad_size", "layout", "unreadable"):
-            for example in group.examples:
-                check._layout.add(code, example)
-            check._layout.groups[code].count += group.count - len(group.examples)
+            check._layout.add_counted(code, group.examples, group.count)
     # The results' records refer to the info's images.
     check.columns.use_images_of(info.columns)
     check.image_source = info.source
@@ -82,10 +81,11 @@ def check_image_files(report: CheckReport, images_dir: Union[str, Path], decode:
         except OSError as err:
             report.add("image_missing", f"image id {image_id}: {path} ({err.strerror})")
             continue
-        if not os.path.isfile(path) or st.st_size == 0:
+        is_file = stat.S_ISREG(st.st_mode)  # the stat above: no second one per image
+        if not is_file or st.st_size == 0:
             report.add(
                 "image_unreadable",
-                f"image id {image_id}: {path} ({'empty file' if os.path.isfile(path) else 'not a file'})",
+                f"image id {image_id}: {path} ({'empty file' if is_file else 'not a file'})",
             )
             continue
         if not decode:

@@ -113,6 +113,14 @@ class CheckReport:
         if len(group.examples) < EXAMPLES:
             group.examples.append(where)
 
+    def add_counted(self, code: str, examples: list, count: int) -> None:
+        """`count` problems of kind `code`, `examples` being the first of them (the rest are only counted)."""
+        if not count:
+            return
+        for where in examples:
+            self.add(code, where)
+        self.groups[code].count += count - len(examples)
+
     def count(self, severity: str) -> int:
         return sum(g.count for g in self.groups.values() if g.severity == severity)
 

@@ -238,15 +238,9 @@ class DocumentCheck:
         return f"{self.source}: {'results' if self.results else 'annotations'}[{index}]"
 
     def _add_deferred(self, report: CheckReport, code: str, indices, message) -> None:
-        for count, index in enumerate(indices):
-            index = int(index)
-            if count == 0:
-                self._first.setdefault(code, index)
-            if count < EXAMPLES:
-                report.add(code, message(index))
-            else:  # only the count grows past the examples
-                report.groups[code].count += len(indices) - count
-                break
+        if len(indices):
+            self._first.setdefault(code, int(indices[0]))
+        report.add_counted(code, [message(int(index)) for index in indices[:EXAMPLES]], len(indices))
 
     def _duplicate_ids(self, report: CheckReport) -> None:
         if self.results:

@@ -23,7 +23,7 @@ from typing import Any, Union
 import orjson
 
 from mal_cli.errors import InputError, OutputError
-from mal_cli.fileio import atomic_write
+from mal_cli.fileio import write_bytes_atomic
 
 __all__ = [
     "Dataset",
@@ -227,11 +227,4 @@ def write_json_atomic(path: Union[str, Path], obj: Any) -> None:
         sys.stdout.buffer.write(data + b"\n")
         sys.stdout.buffer.flush()
         return
-    target = Path(path)
-    try:
-        with atomic_write(target) as handle:
-            handle.write(data)
-    except OSError as err:
-        from mal_cli.safe_paths import write_error
-
-        raise write_error(err, target) from None
+    write_bytes_atomic(path, data)

@@ -40,7 +40,7 @@ import numpy as np
 from mal_cli import masks
 from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset
 from mal_cli.errors import InputError, OutputError
-from mal_cli.fileio import TEMP_TAG, atomic_write, remove_stale_temps
+from mal_cli.fileio import TEMP_TAG, remove_stale_temps, write_bytes_atomic
 from mal_cli.images import check_pixel_budget
 from mal_cli.results import TRAINING_MIN_SCORE, below_min_score
 from mal_cli.safe_paths import check_file_name, image_path, is_inside, open_exclusive, refuse_inputs_under, write_error
@@ -246,7 +246,7 @@ def export_yolo(
     try:
         stats = _write_labels(dataset, by_image, class_of, parts, source, staging)
         # From here until the marker goes, OUT mixes this export with the previous one.
-        _write_small(marker, b"a mal export yolo run is writing this folder, or was killed: rerun it\n")
+        write_bytes_atomic(marker, b"a mal export yolo run is writing this folder, or was killed: rerun it\n")
         _swap_in(staging, out / "labels")
     except BaseException:
         if created:
@@ -283,7 +283,7 @@ def _read_labels(labels: Union[str, Path, Dataset], image_info: Optional[str]) -
 
 def _write_class_files(out: Path, names: list[str]) -> None:
     """OUT/classes.txt (line k = class k) and OUT/data.yaml (Ultralytics' dataset file)."""
-    _write_small(out / "classes.txt", "".join(n + "\n" for n in names).encode())
+    write_bytes_atomic(out / "classes.txt", "".join(n + "\n" for n in names).encode())
     yaml = [
         "# written by `mal export yolo`; class k = line k of classes.txt = k-th category by COCO id",
         "# put (or link: --link-images DIR) the images in images/ beside this file",
@@ -293,7 +293,7 @@ def _write_class_files(out: Path, names: list[str]) -> None:
         "names:",
     ]
     yaml += [f"  {k}: {_yaml_str(n)}" for k, n in enumerate(names)]
-    _write_small(out / "data.yaml", ("\n".join(yaml) + "\n").encode())
+    write_bytes_atomic(out / "data.yaml", ("\n".join(yaml) + "\n").encode())
 
 
 UNFINISHED_MARKER = ".mal-export-unfinished"
@@ -322,14 +322,6 @@ def _check_link_dir(link_images: Optional[Union[str, Path]], out: Path) -> Optio
             "at themselves; give the folder with the original images"
         )
     return link_dir
-
-
-def _write_small(path: Path, data: bytes) -> None:
-    try:
-        with atomic_write(path) as handle:
-            handle.write(data)
-    except OSError as err:
-        raise write_error(err, path) from None
 
 
 def _write_labels(dataset: Dataset, by_image: dict, class_of: dict, parts: str, source: str, staging: Path) -> dict:

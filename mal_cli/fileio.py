@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from mal_cli.safe_paths import write_error
+
 TEMP_TAG = "mal"  # temp names: .NAME.mal<pid>.XXXX.tmp (files), .NAME.mal<pid>.partial / .old (folders)
 _TEMP_NAME = re.compile(r"^\..+\." + TEMP_TAG + r"(\d+)\.(?:[A-Za-z0-9_]+\.tmp|partial|old)$")
 
@@ -37,6 +39,16 @@ def atomic_write(path: str | Path, buffering: int = -1) -> Iterator[BinaryIO]:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """`data` to `path` through `atomic_write` (a link planted at `path` is replaced, never written through);
+    an OSError becomes the user-facing `safe_paths.write_error`."""
+    try:
+        with atomic_write(path) as handle:
+            handle.write(data)
+    except OSError as err:
+        raise write_error(err, Path(path)) from None
 
 
 def pid_alive(pid: int) -> bool:

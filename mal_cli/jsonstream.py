@@ -79,7 +79,7 @@ def loads(text: bytes) -> Any:
             except ValueError:
                 pass
             except RecursionError:
-                raise orjson.JSONDecodeError("nested too deep", text.decode("utf-8", "replace")[:0], 0) from None
+                raise orjson.JSONDecodeError("nested too deep", "", 0) from None
         raise
 
 

@@ -36,7 +36,7 @@ import orjson
 
 from mal_cli.dataset import Dataset, image_file_name, load_any, load_dataset
 from mal_cli.errors import InputError, OutputError
-from mal_cli.fileio import atomic_write
+from mal_cli.fileio import write_bytes_atomic
 from mal_cli.images import check_pixel_budget
 from mal_cli.safe_paths import image_path, is_inside, refuse_inputs_under, write_error
 from mal_cli.segmentation_check import checked_decode, checked_rle, validate_segmentation
@@ -295,7 +295,6 @@ def write_review(
             progress_bar,
             labels,
             gt,
-            gt_ds is not None,
         )
     except BaseException:
         if created:  # a folder this run made holds nothing worth keeping
@@ -330,9 +329,9 @@ def _write_folder(
     progress_bar: bool,
     labels: str,
     gt: Optional[str],
-    with_gt: bool,
 ) -> dict:
     full = bool(full_names)
+    with_gt = bool(gt)  # GT read (write_review loads it exactly when `gt` is given)
     thumbs: dict = {}
     missing_images: list[str] = []
     iterator = by_image.items()
@@ -383,8 +382,8 @@ def _write_folder(
     _remove_stale(out, {out / item.crop for item in items} | {out / name for name in full_names.values()})
     sort_key = "IoU" if with_gt else "mal_score"
     title = f"mal viz: {Path(labels).name if labels != '-' else '<stdin>'}" + (f" vs {Path(gt).name}" if gt else "")
-    _write_bytes(out / "index.html", _html(items, thumbs, title, sort_key, total).encode("utf-8"))
-    _write_bytes(
+    write_bytes_atomic(out / "index.html", _html(items, thumbs, title, sort_key, total).encode("utf-8"))
+    write_bytes_atomic(
         out / "review.json",
         orjson.dumps({"sorted_by": sort_key, "total": total, "items": [asdict(item) for item in items]}),
     )
@@ -444,19 +443,10 @@ def _full_names(by_image: dict, images: dict) -> dict:
     }
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Temp file + rename: a link planted at `path` is replaced, never written through."""
-    try:
-        with atomic_write(path) as handle:
-            handle.write(data)
-    except OSError as err:
-        raise write_error(err, path) from None
-
-
 def _save_png(picture, path: Path) -> None:
     buf = io.BytesIO()
     picture.save(buf, format="PNG", optimize=True)
-    _write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _safe(value: Any) -> str:

