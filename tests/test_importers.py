@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import orjson
 import pycocotools.mask as mask_utils
 import pytest
@@ -28,15 +29,9 @@ def _box_labels(raw: dict) -> dict:
         x0, y0 = int(ann["bbox"][0]), int(ann["bbox"][1])
         x1 = min(w, max(x0 + 1, round(ann["bbox"][0] + ann["bbox"][2])))
         y1 = min(h, max(y0 + 1, round(ann["bbox"][1] + ann["bbox"][3])))
-        mask = np.zeros((h, w), np.uint8, order="F")
+        mask = np.zeros((h, w), np.uint8)
         mask[y0:y1, x0:x1] = 1
-        rle = mask_utils.encode(mask)
-        rle["counts"] = rle["counts"].decode()
-        ann["bbox"], ann["segmentation"], ann["iscrowd"] = (
-            [x0, y0, x1 - x0, y1 - y0],
-            rle,
-            0,
-        )
+        ann["bbox"], ann["segmentation"], ann["iscrowd"] = [x0, y0, x1 - x0, y1 - y0], oracles.encode(mask), 0
     return raw
 
 
