@@ -41,7 +41,7 @@ TINY_THRESHOLD = 0.499
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
-def dataset(**edit) -> dict:
+def dataset() -> dict:
     return copy.deepcopy(RAW)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def _snapshot(root: Path, skip: tuple[Path, ...]) -> dict:
 
 def run_limited(args: list, cwd: Path) -> Result:
     """`mal ARGS` in a child process under a 4 GiB address-space limit and a 60 s timeout."""
-    quoted = " ".join(_sh(a) for a in [sys.executable, "-m", "mal_cli", *map(str, args)])
+    quoted = shlex.join([sys.executable, "-m", "mal_cli", *map(str, args)])
     try:
         done = subprocess.run(
             ["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {quoted}"],
@@ -155,10 +156,6 @@ def run_limited(args: list, cwd: Path) -> Result:
         pytest.fail(f"hang: mal {' '.join(map(str, args))} ran past {TIMEOUT_S} s")
     assert done.returncode >= 0, f"killed by signal {-done.returncode}: {done.stderr[-2000:]}"
     return Result(done.returncode, done.stdout, done.stderr)
-
-
-def _sh(text: str) -> str:
-    return "'" + str(text).replace("'", "'\\''") + "'"
 
 
 def expect_error(result: Result, code: int, message: str) -> None:
@@ -402,7 +399,7 @@ def test_jsonstream_memory_is_bounded_by_the_longest_token(case):
         "print(int(line.split()[1]) // 1024)"
     )
     done = subprocess.run(
-        ["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {_sh(sys.executable)} -c {_sh(code)}"],
+        ["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
