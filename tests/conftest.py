@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 import orjson
 import pytest
+from mal_runner import Result, in_process_runner
 
 DATA_DIR = Path(__file__).parent / "data"
 MINI16_JSON = DATA_DIR / "annotations_mini16.json"
@@ -27,6 +29,12 @@ def mini16_raw() -> dict:
     if "raw" not in _MINI16_CACHE:
         _MINI16_CACHE["raw"] = orjson.loads(MINI16_JSON.read_bytes())
     return copy.deepcopy(_MINI16_CACHE["raw"])
+
+
+@pytest.fixture
+def mal(capsys, monkeypatch) -> Callable[..., Result]:
+    """Run `mal ARGS...` in-process as the console script does: exit code, stdout, stderr."""
+    return in_process_runner(capsys, monkeypatch)
 
 
 def pytest_collection_modifyitems(config, items):

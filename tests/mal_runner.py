@@ -1,4 +1,7 @@
-"""`mal ARGS...` run in-process as the console script runs it: exit code, stdout, stderr (the `mal` fixture)."""
+"""`mal ARGS...` run in-process as the console script runs it: exit code, stdout, stderr (the `mal` fixture).
+
+And the arguments of the quickest whole `mal label` run: the box method in the main process, no progress bar.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +34,20 @@ def in_process_runner(capsys, monkeypatch) -> Callable[..., Result]:
         return Result(code, captured.out, captured.err)
 
     return run
+
+
+def label_box_args(boxes, images, out, *extra) -> list:
+    return [
+        "label",
+        boxes,
+        "--images",
+        images,
+        "--out",
+        out,
+        "--method",
+        "box",
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import math
 from typing import Sequence
 
@@ -9,6 +12,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from mal_cli.pixels import paste_box_prob
 
@@ -70,3 +75,24 @@ def paste_box_mask(
     """`paste_box_prob` thresholded: the binary (uint8) window and its bounds."""
     prob, window = paste_box_prob(crop_prob, box_xyxy, region_xyxy, image_hw)
     return (prob >= threshold).view(np.uint8), window
+
+
+def cocoeval_segm(gt_doc: dict, results: list[dict]) -> COCOeval:
+    """One plain pycocotools COCOeval (segm) over everything, evaluated, accumulated and summarised, quietly.
+
+    Works on copies: loadRes adds fields to the results it is given.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt_doc)
+        coco_gt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+def cocoeval_segm_stats(gt_doc: dict, results: list[dict]) -> list[float]:
+    """AP, AP50, AP75, APs, APm, APl of `cocoeval_segm` (stats[:6])."""
+    return [float(v) for v in cocoeval_segm(gt_doc, results).stats[:6]]

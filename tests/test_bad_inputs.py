@@ -23,7 +23,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mal_runner import Result, in_process_runner
+from mal_runner import Result, label_box_args
 from PIL import Image, ImageOps
 
 from mal_cli import masks
@@ -41,13 +41,7 @@ TINY_THRESHOLD = 0.499
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def mal(capsys, monkeypatch) -> Callable[..., Result]:
-    """Run `mal ARGS...` in-process as the console script does: exit code, stdout, stderr."""
-    return in_process_runner(capsys, monkeypatch)
-
-
-def dataset(**edit) -> dict:
+def dataset() -> dict:
     return copy.deepcopy(RAW)
 
 
@@ -70,20 +64,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def label_args(boxes, out, *extra) -> list:
-    return [
-        "label",
-        boxes,
-        "--images",
-        IMAGES,
-        "--out",
-        out,
-        "--method",
-        "box",
-        "--workers",
-        "0",
-        "--no-progress",
-        *extra,
-    ]
+    return label_box_args(boxes, IMAGES, out, *extra)
 
 
 def one_line_error(result: Result) -> None:

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import orjson
 import pytest
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from test_evaluate import _as_lvis  # the fixture in LVIS v1 form (coco_url only, frequency, no iscrowd)
 from test_export import _roundtrip_check
 from test_label import tiny_options  # the tiny_checkpoint fixture lives in conftest.py
@@ -63,19 +63,6 @@ def _results(doc: dict) -> list[dict]:
     ]
 
 
-def _coco_segm_eval(gt_doc: dict, results: list[dict]) -> np.ndarray:
-    gt = COCO()
-    gt.dataset = gt_doc
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        dt = gt.loadRes(results)
-        evaluator = COCOeval(gt, dt, iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return evaluator.stats
-
-
 @pytest.mark.parametrize("fmt", ["rle", "polygon"])
 def test_box_labels_in_pycocotools(tmp_path, mini16_raw, fmt):
     doc = _label(MINI16_JSON, tmp_path / "labels.json", LabelOptions(method="box", workers=0, format=fmt))
@@ -85,7 +72,7 @@ def test_box_labels_in_pycocotools(tmp_path, mini16_raw, fmt):
         labelled.createIndex()
     for ann in doc["annotations"][:20]:
         assert labelled.annToMask(ann).sum() == ann["area"]
-    stats = _coco_segm_eval(mini16_raw, _results(doc))  # ... and its annotations are COCO results
+    stats = oracles.cocoeval_segm(mini16_raw, _results(doc)).stats  # ... and its annotations are COCO results
     assert 0.0 < stats[0] < 0.9  # filled boxes: some AP, far from perfect
 
 
@@ -94,7 +81,7 @@ def test_model_labels_in_pycocotools(lvis_files, mini16_raw):
     assert all(
         isinstance(a["segmentation"], dict) and isinstance(a["segmentation"]["counts"], str) for a in doc["annotations"]
     )
-    stats = _coco_segm_eval(mini16_raw, _results(doc))  # same ids and boxes as the COCO original
+    stats = oracles.cocoeval_segm(mini16_raw, _results(doc)).stats  # same ids and boxes as the COCO original
     assert np.isfinite(stats).all() and 0.0 <= stats[0] <= 1.0
 
 

@@ -8,21 +8,14 @@ import io
 import json
 
 import numpy as np
-import pycocotools.mask as mask_utils
+import oracles  # slow references (tests/oracles.py)
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from test_evaluate import _as_lvis  # the fixture in LVIS v1 form (coco_url only, frequency, no iscrowd)
 
 from mal_cli import masks
 from mal_cli.dataset import Dataset
 from mal_cli.errors import InputError
 from mal_cli.evaluate import evaluate, report_table
-
-
-def _rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode()
-    return rle
 
 
 def detector_results(raw: dict, seed: int = 3) -> list[dict]:
@@ -42,7 +35,7 @@ def detector_results(raw: dict, seed: int = 3) -> list[dict]:
         det = {
             "image_id": ann["image_id"],
             "category_id": ann["category_id"],
-            "segmentation": _rle(shifted),
+            "segmentation": oracles.encode(shifted),
             "bbox": [x + float(dx) + 0.37, y + float(dy) - 0.21, w * 1.03, h * 0.98],
             "score": round(float(rng.random()), 3),
         }
@@ -50,18 +43,6 @@ def detector_results(raw: dict, seed: int = 3) -> list[dict]:
         if rng.random() < 0.15:  # a duplicate, or the same mask with a wrong class
             results.append(dict(det, score=float(rng.random()), category_id=int(rng.choice(cat_ids))))
     return results
-
-
-def cocoeval_stats(raw: dict, results: list[dict]) -> list[float]:
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = copy.deepcopy(raw)
-        coco_gt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return [float(v) for v in evaluator.stats[:6]]
 
 
 def test_detector_results_get_cocoevals_ap(mini16_raw):
@@ -73,9 +54,9 @@ def test_detector_results_get_cocoevals_ap(mini16_raw):
     assert report.instance_miou is None and report.miou_missing_as_zero is None and report.missing_ids == []
     # Without bbox, loadRes takes every area from the mask: all six figures are COCOeval's, bit for bit.
     no_bbox = [{k: v for k, v in det.items() if k != "bbox"} for det in results]
-    assert list(report.ap.values()) == cocoeval_stats(mini16_raw, no_bbox)
+    assert list(report.ap.values()) == oracles.cocoeval_segm_stats(mini16_raw, no_bbox)
     # With bbox, COCOeval sizes detections by their boxes: AP, AP50, AP75 (all areas) still agree.
-    assert list(report.ap.values())[:3] == cocoeval_stats(mini16_raw, results)[:3]
+    assert list(report.ap.values())[:3] == oracles.cocoeval_segm_stats(mini16_raw, results)[:3]
     assert 0.1 < report.ap["AP"] < 0.9  # neither trivially perfect nor empty
 
 
@@ -127,18 +108,6 @@ def test_detections_table_shows_no_given_box_rows(mini16_raw):
     console.print(report_table(evaluate(detector_results(mini16_raw), gt)))
     text = console.file.getvalue()
     assert "COCO segm AP" in text and "detections" in text and "mIoU" not in text
-
-
-def _as_lvis(raw: dict) -> dict:
-    lvis = copy.deepcopy(raw)
-    for image in lvis["images"]:
-        image.pop("file_name")
-        image["neg_category_ids"], image["not_exhaustive_category_ids"] = [], []
-    for i, category in enumerate(lvis["categories"]):
-        category["frequency"] = "rcf"[i % 3]
-    for ann in lvis["annotations"]:
-        ann.pop("iscrowd")
-    return lvis
 
 
 def test_lvis_gt_gets_lvisevals_ap(mini16_raw, tmp_path):

@@ -264,25 +264,13 @@ def test_cli_eval_bad_input_is_one_line(tmp_path, mini16_path):
 
 def _plain_cocoeval_ap(gt: Dataset, detections: list[dict]) -> list[float]:
     """stats[:6] of one plain pycocotools COCOeval over the whole GT (what `mal eval` computed before chunking)."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     annotations = []
     for ann in gt.annotations:
         image = gt.image_by_id[ann["image_id"]]
         annotations.append(dict(ann, segmentation=masks.to_rle(ann["segmentation"], image["height"], image["width"])))
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = {"images": gt.images, "categories": gt.categories, "annotations": annotations}
-        coco_gt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return [float(v) for v in evaluator.stats[:6]]
+    return oracles.cocoeval_segm_stats(
+        {"images": gt.images, "categories": gt.categories, "annotations": annotations}, detections
+    )
 
 
 def test_chunked_coco_ap_equals_plain_cocoeval(mini16_raw, monkeypatch):

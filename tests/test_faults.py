@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import _free_port, _metrics  # a port for torchrun; a run folder's metrics.jsonl rows
 
 from mal_cli.modeling.labeler import read_checkpoint
 
@@ -49,10 +48,6 @@ TRAIN = [
 
 def _mal(*args) -> list[str]:
     return [sys.executable, "-m", "mal_cli", *map(str, args)]
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -156,12 +151,6 @@ def test_full_disk_while_labelling_keeps_the_old_output(tmp_path, limit):
     assert "File too large" in done.stderr
     assert out.read_bytes() == b"previous labels"  # never half-written
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 NAN_ON_RANK0 = """

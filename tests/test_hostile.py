@@ -14,20 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import oracles  # tests/oracles.py: the reference RLE encoder
 import orjson
 import pytest
-from mal_runner import Result, in_process_runner
+from mal_runner import Result, label_box_args
 from PIL import Image
 
-from mal_cli.cli import main
 from mal_cli.merge import dataset_records_digest
 
 H, W = 24, 32
@@ -141,15 +140,9 @@ def _snapshot(root: Path, skip: tuple[Path, ...]) -> dict:
     return found
 
 
-@pytest.fixture
-def mal(capsys, monkeypatch) -> Callable[..., Result]:
-    """Run `mal ARGS...` in-process as the console script does: exit code, stdout, stderr."""
-    return in_process_runner(capsys, monkeypatch)
-
-
 def run_limited(args: list, cwd: Path) -> Result:
     """`mal ARGS` in a child process under a 4 GiB address-space limit and a 60 s timeout."""
-    quoted = " ".join(_sh(a) for a in [sys.executable, "-m", "mal_cli", *map(str, args)])
+    quoted = shlex.join([sys.executable, "-m", "mal_cli", *map(str, args)])
     try:
         done = subprocess.run(
             ["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {quoted}"],
@@ -163,10 +156,6 @@ def run_limited(args: list, cwd: Path) -> Result:
         pytest.fail(f"hang: mal {' '.join(map(str, args))} ran past {TIMEOUT_S} s")
     assert done.returncode >= 0, f"killed by signal {-done.returncode}: {done.stderr[-2000:]}"
     return Result(done.returncode, done.stdout, done.stderr)
-
-
-def _sh(text: str) -> str:
-    return "'" + str(text).replace("'", "'\\''") + "'"
 
 
 def expect_error(result: Result, code: int, message: str) -> None:
@@ -410,7 +399,7 @@ def test_jsonstream_memory_is_bounded_by_the_longest_token(case):
         "print(int(line.split()[1]) // 1024)"
     )
     done = subprocess.run(
-        ["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {_sh(sys.executable)} -c {_sh(code)}"],
+        ["bash", "-c", f"ulimit -v {MEMORY_LIMIT_KB}; exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
@@ -428,7 +417,7 @@ def _deep(depth: int) -> bytes:
 
 @pytest.mark.parametrize("depth", [300, 1_000_000], ids=["300", "1e6"])
 @pytest.mark.parametrize("command", ["eval", "merge", "viz", "export", "check"])
-def test_deep_nesting_is_a_clear_error(command, depth, case):
+def test_deep_nesting_is_a_clear_error(command, depth, case, mal):
     path = case.write("deep.json", _deep(depth))
     out = case.tmp / "out.json"
     args = {
@@ -438,31 +427,12 @@ def test_deep_nesting_is_a_clear_error(command, depth, case):
         "export": ["export", "yolo", path, "--out", case.tmp / "o"],
         "check": ["check", path],
     }[command]
-    result = _in_process(args) if depth <= 300 else run_limited(args, case.tmp)
+    result = mal(*args) if depth <= 300 else run_limited(args, case.tmp)
     if command == "check":  # check reports problems in its report, exit 1
         assert result.code == 1 and "nested deeper than 255 levels" in result.out and "Traceback" not in result.err
     else:
         expect_error(result, 2, "nested deeper than 255 levels")
     assert not out.exists() and not (case.tmp / "o").exists()
-
-
-def _in_process(args: list) -> Result:
-    import contextlib
-    import io
-
-    err, out = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["mal", *map(str, args)]
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return Result(code, out.getvalue(), err.getvalue())
 
 
 # --- outputs never destroy inputs -------------------------------------------------------------------------
@@ -979,23 +949,15 @@ def test_check_long_string_under_limits(case):
 # --- label: progress file, declared sizes, file names, outputs that would destroy inputs --------------------------
 
 
+def _label_box(case, mal, gt: Path, out: Path, *extra) -> Result:
+    return mal(*label_box_args(gt, case.images, out, *extra))
+
+
 def test_label_progress_symlink_is_not_followed(case, mal):
     out = case.tmp / "out.json"
     (case.tmp / "out.json.progress.jsonl").symlink_to(case.outside / "secret.txt")
     before = _snapshot(case.outside, ())
-    result = mal(
-        "label",
-        case.write("gt.json", _gt()),
-        "--images",
-        case.images,
-        "--out",
-        out,
-        "--method",
-        "box",
-        "--workers",
-        "0",
-        "--no-progress",
-    )
+    result = _label_box(case, mal, case.write("gt.json", _gt()), out)
     assert _snapshot(case.outside, ()) == before
     expect_error(result, 3, "symbolic link")
 
@@ -1003,19 +965,7 @@ def test_label_progress_symlink_is_not_followed(case, mal):
 def test_label_box_declared_100000_square(case, mal):
     doc = _gt()
     doc["images"][0].update(height=100000, width=100000)
-    result = mal(
-        "label",
-        case.write("gt.json", doc),
-        "--images",
-        case.images,
-        "--out",
-        case.tmp / "o.json",
-        "--method",
-        "box",
-        "--workers",
-        "0",
-        "--no-progress",
-    )
+    result = _label_box(case, mal, case.write("gt.json", doc), case.tmp / "o.json")
     expect_error(result, 2, "pixel limit")
 
 
@@ -1023,40 +973,14 @@ def test_label_file_name_outside_images_is_refused(case, mal):
     _write_png(case.outside / "x.png")
     doc = _gt()
     doc["images"][0]["file_name"] = "../outside/x.png"
-    result = mal(
-        "label",
-        case.write("gt.json", doc),
-        "--images",
-        case.images,
-        "--out",
-        case.tmp / "o.json",
-        "--method",
-        "box",
-        "--workers",
-        "0",
-        "--no-progress",
-    )
+    result = _label_box(case, mal, case.write("gt.json", doc), case.tmp / "o.json")
     expect_error(result, 2, "points outside the images folder")
 
 
 def test_label_summary_json_naming_the_input_is_refused(case, mal):
     gt = case.write("gt.json", _gt())
     before = _snapshot(case.tmp, ())
-    result = mal(
-        "label",
-        gt,
-        "--images",
-        case.images,
-        "--out",
-        case.tmp / "o.json",
-        "--method",
-        "box",
-        "--workers",
-        "0",
-        "--no-progress",
-        "--summary-json",
-        gt,
-    )
+    result = _label_box(case, mal, gt, case.tmp / "o.json", "--summary-json", gt)
     expect_error(result, 3, "would destroy the input")
     assert _snapshot(case.tmp, ()) == before
 
@@ -1108,19 +1032,7 @@ def test_label_deep_nesting_is_refused_before_any_output(where, case, mal):
     else:
         doc["annotations"][1]["extra"] = _nest(300)
     out = case.tmp / "o.json"
-    result = mal(
-        "label",
-        case.write("deep.json", doc, raw=True),
-        "--images",
-        case.images,
-        "--out",
-        out,
-        "--method",
-        "box",
-        "--workers",
-        "0",
-        "--no-progress",
-    )
+    result = _label_box(case, mal, case.write("deep.json", doc, raw=True), out)
     expect_error(result, 2, "nested deeper than 255 levels")
     assert not out.exists() and not (case.tmp / "o.json.progress.jsonl").exists()
 
@@ -1130,22 +1042,7 @@ def test_label_long_strings_under_limits(case):
     doc["info"] = {"note": "x" * 20_000_000}
     doc["annotations"][0]["note"] = "y" * 5_000_000
     out = case.tmp / "o.json"
-    result = run_limited(
-        [
-            "label",
-            case.write("long.json", doc),
-            "--images",
-            case.images,
-            "--out",
-            out,
-            "--method",
-            "box",
-            "--workers",
-            "0",
-            "--no-progress",
-        ],
-        case.tmp,
-    )
+    result = run_limited(label_box_args(case.write("long.json", doc), case.images, out), case.tmp)
     expect_clean(result)
     assert orjson.loads(out.read_bytes())["info"]["note"] == "x" * 20_000_000
 
@@ -1170,12 +1067,6 @@ def test_export_link_images_applies_the_path_rule_first(case, mal):
     result = mal("export", "yolo", case.write("l.json", doc), "--out", out, "--link-images", case.images)
     expect_error(result, 2, "points outside the images folder")
     assert not out.exists()
-
-
-def _label_box(case, mal, gt: Path, out: Path, *extra) -> Result:
-    return mal(
-        "label", gt, "--images", case.images, "--out", out, "--method", "box", "--workers", "0", "--no-progress", *extra
-    )
 
 
 def test_label_loses_to_a_live_run_and_names_a_dead_ones_file(case, mal):

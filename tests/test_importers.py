@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import orjson
 import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from mal_cli.cli import main
 from mal_cli.dataset import Dataset
 from mal_cli.errors import InputError
 from mal_cli.export import export_yolo
@@ -19,18 +18,6 @@ from mal_cli.importers import image_size, import_voc, import_yolo, read_class_na
 
 DATA_DIR = Path(__file__).parent / "data"
 MINI16_IMAGES = DATA_DIR / "images"
-
-
-def run_mal(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["mal", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _box_labels(raw: dict) -> dict:
@@ -42,15 +29,9 @@ def _box_labels(raw: dict) -> dict:
         x0, y0 = int(ann["bbox"][0]), int(ann["bbox"][1])
         x1 = min(w, max(x0 + 1, round(ann["bbox"][0] + ann["bbox"][2])))
         y1 = min(h, max(y0 + 1, round(ann["bbox"][1] + ann["bbox"][3])))
-        mask = np.zeros((h, w), np.uint8, order="F")
+        mask = np.zeros((h, w), np.uint8)
         mask[y0:y1, x0:x1] = 1
-        rle = mask_utils.encode(mask)
-        rle["counts"] = rle["counts"].decode()
-        ann["bbox"], ann["segmentation"], ann["iscrowd"] = (
-            [x0, y0, x1 - x0, y1 - y0],
-            rle,
-            0,
-        )
+        ann["bbox"], ann["segmentation"], ann["iscrowd"] = [x0, y0, x1 - x0, y1 - y0], oracles.encode(mask), 0
     return raw
 
 
@@ -109,12 +90,12 @@ def test_yolo_seg_lines_of_real_masks_give_the_masks_extent(tmp_path, mini16_raw
         np.testing.assert_allclose(sorted(got[name]), sorted(boxes), atol=0.01)
 
 
-def test_the_imported_json_is_a_dataset_mal_reads(tmp_path, mini16_raw, capsys, monkeypatch):
+def test_the_imported_json_is_a_dataset_mal_reads(tmp_path, mini16_raw, mal):
     root = _exported(tmp_path, _box_labels(mini16_raw))
     out = tmp_path / "boxes.json"
-    code, stdout, err = run_mal(capsys, monkeypatch, "import", "yolo", root, "--out", out)
-    assert code == 0 and stdout == ""
-    assert "16 images" in err and f"{len(mini16_raw['annotations'])} boxes" in err
+    result = mal("import", "yolo", root, "--out", out)
+    assert result.code == 0 and result.out == ""
+    assert "16 images" in result.err and f"{len(mini16_raw['annotations'])} boxes" in result.err
     dataset = Dataset.from_dict(orjson.loads(out.read_bytes()), str(out))
     assert all(dataset.image_path(i, root / "images").is_file() for i in dataset.images)
 
@@ -157,13 +138,13 @@ def test_yolo_box_lines_become_pixel_boxes(tmp_path):
         ("0 0.1 0.1 0.2 0.2 0.3\n", "expected 'class cx cy w h'"),
     ],
 )
-def test_yolo_bad_lines_stop_with_file_and_line(tmp_path, capsys, monkeypatch, label, expected):
+def test_yolo_bad_lines_stop_with_file_and_line(tmp_path, mal, label, expected):
     root = _yolo_tree(tmp_path, label)
     with pytest.raises(InputError, match=None) as err:
         import_yolo(root)
     assert expected in str(err.value) and "a.txt" in str(err.value)
-    code, _, stderr = run_mal(capsys, monkeypatch, "import", "yolo", root, "--out", tmp_path / "o.json")
-    assert code == 2 and stderr.count("\n") == 1 and expected in stderr and "Traceback" not in stderr
+    result = mal("import", "yolo", root, "--out", tmp_path / "o.json")
+    assert result.code == 2 and result.err.count("\n") == 1 and expected in result.err and "Traceback" not in result.err
     assert not (tmp_path / "o.json").exists()
 
 
@@ -298,13 +279,13 @@ BILLION_LAUGHS = """<?xml version="1.0"?>
         (_voc_xml(_voc_object("", (1, 1, 5, 5))), "object 1 has no <name>"),
     ],
 )
-def test_voc_hostile_files_stop_with_one_line(tmp_path, capsys, monkeypatch, text, expected):
+def test_voc_hostile_files_stop_with_one_line(tmp_path, mal, text, expected):
     root = _voc_tree(tmp_path, {"a.xml": text})
     with pytest.raises(InputError) as err:
         import_voc(root)
     assert expected in str(err.value) and "a.xml" in str(err.value)
-    code, _, stderr = run_mal(capsys, monkeypatch, "import", "voc", root, "--out", tmp_path / "o.json")
-    assert code == 2 and stderr.count("\n") == 1 and expected in stderr
+    result = mal("import", "voc", root, "--out", tmp_path / "o.json")
+    assert result.code == 2 and result.err.count("\n") == 1 and expected in result.err
 
 
 def test_voc_missing_folders(tmp_path):

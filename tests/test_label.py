@@ -259,11 +259,9 @@ def test_only_missing_keeps_existing_masks(tmp_path, mini16_raw):
             assert ann["mal_score"] == 0.5
 
 
-def _label_cmd(boxes, out, checkpoint, *extra):
+def _tiny_label_args(boxes, out, checkpoint, *extra) -> list[str]:
+    """`mal label` with the tiny labeler on the CPU, 16 boxes a batch, no progress bar."""
     return [
-        sys.executable,
-        "-m",
-        "mal_cli",
         "label",
         str(boxes),
         "--images",
@@ -283,21 +281,30 @@ def _label_cmd(boxes, out, checkpoint, *extra):
     ]
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_is_byte_identical(tmp_path, tiny_checkpoint, tiny_single_run):
-    out = tmp_path / "labels.json"
+def _label_cmd(boxes, out, checkpoint, *extra) -> list[str]:
+    return [sys.executable, "-m", "mal_cli", *_tiny_label_args(boxes, out, checkpoint, *extra)]
+
+
+def _start_until_images_are_done(out: Path, checkpoint, *extra) -> subprocess.Popen:
+    """Start a label run; return once the header and at least one image line are on disk, or it ended, or 60 s."""
     progress = progress_path_for(out)
     proc = subprocess.Popen(
-        _label_cmd(MINI16_JSON, out, tiny_checkpoint, "--workers", "1", "--batch-size", "16"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        _label_cmd(MINI16_JSON, out, checkpoint, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 60
-    # Kill once the header and at least one image line are on disk (but not all 16).
     while time.monotonic() < deadline and proc.poll() is None:
         if progress.exists() and progress.read_bytes().count(b"\n") >= 3:
             break
         time.sleep(0.01)
+    return proc
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_byte_identical(tmp_path, tiny_checkpoint, tiny_single_run):
+    out = tmp_path / "labels.json"
+    progress = progress_path_for(out)
+    # Kill once the header and at least one image line are on disk (but not all 16).
+    proc = _start_until_images_are_done(out, tiny_checkpoint, "--workers", "1", "--batch-size", "16")
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -345,23 +352,7 @@ def test_torchrun_two_processes_match_single(tmp_path, tiny_checkpoint, tiny_sin
         "2",
         "-m",
         "mal_cli",
-        "label",
-        str(MINI16_JSON),
-        "--images",
-        str(MINI16_IMAGES),
-        "--out",
-        str(out),
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--threshold",
-        str(TINY_THRESHOLD),
-        "--batch-size",
-        "16",
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--no-progress",
+        *_tiny_label_args(MINI16_JSON, out, tiny_checkpoint, "--workers", "0"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, env=env, timeout=240)
@@ -710,16 +701,7 @@ def test_summary_line_counts_fallback_boxes_and_hides_the_single_shard(tmp_path,
 def test_ctrl_c_keeps_the_finished_images_and_says_how_to_resume(tmp_path, tiny_checkpoint, tiny_single_run):
     out = tmp_path / "labels.json"
     progress = progress_path_for(out)
-    proc = subprocess.Popen(
-        _label_cmd(MINI16_JSON, out, tiny_checkpoint, "--workers", "1", "--progress"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if progress.exists() and progress.read_bytes().count(b"\n") >= 3:
-            break
-        time.sleep(0.01)
+    proc = _start_until_images_are_done(out, tiny_checkpoint, "--workers", "1", "--progress")
     assert proc.poll() is None, "the run finished before Ctrl-C: " + proc.stderr.read().decode()
     os.kill(proc.pid, signal.SIGINT)
     err = proc.communicate(timeout=60)[1].decode()

