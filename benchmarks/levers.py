@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from rank_report import low5_and_rest  # benchmarks/ is sys.path[0] when this file runs
 
 from mal_cli import geometry, masks
 from mal_cli.dataset import load_dataset
@@ -85,7 +86,9 @@ def main() -> None:
         MeanFieldConfig(**json.loads(args.mf)),
         GuidedConfig(**json.loads(args.guided)),
     )
-    cache = np.load(args.cache)
+    with np.load(args.cache) as cache:  # each cache[key] reads (and unzips) the whole array again: read each once
+        ann_ids, regions, cached_probs = cache["ann_ids"].tolist(), cache["regions"], cache["probs"]
+        cached_flips = cache["probs_flip"] if "probs_flip" in cache.files else None  # none from --no-flip
     gt = load_dataset(args.gt)
     ann_by_id = {a["id"]: a for a in gt.annotations}
     image_by_id = gt.image_by_id
@@ -107,7 +110,7 @@ def main() -> None:
     }
     seconds = {n: 0.0 for n in names}
     current_image, image = None, None
-    for k, ann_id in enumerate(cache["ann_ids"].tolist()):
+    for k, ann_id in enumerate(ann_ids):
         ann = ann_by_id[ann_id]
         info = image_by_id[ann["image_id"]]
         if ann["image_id"] != current_image:
@@ -115,11 +118,11 @@ def main() -> None:
             current_image = ann["image_id"]
         hw = image.shape[:2]
         box = geometry.xywh_to_xyxy(ann["bbox"])
-        region = cache["regions"][k]
-        prob, window = geometry.paste_box_prob(cache["probs"][k].astype(np.float32), box, region, hw)
+        region = regions[k]
+        prob, window = geometry.paste_box_prob(cached_probs[k].astype(np.float32), box, region, hw)
         prob_flip = None
-        if "probs_flip" in cache.files:  # caches made with --no-flip have none
-            prob_flip, _ = geometry.paste_box_prob(cache["probs_flip"][k].astype(np.float32), box, region, hw)
+        if cached_flips is not None:
+            prob_flip, _ = geometry.paste_box_prob(cached_flips[k].astype(np.float32), box, region, hw)
         r0, r1, c0, c1 = window
         image_win = image[r0:r1, c0:c1]
         var = variants_of(prob, prob_flip, image_win, names, mf, gd, seconds)
@@ -148,14 +151,12 @@ def main() -> None:
         cues["mf_iou"].append(mask_agreement(base_mask, var["mf"] >= THRESHOLD) if "mf" in var else np.nan)
         cues["guided_iou"].append(mask_agreement(base_mask, var["guided"] >= THRESHOLD) if "guided" in var else np.nan)
         if k % 50 == 0:
-            print(f"\r{k}/{len(cache['ann_ids'])}", end="", file=sys.stderr)
+            print(f"\r{k}/{len(ann_ids)}", end="", file=sys.stderr)
     print(file=sys.stderr)
     rows = {}
+    gt_rest = {k: v for k, v in orjson.loads(Path(args.gt).read_bytes()).items() if k != "annotations"}
     for n in names:
-        labelled = {
-            **{k: v for k, v in orjson.loads(Path(args.gt).read_bytes()).items() if k != "annotations"},
-            "annotations": results[n],
-        }
+        labelled = {**gt_rest, "annotations": results[n]}
         path = out_dir / f"{n}.json"
         path.write_bytes(orjson.dumps(labelled))
         report = evaluate(load_dataset(path), gt, compute_ap=not args.no_ap)
@@ -187,14 +188,8 @@ def main() -> None:
         s = np.array(cues[c], dtype=np.float64)[keep]
         if np.isnan(s).any():
             continue
-        print(f"cue {c}: spearman {spearman(s, iou_arr[keep]):.3f}, low5/rest {low5(s, iou_arr[keep])}")
-
-
-def low5(score: np.ndarray, iou: np.ndarray) -> str:
-    """Mean IoU of the 5 % lowest-scored masks vs the rest (stable order, ties by position)."""
-    order = np.argsort(score, kind="mergesort")
-    n = max(1, round(0.05 * len(score)))
-    return f"{100 * iou[order[:n]].mean():.1f} / {100 * iou[order[n:]].mean():.1f}"
+        low, rest = low5_and_rest(s, iou_arr[keep])
+        print(f"cue {c}: spearman {spearman(s, iou_arr[keep]):.3f}, low5/rest {100 * low:.1f} / {100 * rest:.1f}")
 
 
 if __name__ == "__main__":

@@ -13,20 +13,21 @@ from mal_cli.dataset import load_dataset
 from mal_cli.evaluate import evaluate, spearman
 
 
+def low5_and_rest(score: np.ndarray, iou: np.ndarray) -> tuple[float, float]:
+    """Mean IoU of the 5 % lowest-scored masks and of the rest (stable order, ties by position)."""
+    order = np.argsort(score, kind="mergesort")
+    n = max(1, round(0.05 * len(score)))
+    return float(iou[order[:n]].mean()), float(iou[order[n:]].mean())
+
+
 def rank_figures(labels, gt) -> dict:
     report = evaluate(labels, gt, compute_ap=False)
     score = {a["id"]: a["mal_score"] for a in labels.annotations if "mal_score" in a}
     ids = [i for i in report.ious if i in score]
     s = np.array([score[i] for i in ids], dtype=np.float64)
     iou = np.array([report.ious[i] for i in ids])
-    order = np.argsort(s, kind="mergesort")
-    n = max(1, round(0.05 * len(ids)))
-    return {
-        "n": len(ids),
-        "spearman": spearman(s, iou),
-        "low5_iou": iou[order[:n]].mean(),
-        "rest_iou": iou[order[n:]].mean(),
-    }
+    low5_iou, rest_iou = low5_and_rest(s, iou)
+    return {"n": len(ids), "spearman": spearman(s, iou), "low5_iou": low5_iou, "rest_iou": rest_iou}
 
 
 def main() -> None:

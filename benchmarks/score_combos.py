@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from rank_report import low5_and_rest  # benchmarks/ is sys.path[0] when this file runs
 
 from mal_cli.evaluate import spearman
 
@@ -27,12 +28,6 @@ def candidates(c: dict) -> dict[str, np.ndarray]:
     }
 
 
-def low5(score: np.ndarray, iou: np.ndarray) -> tuple[float, float]:
-    order = np.argsort(score, kind="mergesort")
-    n = max(1, round(0.05 * len(score)))
-    return float(iou[order[:n]].mean()), float(iou[order[n:]].mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cues")
@@ -46,7 +41,7 @@ def main() -> None:
         **{f"cue {k}": v for k, v in c.items() if k != "iou"},
         **candidates(c),
     }.items():
-        lo, rest = low5(score, iou)
+        lo, rest = low5_and_rest(score, iou)
         print(f"{name:70s} spearman {spearman(score, iou):.3f}   low5 / rest {100 * lo:.1f} / {100 * rest:.1f}")
 
 

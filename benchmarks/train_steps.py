@@ -21,6 +21,8 @@ import os
 import time
 from pathlib import Path
 
+BATCH_SIZE = 8  # the fine-tune's --batch-size (module docstring)
+
 
 def run(args: argparse.Namespace) -> None:
     import mal_cli.train as train_module  # this checkout's (or PYTHONPATH's) training loop and its config
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> None:
         images=args.images,
         out=args.out,
         init=args.init,
-        batch_size=8,
+        batch_size=BATCH_SIZE,
         max_steps=args.steps,
         log_every=1,
         seed=0,
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
                 "precision": args.precision,
                 "steps": result["step"],
                 "wall_s": round(wall, 1),
-                "samples_per_s": round(result["step"] * 8 / wall, 2),
+                "samples_per_s": round(result["step"] * BATCH_SIZE / wall, 2),
                 "cpu_s": round(cpu, 1),
                 "last_loss": result.get("loss"),
             }

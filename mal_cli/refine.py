@@ -56,6 +56,12 @@ def _window_tensors(window_prob: np.ndarray, image_window: np.ndarray) -> tuple[
     return prob, image
 
 
+def _working_size(h: int, w: int, max_side: int) -> tuple[int, int]:
+    """The window's size scaled down so that its longest side is at most `max_side` (never up)."""
+    scale = min(1.0, max_side / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def _shifted_stack(x: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
     """(K, ..., H, W): x moved by each offset, so that pixel (y, x) holds the value at (y + dy, x + dx); zeros
     past the border. One pad for all offsets (views of it), not one per offset."""
@@ -92,8 +98,7 @@ def meanfield_refine(
     if h == 0 or w == 0:
         return np.asarray(window_prob, dtype=np.float32)
     prob, image = _window_tensors(window_prob, image_window)
-    scale = min(1.0, config.max_side / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    size = _working_size(h, w, config.max_side)
     if size != (h, w):
         prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
         image = F.interpolate(image, size=size, mode="area")
@@ -111,9 +116,7 @@ def meanfield_refine(
 
 def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
     """Mean over a (2r+1)^2 window, the window clipped at the borders (x: (1, C, H, W))."""
-    k = 2 * r + 1
-    total = F.avg_pool2d(x, k, stride=1, padding=r, count_include_pad=False)
-    return total
+    return F.avg_pool2d(x, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
 
 
 @torch.no_grad()
@@ -132,8 +135,7 @@ def guided_refine(
     if h == 0 or w == 0:
         return np.asarray(window_prob, dtype=np.float32)
     p_full, image_full = _window_tensors(window_prob, image_window)
-    scale = min(1.0, config.max_side / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    size = _working_size(h, w, config.max_side)
     p = F.interpolate(p_full, size=size, mode="area") if size != (h, w) else p_full
     image = F.interpolate(image_full, size=size, mode="area") if size != (h, w) else image_full
     r = max(1, round(config.radius_fraction * max(size)))

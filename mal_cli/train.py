@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -58,16 +59,24 @@ class BoxRecord:
 
 
 def collect_training_boxes(
-    dataset, images_dir: str | Path, min_box_area: float, min_box_side: float
+    dataset,
+    images_dir: str | Path,
+    min_box_area: float,
+    min_box_side: float,
+    left_out: Optional[Counter] = None,
 ) -> list[BoxRecord]:
     """The boxes MAL trains on: non-crowd, w and h > min_box_side, area > min_box_area
-    (`training_boxes.left_out_reason`). Masks are ignored."""
+    (`training_boxes.left_out_reason`). Masks are ignored. `left_out`, when given, counts the other boxes per
+    reason (in the same pass, for `describe_training_boxes`)."""
     records: list[BoxRecord] = []
     for image in dataset.images:
         path = str(dataset.image_path(image, images_dir))
         hw = (int(image["height"]), int(image["width"]))
         for ann in dataset.annotations_by_image.get(image["id"], []):
-            if left_out_reason(ann, min_box_area, min_box_side) is not None:
+            reason = left_out_reason(ann, min_box_area, min_box_side)
+            if reason is not None:
+                if left_out is not None:
+                    left_out[reason] += 1
                 continue
             x, y, w, h = (float(v) for v in ann["bbox"])
             records.append(BoxRecord(path, hw, (x, y, x + w, y + h), w * h))
@@ -535,7 +544,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             _truncate_metrics(out_dir / "metrics.jsonl", int(resume_state["step"]))
 
     torch.manual_seed(config.seed)
-    records = collect_training_boxes(dataset_doc, config.images, config.min_box_area, config.min_box_side)
+    left_out: Counter = Counter()
+    records = collect_training_boxes(dataset_doc, config.images, config.min_box_area, config.min_box_side, left_out)
     if not records:
         raise InputError(
             f"no trainable boxes in {config.annotations} (non-crowd, w/h > {config.min_box_side}, "
@@ -582,7 +592,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         log.info(
             "training on %s, %d steps (%d per epoch), batch %d x %d process(es), device %s, %s, %d loader workers",
-            describe_training_boxes(dataset_doc, len(records), config.min_box_area, config.min_box_side),
+            describe_training_boxes(len(records), left_out),
             total_steps,
             steps_per_epoch,
             config.batch_size,

@@ -1,5 +1,5 @@
-"""Which boxes `mal train` leaves out and why: the one rule (`collect_training_boxes` keeps the others), and
-the count per reason for its first log line.
+"""Which boxes `mal train` leaves out and why: the one rule (`collect_training_boxes` keeps the others and
+counts these per reason), and that count as its first log line says it.
 """
 
 from __future__ import annotations
@@ -23,15 +23,11 @@ def left_out_reason(ann: dict, min_box_area: float, min_box_side: float) -> Opti
     return None
 
 
-def describe_training_boxes(dataset, kept: int, min_box_area: float, min_box_side: float) -> str:
-    """'77 of 141 boxes (64 left out: 60 below --min-box-area 2048, 4 crowd)', or '141 boxes' when none is."""
-    reasons: Counter = Counter()
-    for image in dataset.images:
-        for ann in dataset.annotations_by_image.get(image["id"], []):
-            reasons[left_out_reason(ann, min_box_area, min_box_side)] += 1
-    reasons.pop(None, None)
-    if not reasons:
+def describe_training_boxes(kept: int, left_out: Counter) -> str:
+    """'77 of 141 boxes (64 left out: 60 below --min-box-area 2048, 4 crowd)', or '141 boxes' when none is.
+    `left_out`: the count per `left_out_reason` (`collect_training_boxes` fills it)."""
+    if not left_out:
         return f"{kept} boxes"
-    left_out = sum(reasons.values())
-    parts = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-    return f"{kept} of {kept + left_out} boxes ({left_out} left out: {parts})"
+    total_left_out = sum(left_out.values())
+    parts = ", ".join(f"{count} {reason}" for reason, count in left_out.most_common())
+    return f"{kept} of {kept + total_left_out} boxes ({total_left_out} left out: {parts})"
