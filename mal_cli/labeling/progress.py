@@ -172,18 +172,15 @@ class ProgressWriter:
     """Appends one line per finished image; flushed per group, fsync'd every few seconds and at close.
 
     `handle`: the file already opened for appending (`labeling.run` opens it without following links and locks
-    it for the run); None opens `path` here."""
+    it for the run); `header` is written first unless None (a resumed file has one)."""
 
-    def __init__(self, path: Path, header: Optional[dict], handle=None):
+    def __init__(self, path: Path, header: Optional[dict], handle):
         self.path = path
-        self.handle = handle if handle is not None else open(path, "ab" if header is None else "wb")
+        self.handle = handle
         self.lines = 0  # image lines written by this writer
         if header is not None:
             self.handle.write(orjson.dumps(header) + b"\n")
         self.last_sync = time.monotonic()
-
-    def write(self, image_position: int, results: list[tuple[int, dict]]) -> None:
-        self.write_line(image_line(image_position, results))
 
     def write_line(self, line: bytes) -> None:
         """An already serialised `image_line`."""
