@@ -61,18 +61,20 @@ def _decode(
     return decoded_hw, None, image, scale
 
 
-def _labellable(job: ImageJob, hw: tuple[int, int], margins: Margins) -> tuple[list[int], list, list[float]]:
+def _labellable(job: ImageJob, hw: tuple[int, int], margins: Optional[Margins]) -> tuple[list[int], list, list[float]]:
     """Per box its row among the labellable boxes (-1: covers no pixel centre, pycocotools' rule); per labellable
-    box its crop region and area."""
+    box its crop region and area. `margins` None (no model): only which boxes are labellable (row 0 each)."""
     model_index, regions, areas = [], [], []
     for bbox in job.boxes_xywh.tolist():
         xyxy = box_xyxy(bbox)
         if xyxy is None or window_is_empty(box_pixel_bounds(xyxy, hw)):
             model_index.append(-1)
-            continue
-        model_index.append(len(regions))
-        regions.append(crop_region(xyxy, margins))
-        areas.append(box_area(bbox))
+        elif margins is None:
+            model_index.append(0)
+        else:
+            model_index.append(len(regions))
+            regions.append(crop_region(xyxy, margins))
+            areas.append(box_area(bbox))
     return model_index, regions, areas
 
 
@@ -89,9 +91,8 @@ def load_image(
         error = f"{job.path}: no such image file"
     if error:
         return LoadedImage(index, hw, error, [-1] * job.num_boxes, [], []), None, 1.0
-    model_index, regions, areas = labellable or _labellable(job, hw, margins)  # hw is the recorded size if any
-    if not need_pixels:
-        model_index, regions, areas = [0 if i >= 0 else -1 for i in model_index], [], []
+    # hw is the recorded size if any; without pixels no model runs: no regions to decide
+    model_index, regions, areas = labellable or _labellable(job, hw, margins if need_pixels else None)
     return LoadedImage(index, hw, error, model_index, regions, areas), image, scale
 
 
