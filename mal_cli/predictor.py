@@ -141,9 +141,8 @@ class BoxPredictor:
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and not tensor.is_pinned():
-            tensor = (
-                tensor.pin_memory()
-            )  # page-locked: the copy is asynchronous (uint8 crops: a quarter of float's bytes)
+            # page-locked: the copy is asynchronous (uint8 crops: a quarter of float's bytes)
+            tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
     @torch.inference_mode()

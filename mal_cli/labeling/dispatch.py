@@ -15,7 +15,6 @@ from mal_cli.errors import InputError
 from mal_cli.labeling.loader import GroupCropDataset, LoadedGroup, iter_groups
 from mal_cli.labeling.plan import ImageJob
 from mal_cli.labeling.postprocess import ImageTask, results_of_tasks
-from mal_cli.pixels import Margins
 
 log = logging.getLogger("mal_cli.labeling")
 MAX_IMAGE_WARNINGS = 5  # per-image warnings printed; the rest are counted in one line
@@ -38,7 +37,7 @@ def run_groups(groups, done, predictor, options, writer, summary, fallbacks: Cou
 
     jobs = [job for group in groups for job in group]
     need_pixels = predictor is not None
-    margins = predictor.margins if predictor else Margins.uniform()
+    margins = predictor.margins if predictor else None  # no model: no crop regions
     dataset = GroupCropDataset(groups, need_pixels, predictor.crop_plan if predictor else None, margins)
     # Box method with recorded sizes decodes nothing: no worker processes worth starting.
     n_workers = auto_workers(predictor) if options.workers is None else options.workers

@@ -1,6 +1,6 @@
 """Image loading and cropping, in DataLoader workers (in parallel with the model): each group's images are
-decoded once, each box's pixel window decided once (it is carried to the post-processing), and the crops
-of the model boxes joined per crop size.
+decoded once, which boxes are labellable and each one's crop region decided once (carried to the
+post-processing), and the crops of the model boxes joined per crop size.
 
 torch is imported only where crops are made: `--method box` runs this module without it.
 """
@@ -79,7 +79,7 @@ def _labellable(job: ImageJob, hw: tuple[int, int], margins: Optional[Margins]) 
 
 
 def load_image(
-    job: ImageJob, index: int, need_pixels: bool, margins: Margins, reduce: int = 1, labellable=None
+    job: ImageJob, index: int, need_pixels: bool, margins: Optional[Margins], reduce: int = 1, labellable=None
 ) -> tuple[LoadedImage, Any, float]:
     """Decodes one image (when its pixels or its size are needed) and decides which of its boxes are labellable
     (`labellable`: that decision already made on the recorded size). Returns the image's record, its pixels (or
@@ -125,11 +125,11 @@ class GroupCropDataset:
     per crop size a group instead of ~2 an image (each shared tensor costs a socket round trip to its worker).
     """
 
-    def __init__(self, groups: Sequence[Sequence[ImageJob]], need_pixels: bool, crop_plan, margins: Margins):
+    def __init__(self, groups: Sequence[Sequence[ImageJob]], need_pixels: bool, crop_plan, margins: Optional[Margins]):
         self.groups = groups
         self.need_pixels = need_pixels
         self.crop_plan = crop_plan  # predictor.CropPlan (None for --method box)
-        self.margins = margins
+        self.margins = margins  # None for --method box
 
     def __len__(self) -> int:
         return len(self.groups)
