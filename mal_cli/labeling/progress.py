@@ -78,7 +78,7 @@ def progress_header(
     return header
 
 
-def read_progress(path: Path, fingerprint: str, truncate_torn: bool = True) -> tuple[dict, dict[int, int]]:
+def read_progress(path: Path, fingerprint: str) -> tuple[dict, dict[int, int]]:
     """Header and {image position: byte offset of its line}. A torn last line is dropped (and cut off)."""
     offsets: dict[int, int] = {}
     header: dict = {}
@@ -104,7 +104,7 @@ def read_progress(path: Path, fingerprint: str, truncate_torn: bool = True) -> t
                 offsets[int(entry["image"])] = offset
             offset += len(line)
             good_end = offset
-    if truncate_torn and good_end != path.stat().st_size:
+    if good_end != path.stat().st_size:
         log.warning("%s: dropped a torn last line (the run was killed mid-write)", path)
         with open(path, "r+b") as handle:
             handle.truncate(good_end)
