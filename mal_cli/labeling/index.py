@@ -118,13 +118,8 @@ def _check_boxes(path: Path, source: str, image_info: Optional[str]):
     finally:
         if image_info == "-":
             Path(info_path).unlink(missing_ok=True)
-    for kind, key, value in info_events:
-        if kind == "start":
-            info.start(key)
-        elif kind == "items" and key == "images":
-            info.images(value)
-        elif kind == "value":
-            info.value(key, value if key != "annotations" or not isinstance(value, list) else [])
+    for kind, key, value in info_events:  # its annotations are left out: an empty list of them is an empty list
+        _feed(info, kind, key, [] if kind == "value" and key == "annotations" and isinstance(value, list) else value)
     return check, finish_results(check, info)
 
 
