@@ -108,10 +108,6 @@ class BoxColumns:
         h, w = self.image_hw[2 * position], self.image_hw[2 * position + 1]
         return (h, w) if h > 0 and w > 0 else None
 
-    def record_scores(self) -> list:
-        """Per record: its numeric `score`, or None without one."""
-        return [None if math.isnan(s) else s for s in self.record_score_values]
-
     def bbox_array(self) -> np.ndarray:
         n = self.num_records
         return np.frombuffer(self.record_bbox_values, dtype=np.float64).reshape(n, 4) if n else np.zeros((0, 4))

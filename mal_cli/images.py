@@ -43,7 +43,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # drop alpha onto white
         image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert copies even an RGB image
 
 
 def load_rgb(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -77,10 +77,13 @@ def load_rgb_reduced(
                 # Orientation is decided on the full sizes (the recorded size refers to them), then applied.
                 raw_hw = (full_wh[1], full_wh[0])
                 oriented_hw = raw_hw[::-1] if swaps_sides(raw) else raw_hw
-                image, full_hw = ImageOps.exif_transpose(raw), oriented_hw
                 if expected_hw is not None and oriented_hw != tuple(expected_hw) and raw_hw == tuple(expected_hw):
-                    image, full_hw = raw, raw_hw
-                return np.asarray(_to_rgb(image)), full_hw, scale
+                    full_hw = raw_hw  # the boxes were drawn on the stored pixels: not transposed
+                else:
+                    # In place: an image that needs no transpose (most) is not copied.
+                    ImageOps.exif_transpose(raw, in_place=True)
+                    full_hw = oriented_hw
+                return np.asarray(_to_rgb(raw)), full_hw, scale
     except FileNotFoundError:
         raise ImageLoadError(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -145,7 +145,7 @@ def paste_window_np(crop_map: np.ndarray, region_xyxy: Sequence[float], window: 
     1-D interpolations (rows, then columns): O(h*M + h*w), never a full-image canvas. Returns float32.
     """
     row0, row1, col0, col1 = window
-    if row1 <= row0 or col1 <= col0:
+    if window_is_empty(window):
         return np.zeros((max(row1 - row0, 0), max(col1 - col0, 0)), dtype=np.float32)
     crop = np.asarray(crop_map, dtype=np.float32)
     size_y, size_x = crop.shape[-2:]
@@ -165,4 +165,4 @@ def paste_box_prob(
     the window is background by construction, which is what "keep inside the box" means.
     """
     window = box_pixel_bounds(box_xyxy, image_hw)
-    return paste_window_np(np.asarray(crop_prob, dtype=np.float32), region_xyxy, window), window
+    return paste_window_np(crop_prob, region_xyxy, window), window

@@ -131,21 +131,18 @@ class BoxPredictor:
         self.model.decoder.to(memory_format=torch.channels_last)
         if compile:
             compile_encoder_blocks(self.model)
-        self.crop_size = model.config.crop_size
         self.crop_plan = make_crop_plan(model, crop_sizes)
         self.margins = geometry.Margins.uniform(model.config.label_margin if margin is None else margin)
         self.threshold = model.config.threshold if threshold is None else threshold
         self.flip = flip
-        self.amp = amp
 
     def regions(self, boxes_xyxy: Sequence[Sequence[float]]) -> list[tuple[float, float, float, float]]:
         return [geometry.crop_region(b, self.margins) for b in boxes_xyxy]
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and not tensor.is_pinned():
-            tensor = (
-                tensor.pin_memory()
-            )  # page-locked: the copy is asynchronous (uint8 crops: a quarter of float's bytes)
+            # page-locked: the copy is asynchronous (uint8 crops: a quarter of float's bytes)
+            tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
     @torch.inference_mode()

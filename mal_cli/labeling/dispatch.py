@@ -15,7 +15,6 @@ from mal_cli.errors import InputError
 from mal_cli.labeling.loader import GroupCropDataset, LoadedGroup, iter_groups
 from mal_cli.labeling.plan import ImageJob
 from mal_cli.labeling.postprocess import ImageTask, results_of_tasks
-from mal_cli.pixels import Margins
 
 log = logging.getLogger("mal_cli.labeling")
 MAX_IMAGE_WARNINGS = 5  # per-image warnings printed; the rest are counted in one line
@@ -32,12 +31,13 @@ def auto_workers(predictor) -> int:
     return 2
 
 
-def run_groups(groups, jobs, done, predictor, options, writer, summary, fallbacks: Counter, progress_bar) -> None:
-    """Label `groups` (their images in order `jobs`), writing one progress line per unfinished image."""
+def run_groups(groups, done, predictor, options, writer, summary, fallbacks: Counter, progress_bar) -> None:
+    """Label `groups` of images, writing one progress line per unfinished image."""
     from tqdm import tqdm
 
+    jobs = [job for group in groups for job in group]
     need_pixels = predictor is not None
-    margins = predictor.margins if predictor else Margins.uniform()
+    margins = predictor.margins if predictor else None  # no model: no crop regions
     dataset = GroupCropDataset(groups, need_pixels, predictor.crop_plan if predictor else None, margins)
     # Box method with recorded sizes decodes nothing: no worker processes worth starting.
     n_workers = auto_workers(predictor) if options.workers is None else options.workers
@@ -128,7 +128,7 @@ class ResultDispatch:
                 continue
             if item.error and self.options.strict:  # every image before it is written first, to resume from
                 if tasks:
-                    self._submit(tasks, task_boxes)
+                    self._submit(tasks)
                 self.drain()
                 raise InputError(
                     f"{item.error} (--strict: stopped; the images before it are kept in {self.writer.path}: fix the "
@@ -142,18 +142,19 @@ class ResultDispatch:
             task_boxes += job.num_boxes
             # A few images a task: a task per image costs this process more pickling and pipe work.
             if task_boxes >= self.task_boxes:
-                self._submit(tasks, task_boxes)
+                self._submit(tasks)
                 tasks, task_boxes = [], 0
         if tasks:
-            self._submit(tasks, task_boxes)
+            self._submit(tasks)
         self.writer.flush()
         self.bar.set_postfix(images=self.images_done, refresh=False)
 
-    def _submit(self, tasks: list, n_boxes: int) -> None:
+    def _submit(self, tasks: list) -> None:
         result = self.pool.apply_async(results_of_tasks, (tasks,)) if self.pool else _Done(results_of_tasks(tasks))
-        self.pending.append((n_boxes, [len(t.record_positions) for t in tasks], result))
-        self.pending_boxes += n_boxes
-        while self.pending and (self.pending_boxes > self.max_pending_boxes or self.pending[0][2].ready()):
+        image_boxes = [len(t.record_positions) for t in tasks]
+        self.pending.append((image_boxes, result))
+        self.pending_boxes += sum(image_boxes)
+        while self.pending and (self.pending_boxes > self.max_pending_boxes or self.pending[0][1].ready()):
             self._write_next()
 
     def drain(self) -> None:
@@ -174,12 +175,13 @@ class ResultDispatch:
             log.warning("...and %d more images could not be read", more)
 
     def _write_next(self) -> None:
-        n_boxes, image_boxes, result = self.pending.popleft()
+        image_boxes, result = self.pending.popleft()
         for (line, image_fallbacks), boxes in zip(result.get(), image_boxes):
             self.writer.write_line(line)
             self.fallbacks.update(image_fallbacks)
             self.images_done += 1
             self.bar.update(boxes)  # per image: the bar's rate follows the work, not the task chunks
+        n_boxes = sum(image_boxes)
         self.summary.boxes += n_boxes
         self.pending_boxes -= n_boxes
 

@@ -42,13 +42,11 @@ class BoxIndex:
     record_score: Optional[np.ndarray] = None  # (N,) float64 detector scores, NaN without one
 
     def below_min_score(self, min_score: float) -> np.ndarray:
-        """(N,) bool: records `--min-score` leaves out (`results.below_min_score`, the one rule)."""
-        from mal_cli.results import below_min_score
-
-        if self.record_score is None or not (self.record_score < min_score).any():  # NaN compares False
+        """(N,) bool: records `--min-score` leaves out: `results.below_min_score` (a score below it; no score: never)
+        on the score column, whose NaN (no numeric score) compares False."""
+        if self.record_score is None:
             return np.zeros(self.num_records, dtype=bool)
-        scores = [None if np.isnan(s) else s for s in self.record_score.tolist()]
-        return np.fromiter((below_min_score({"score": s}, min_score) for s in scores), bool, len(scores))
+        return self.record_score < min_score
 
     def ensure_unchanged(self) -> None:
         """The output streams BOXES again: it must still be the file that was labelled."""
@@ -120,13 +118,8 @@ def _check_boxes(path: Path, source: str, image_info: Optional[str]):
     finally:
         if image_info == "-":
             Path(info_path).unlink(missing_ok=True)
-    for kind, key, value in info_events:
-        if kind == "start":
-            info.start(key)
-        elif kind == "items" and key == "images":
-            info.images(value)
-        elif kind == "value":
-            info.value(key, value if key != "annotations" or not isinstance(value, list) else [])
+    for kind, key, value in info_events:  # its annotations are left out: an empty list of them is an empty list
+        _feed(info, kind, key, [] if kind == "value" and key == "annotations" and isinstance(value, list) else value)
     return check, finish_results(check, info)
 
 

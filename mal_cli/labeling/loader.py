@@ -1,6 +1,6 @@
 """Image loading and cropping, in DataLoader workers (in parallel with the model): each group's images are
-decoded once, each box's pixel window decided once (it is carried to the post-processing), and the crops
-of the model boxes joined per crop size.
+decoded once, which boxes are labellable and each one's crop region decided once (carried to the
+post-processing), and the crops of the model boxes joined per crop size.
 
 torch is imported only where crops are made: `--method box` runs this module without it.
 """
@@ -61,23 +61,25 @@ def _decode(
     return decoded_hw, None, image, scale
 
 
-def _labellable(job: ImageJob, hw: tuple[int, int], margins: Margins) -> tuple[list[int], list, list[float]]:
+def _labellable(job: ImageJob, hw: tuple[int, int], margins: Optional[Margins]) -> tuple[list[int], list, list[float]]:
     """Per box its row among the labellable boxes (-1: covers no pixel centre, pycocotools' rule); per labellable
-    box its crop region and area."""
+    box its crop region and area. `margins` None (no model): only which boxes are labellable (row 0 each)."""
     model_index, regions, areas = [], [], []
     for bbox in job.boxes_xywh.tolist():
         xyxy = box_xyxy(bbox)
         if xyxy is None or window_is_empty(box_pixel_bounds(xyxy, hw)):
             model_index.append(-1)
-            continue
-        model_index.append(len(regions))
-        regions.append(crop_region(xyxy, margins))
-        areas.append(box_area(bbox))
+        elif margins is None:
+            model_index.append(0)
+        else:
+            model_index.append(len(regions))
+            regions.append(crop_region(xyxy, margins))
+            areas.append(box_area(bbox))
     return model_index, regions, areas
 
 
 def load_image(
-    job: ImageJob, index: int, need_pixels: bool, margins: Margins, reduce: int = 1, labellable=None
+    job: ImageJob, index: int, need_pixels: bool, margins: Optional[Margins], reduce: int = 1, labellable=None
 ) -> tuple[LoadedImage, Any, float]:
     """Decodes one image (when its pixels or its size are needed) and decides which of its boxes are labellable
     (`labellable`: that decision already made on the recorded size). Returns the image's record, its pixels (or
@@ -89,9 +91,8 @@ def load_image(
         error = f"{job.path}: no such image file"
     if error:
         return LoadedImage(index, hw, error, [-1] * job.num_boxes, [], []), None, 1.0
-    model_index, regions, areas = labellable or _labellable(job, hw, margins)  # hw is the recorded size if any
-    if not need_pixels:
-        model_index, regions, areas = [0 if i >= 0 else -1 for i in model_index], [], []
+    # hw is the recorded size if any; without pixels no model runs: no regions to decide
+    model_index, regions, areas = labellable or _labellable(job, hw, margins if need_pixels else None)
     return LoadedImage(index, hw, error, model_index, regions, areas), image, scale
 
 
@@ -124,11 +125,11 @@ class GroupCropDataset:
     per crop size a group instead of ~2 an image (each shared tensor costs a socket round trip to its worker).
     """
 
-    def __init__(self, groups: Sequence[Sequence[ImageJob]], need_pixels: bool, crop_plan, margins: Margins):
+    def __init__(self, groups: Sequence[Sequence[ImageJob]], need_pixels: bool, crop_plan, margins: Optional[Margins]):
         self.groups = groups
         self.need_pixels = need_pixels
         self.crop_plan = crop_plan  # predictor.CropPlan (None for --method box)
-        self.margins = margins
+        self.margins = margins  # None for --method box
 
     def __len__(self) -> int:
         return len(self.groups)

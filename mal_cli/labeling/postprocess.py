@@ -15,7 +15,7 @@ import numpy as np
 
 from mal_cli import masks
 from mal_cli.labeling.progress import image_line
-from mal_cli.pixels import Window, box_pixel_bounds, box_xyxy, paste_box_prob
+from mal_cli.pixels import Window, box_area, box_pixel_bounds, box_xyxy, paste_box_prob
 from mal_cli.score import BOX_METHOD_SCORE, FALLBACK_SCORE, mask_quality
 
 
@@ -61,6 +61,10 @@ def box_result(
     else:
         segmentation = masks.encode_window(window_mask, row0, col0, height, width)
         area = int(np.count_nonzero(window_mask))
+    return _result(segmentation, area, score, fallback)
+
+
+def _result(segmentation: Any, area, score: float, fallback: Optional[str]) -> dict:
     result = {"segmentation": segmentation, "area": area, "mal_score": score}
     if fallback:
         result["mal_fallback"] = fallback
@@ -75,11 +79,7 @@ def filled_box_result(
     if hw is None:
         # No size known at all (unreadable image without width/height): the box polygon is all we have.
         polygon = masks.box_polygon(bbox) if xyxy is not None else []
-        area = float(bbox[2]) * float(bbox[3]) if xyxy is not None else 0
-        result = {"segmentation": polygon, "area": area, "mal_score": score}
-        if fallback:
-            result["mal_fallback"] = fallback
-        return result
+        return _result(polygon, box_area(bbox) if xyxy is not None else 0, score, fallback)
     window = (0, 0, 0, 0) if xyxy is None else box_pixel_bounds(xyxy, hw)
     row0, row1, col0, col1 = window
     return box_result(np.ones((row1 - row0, col1 - col0), dtype=np.uint8), window, hw, score, fmt, fallback)

@@ -78,7 +78,7 @@ def progress_header(
     return header
 
 
-def read_progress(path: Path, fingerprint: str, truncate_torn: bool = True) -> tuple[dict, dict[int, int]]:
+def read_progress(path: Path, fingerprint: str) -> tuple[dict, dict[int, int]]:
     """Header and {image position: byte offset of its line}. A torn last line is dropped (and cut off)."""
     offsets: dict[int, int] = {}
     header: dict = {}
@@ -104,7 +104,7 @@ def read_progress(path: Path, fingerprint: str, truncate_torn: bool = True) -> t
                 offsets[int(entry["image"])] = offset
             offset += len(line)
             good_end = offset
-    if truncate_torn and good_end != path.stat().st_size:
+    if good_end != path.stat().st_size:
         log.warning("%s: dropped a torn last line (the run was killed mid-write)", path)
         with open(path, "r+b") as handle:
             handle.truncate(good_end)
@@ -172,18 +172,15 @@ class ProgressWriter:
     """Appends one line per finished image; flushed per group, fsync'd every few seconds and at close.
 
     `handle`: the file already opened for appending (`labeling.run` opens it without following links and locks
-    it for the run); None opens `path` here."""
+    it for the run); `header` is written first unless None (a resumed file has one)."""
 
-    def __init__(self, path: Path, header: Optional[dict], handle=None):
+    def __init__(self, path: Path, header: Optional[dict], handle):
         self.path = path
-        self.handle = handle if handle is not None else open(path, "ab" if header is None else "wb")
+        self.handle = handle
         self.lines = 0  # image lines written by this writer
         if header is not None:
             self.handle.write(orjson.dumps(header) + b"\n")
         self.last_sync = time.monotonic()
-
-    def write(self, image_position: int, results: list[tuple[int, dict]]) -> None:
-        self.write_line(image_line(image_position, results))
 
     def write_line(self, line: bytes) -> None:
         """An already serialised `image_line`."""

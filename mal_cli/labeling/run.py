@@ -246,13 +246,13 @@ def _label_index(
         device=str(predictor.device) if predictor else "cpu",
         precision=run_precision or "",
     )
+    my_jobs = [job for g in my_groups for job in g]
     todo_groups = [g for g in my_groups if not all(j.position in done for j in g)]
-    todo_jobs = [job for g in todo_groups for job in g]
-    summary.resumed_images = sum(len(g) for g in my_groups) - len(todo_jobs)
+    summary.resumed_images = len(my_jobs) - sum(len(g) for g in todo_groups)
     fallbacks: Counter = Counter()
     try:
         try:
-            run_groups(todo_groups, todo_jobs, done, predictor, options, writer, summary, fallbacks, progress_bar)
+            run_groups(todo_groups, done, predictor, options, writer, summary, fallbacks, progress_bar)
         finally:
             writer.close()
     except OSError as err:  # disk full, quota, file too large: keep what is on disk, say how to go on
@@ -260,7 +260,7 @@ def _label_index(
             f"{writer.path}: cannot write progress ({err.strerror or err}); free space and rerun with --resume"
         ) from None
     except KeyboardInterrupt:  # Ctrl-C: the finished images are on disk (the writer is closed), say so
-        raise _interrupted(out, writer, done, sum(len(g) for g in my_groups)) from None
+        raise _interrupted(out, writer, done, len(my_jobs)) from None
     shard_info = None
     if shard[1] > 1:
         shard_info = {
@@ -268,15 +268,17 @@ def _label_index(
             "count": shard[1],
             "fingerprint": fingerprint(index, options, (0, 1), checkpoint, crop_plan, run_precision),
         }
-    _write_from_progress(out, index, writer.path, this_fingerprint, groups, my_groups, shard, shard_info, left_out)
+    has_result = np.zeros(index.num_records, dtype=bool)  # records this run has a result for
+    for job in my_jobs:
+        has_result[job.record_positions] = True
+    mine = shard_records(index, groups, shard) if shard[1] > 1 else None  # records this shard writes (None: all)
+    _write_from_progress(out, index, writer.path, this_fingerprint, my_jobs, has_result, mine, shard_info, left_out)
     if out == "-" or not keep_progress:
         writer.path.unlink(missing_ok=True)
 
-    summary.images = sum(len(g) for g in my_groups)
-    labelled = np.concatenate([j.record_positions for g in my_groups for j in g] or [np.zeros(0, np.int64)])
-    summary.replaced = int(index.record_has_segmentation[labelled].sum())
-    mine = shard_records(index, groups, shard) if shard[1] > 1 else np.ones(index.num_records, dtype=bool)
-    summary.below_min_score = int((left_out & mine).sum())
+    summary.images = len(my_jobs)
+    summary.replaced = int((index.record_has_segmentation & has_result).sum())
+    summary.below_min_score = int((left_out if mine is None else left_out & mine).sum())
     summary.fallbacks = dict(fallbacks)
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.boxes_per_s = round(summary.boxes / summary.seconds, 1) if summary.seconds > 0 else 0.0
@@ -296,26 +298,23 @@ def _write_from_progress(
     index: BoxIndex,
     progress_path: Path,
     fingerprint_: str,
-    groups,
-    my_groups,
-    shard: tuple[int, int],
+    my_jobs: list,
+    has_result: np.ndarray,
+    mine: Optional[np.ndarray],
     shard_info: Optional[dict],
     left_out: np.ndarray,
 ) -> None:
-    """Write OUT from the progress file: this shard's images' records, in input order, less `left_out` (a shard's
-    positions count the records written, so the shards of a --min-score run still merge into one)."""
+    """Write OUT from the progress file: the records `mine` selects (a shard's; None: all), in input order, less
+    `left_out` (a shard's positions count the records written, so the shards of a --min-score run still merge into
+    one). `has_result`: the records of `my_jobs`, the images this run labelled."""
     _, offsets = read_progress(progress_path, fingerprint_)
-    has_result = np.zeros(index.num_records, dtype=bool)  # records this run has a result for
-    for g in my_groups:
-        for j in g:
-            has_result[j.record_positions] = True
     keep = ~left_out if left_out.any() else None
-    if shard[1] > 1:
+    if mine is not None:
         written = ~left_out
         position_written = np.cumsum(written) - 1  # a record's position among the written ones
-        keep = shard_records(index, groups, shard) & written
+        keep = mine & written
         shard_info.update(records=int(written.sum()), positions=position_written[keep].tolist())
-    if not {j.position for g in my_groups for j in g} <= set(offsets):  # only if the file was edited meanwhile
+    if not {j.position for j in my_jobs} <= set(offsets):  # only if the file was edited meanwhile
         raise OutputError(f"{progress_path}: images missing after the run; rerun with --resume")
     index.ensure_unchanged()
     results = ProgressIndex(progress_path, offsets)
