@@ -3,7 +3,8 @@
 The labeler predicts 64x64 logits per crop; pasted back on a large box each logit covers many image pixels, so
 the outline is a smooth interpolation that ignores the image's edges. Two colour-guided passes sharpen it,
 both confined to the box window (a box's object cannot leave it) and both pure functions of the window's
-probabilities and pixels, so they run in `mal label`'s post-processing processes:
+probabilities and pixels, so they could run in `mal label`'s post-processing processes (not wired in:
+measured by `benchmarks/`, their gain is below what a default change needs, docs/labeler_v2.md):
 
 - `meanfield_refine`: a binary mean-field CRF whose unary is the labeler's own logit and whose pairwise term
   is MAL's colour affinity on rings of neighbours 1, 2, 4 and 8 pixels away, run at a working resolution (the

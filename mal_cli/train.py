@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mal_cli import geometry, losses
 from mal_cli import precision as precisions
+from mal_cli.device import resolve_device
 from mal_cli.errors import InputError, OutputError
 from mal_cli.images import ImageLoadError, load_rgb, require_trainable_images
 from mal_cli.modeling.image_encoder import load_backbone_weights
@@ -511,8 +512,6 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     Writes RUN_DIR/checkpoint.pth (every `checkpoint_every` steps and at the end), RUN_DIR/labeler.pth
     (inference weights), RUN_DIR/metrics.jsonl and RUN_DIR/config.json. Only rank 0 writes.
     """
-    from mal_cli.predictor import resolve_device
-
     device = resolve_device(config.device)
     dist_info = init_distributed(device)
     if device.type == "cuda" and dist_info.world_size > 1:

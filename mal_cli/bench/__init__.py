@@ -17,7 +17,7 @@ Six measurements, all on the same code paths `mal label` (6: `mal train`) uses:
    With workers, decode and crop overlap the model (and paste/RLE run in a pool), so the stage sum is an
    upper bound of the end-to-end time.
 4. model: encoder + decoder alone, one batch of `--batch-size` random crops routed and sized like the
-   dataset's boxes (`--crop-sizes`, as `mal label`; bf16 autocast, as `BoxPredictor`), boxes/s and achieved
+   dataset's boxes (`--crop-sizes`, as `mal label`; at `--precision`, as `BoxPredictor`), boxes/s and achieved
    FLOP/s, FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` (per box and route: encoder /
    decoder, with `mal label`'s plan and as the exact model: full crop, trained decoder scale).
 5. peak: a bf16 matmul on the device, the ceiling the model's FLOP/s is compared with.
