@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mal_cli.dataset import Dataset, load_any, write_json_atomic
 from mal_cli.errors import InputError
+from mal_cli.safe_paths import refuse_overwrite
 
 __all__ = [
     "SCORE_KINDS",
@@ -88,6 +89,7 @@ def to_results(labels: Dataset, score: str = "mal", min_score: float = 0.0) -> t
 
 def export_results(labels: str | Path, out: str, score: str = "mal", min_score: float = 0.0) -> dict:
     """`mal export results`: read labels, write the results list to OUT ("-" = stdout); a summary dict."""
+    refuse_overwrite(out, [labels], "--out")
     loaded = load_any(labels)
     if not isinstance(loaded, Dataset):
         raise InputError(f"{labels}: already a results list; COCO.loadRes takes it as it is")

@@ -73,6 +73,16 @@ def test_exported_results_keep_the_given_box_protocol(tmp_path, mini16_raw, mal)
     assert again.code == 2 and "already a results list" in again.err
 
 
+def test_exporting_results_over_the_labels_file_is_refused(tmp_path, mini16_raw, mal):
+    labels_path = tmp_path / "labels.json"
+    labels_path.write_bytes(orjson.dumps(_labels(mini16_raw).raw))
+    before = labels_path.read_bytes()
+    result = mal("export", "results", labels_path, "--out", tmp_path / "." / "labels.json")
+    assert result.code == 3 and "would destroy the input" in result.err
+    assert labels_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.json"]
+
+
 def test_yolo_export_leaves_low_score_detections_out_by_default(tmp_path, mini16_raw):
     labels = _labels(mini16_raw)
     stats = export_yolo(labels, tmp_path / "a")
