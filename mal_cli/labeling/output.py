@@ -15,10 +15,10 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import orjson
 
-from mal_cli.errors import OutputError
 from mal_cli.fileio import atomic_write, remove_stale_temps
 from mal_cli.labeling.index import BoxIndex
 from mal_cli.labeling.progress import ProgressIndex
+from mal_cli.safe_paths import write_error
 
 
 def labelled_records(
@@ -93,4 +93,4 @@ def write_output(out: str, index: BoxIndex, records_of: Callable, shard_info: Op
         with atomic_write(target, buffering=1 << 20) as handle:
             _emit(handle, index, records_of, shard_info)
     except OSError as err:
-        raise OutputError(f"{target}: cannot write: {err.strerror or err}") from None
+        raise write_error(err, target) from None
